@@ -1,0 +1,1 @@
+"""Core pieces every other package builds on: errors, configs, registries, targeting, model I/O, data."""

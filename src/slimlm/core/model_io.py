@@ -1,0 +1,350 @@
+"""Loading and saving Hugging Face causal-LM folders, compressed or not.
+
+`load_model(path)` returns (model, tokenizer). A plain HF folder goes through transformers'
+`from_pretrained` (safetensors or .bin, sharded or not; it builds on the meta device and assigns
+weights). A folder slimlm compressed carries a `quantization_config` block with
+`quant_method: "slimlm"`: the skeleton is built with parameters on the meta device, the listed
+layers are swapped for their compressed modules, and the mmap'd safetensors are assigned in place
+(`load_state_dict(assign=True)`), so no weight is ever materialised twice.
+
+`save_model(...)` writes an ordinary HF folder (config.json, safetensors shards, tokenizer, plus
+any extra files such as the recipe and the report) into a temporary folder beside the target and
+renames it into place, so a crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from slimlm.core.errors import SlimError
+
+DEMO = "demo"
+FORMAT = "slimlm"
+FORMAT_VERSION = 1
+MAX_SHARD_BYTES = 2 * 1024**3
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# Modules that a compressed checkpoint may contain: format name -> builder(meta skeleton args).
+COMPRESSED_MODULES: dict[str, Callable[[dict[str, Any], nn.Module], nn.Module]] = {}
+
+
+def demo_path() -> Path:
+    return Path(str(resources.files("slimlm") / "assets" / "demo"))
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """'demo' -> the built-in model; otherwise a local folder, checked to look like an HF model."""
+    if str(name_or_path) == DEMO:
+        return demo_path()
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise SlimError(f"model folder '{path}' does not exist; pass a local Hugging Face model folder or 'demo'")
+    if not path.is_dir():
+        raise SlimError(f"'{path}' is a file, not a model folder; pass the folder that holds config.json")
+    if not (path / "config.json").is_file():
+        raise SlimError(f"'{path}' has no config.json; pass a Hugging Face model folder (config.json + weights)")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise SlimError(f"'{path}' has no weights (model.safetensors or pytorch_model.bin); re-save or re-download it")
+    return path
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SlimError(f"{path / 'config.json'} is not valid JSON ({e}); restore it from the original model") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise SlimError(f"{path / 'config.json'} has no model_type; it is not a Hugging Face model config")
+    return config
+
+
+def _causal_lm_config(path: Path, raw: dict[str, Any]):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError) as e:
+        raise SlimError(f"model type '{raw['model_type']}' in {path} is not supported by this transformers ({e})") from None
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise SlimError(
+            f"model type '{raw['model_type']}' in {path} is not a causal language model; "
+            "slimlm compresses decoder LMs such as llama, mistral, qwen2, gpt2, opt, phi3"
+        )
+    return config
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Create module parameters on the meta device (no memory), keep buffers (RoPE tables) real."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise SlimError(f"no usable tokenizer in {path} ({str(e).splitlines()[0]}); add tokenizer.json") from None
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu"):
+    """Load (model, tokenizer) from 'demo' or a local HF causal-LM folder, compressed or not."""
+    path = resolve_model_path(name_or_path)
+    raw = read_config_json(path)
+    qblock = raw.get("quantization_config")
+    if isinstance(qblock, dict) and qblock.get("quant_method") == FORMAT:
+        model = _load_compressed(path, raw, qblock, dtype)
+    else:
+        model = _load_plain(path, raw, dtype)
+    model.eval()
+    if device != "cpu":
+        model.to(device)
+    tokenizer = load_tokenizer(path)
+    return model, tokenizer
+
+
+def _load_plain(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    _causal_lm_config(path, raw)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or "auto")
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        raise SlimError(f"could not load the weights in {path}: {_first_line(e)}; re-save or re-download the model") from None
+    except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
+        if type(e).__name__ == "SafetensorError":
+            raise SlimError(f"weights in {path} are corrupt or truncated ({e}); re-save or re-download them") from None
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint, memory-mapped."""
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            state.update(load_file(path / name))
+        except Exception as e:  # SafetensorError / OSError: corrupt, truncated or missing shard
+            raise SlimError(f"weights file {path / name} is corrupt or missing ({_first_line(e)}); re-save the model") from None
+        aliases = _read_aliases(path / name)
+        for alias, target in aliases.items():
+            state.setdefault(alias, state[target]) if target in state else None
+    return state
+
+
+def _read_aliases(file: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta.get("aliases", "{}"))
+
+
+def _load_compressed(path: Path, raw: dict[str, Any], qblock: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.core.targeting import replace_module_
+
+    version = qblock.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SlimError(f"{path} was saved in slimlm format version {version}; this slimlm reads {FORMAT_VERSION}, upgrade it")
+    _register_compressed_modules()
+    config = _causal_lm_config(path, raw)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    float_dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(float_dtype, str):
+        float_dtype = getattr(torch, float_dtype)
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=float_dtype)
+    for group in qblock.get("groups", []):
+        kind = group.get("kind")
+        if kind not in COMPRESSED_MODULES:
+            raise SlimError(f"{path} uses compressed layer kind '{kind}' that this slimlm does not know; upgrade it")
+        for name in group["modules"]:
+            try:
+                original = model.get_submodule(name)
+            except AttributeError:
+                raise SlimError(f"{path}: config lists layer '{name}' that the architecture does not have; the folder is corrupt") from None
+            replace_module_(model, name, COMPRESSED_MODULES[kind](group, original))
+    state = read_safetensors(path)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta or unexpected:
+        what = f"missing {still_meta[:3]}" if still_meta else f"unexpected {unexpected[:3]}"
+        raise SlimError(f"weights in {path} do not match its config ({what}); the folder is corrupt, re-save it")
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def _register_compressed_modules() -> None:
+    if COMPRESSED_MODULES:
+        return
+    from slimlm.quant.linear import QuantizedLinear
+    from slimlm.quant.scheme import QuantScheme
+
+    def quantized_linear(group: dict[str, Any], original: nn.Module) -> nn.Module:
+        scheme = QuantScheme.from_dict(group["scheme"])
+        w = original.weight
+        conv1d = type(original).__name__ == "Conv1D"
+        k, n = (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
+        return QuantizedLinear(k, n, scheme, bias=getattr(original, "bias", None) is not None, dtype=w.dtype, device="meta")
+
+    COMPRESSED_MODULES["quantized_linear"] = quantized_linear
+
+
+def compression_block(model: nn.Module) -> dict[str, Any] | None:
+    """The config.json `quantization_config` block describing the model's compressed layers."""
+    from slimlm.quant.linear import QuantizedLinear
+
+    groups: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            key = json.dumps(module.scheme.to_dict(), sort_keys=True)
+            groups.setdefault(key, {"kind": "quantized_linear", "scheme": module.scheme.to_dict(), "modules": []})
+            groups[key]["modules"].append(name)
+    if not groups:
+        return None
+    return {"quant_method": FORMAT, "format_version": FORMAT_VERSION, "groups": list(groups.values())}
+
+
+def _dedup_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict without tensors that share storage (tied embeddings): (state, alias -> kept name)."""
+    state, aliases, seen = {}, {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        state[name] = tensor.detach().contiguous().cpu()
+    return state, aliases
+
+
+def _write_safetensors(state: dict[str, torch.Tensor], aliases: dict[str, str], folder: Path, max_shard: int) -> None:
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata={**meta, "aliases": json.dumps(aliases)})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        kept = {a: t for a, t in aliases.items() if t in shard}
+        save_file(shard, folder / file, metadata={**meta, "aliases": json.dumps(kept)})
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail early, before any work, if the output exists and may not be replaced."""
+    out = Path(path).expanduser()
+    if out.exists() and not overwrite:
+        raise SlimError(f"output folder '{out}' already exists; pass --overwrite (overwrite=True) or choose another path")
+    if not out.parent.exists():
+        raise SlimError(f"parent folder of '{out}' does not exist; create it or choose another output path")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path`, on error it is removed."""
+    out = check_output_path(path, overwrite)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Write `model` (and tokenizer and extra text files) as an HF folder at `path`, atomically."""
+    with atomic_folder(path, overwrite) as tmp:
+        config = model.config.to_dict()
+        config["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
+        block = compression_block(model)
+        if block is not None:
+            config["quantization_config"] = block
+        else:
+            config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        state, aliases = _dedup_state(model)
+        _write_safetensors(state, aliases, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(path)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the weight files in a saved folder (what 'size on disk' means in reports)."""
+    return sum(f.stat().st_size for f in path.iterdir() if f.name.endswith((".safetensors", ".bin")))

@@ -1,0 +1,1 @@
+"""Quantization: schemes, pure primitives, QuantizedLinear, kernels and the methods that produce them."""

@@ -1,0 +1,53 @@
+"""Kernel registry for QuantizedLinear.
+
+A kernel has a `name`, `supports(layer, device)`, `prepare(layer, dtype)` (repack once; returns
+the state it needs) and `run(x, layer, state)` for x (M, K) -> (M, N) without bias. Automatic
+choice tries `PRIORITY` in order; `reference` supports everything and is the oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimlm.core.errors import SlimError
+from slimlm.core.registry import Registry
+
+KERNELS: Registry = Registry("kernel")
+PRIORITY = ("cpu_int4", "cpu_int8", "reference")
+
+
+def _register_builtin() -> None:
+    if KERNELS.names():
+        return
+    from slimlm.quant.kernels import cpu_int4, cpu_int8, reference
+
+    for module in (reference, cpu_int8, cpu_int4):
+        KERNELS.register(module.KERNEL.name)(module.KERNEL)
+
+
+def kernel_names() -> list[str]:
+    _register_builtin()
+    return KERNELS.names()
+
+
+def get_kernel(name: str):
+    _register_builtin()
+    return KERNELS.get(name)
+
+
+def choose_kernel(layer, device: torch.device, name: str | None = None):
+    """The named kernel (an error if it cannot run this layer), else the first in PRIORITY that can."""
+    _register_builtin()
+    if name is not None:
+        kernel = KERNELS.get(name)
+        if not kernel.supports(layer, device):
+            raise SlimError(
+                f"kernel '{name}' cannot run a {layer.scheme.label()} layer of shape "
+                f"({layer.out_features}, {layer.in_features}) on {device}; use 'reference' or let slimlm choose"
+            )
+        return kernel
+    for candidate in PRIORITY:
+        kernel = KERNELS.get(candidate)
+        if kernel.supports(layer, device):
+            return kernel
+    raise AssertionError("the reference kernel supports every layer")

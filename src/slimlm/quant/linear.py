@@ -1,0 +1,132 @@
+"""QuantizedLinear: a linear layer whose weight is stored as packed integer codes plus scales.
+
+The buffers are the portable layout saved to disk: `qweight` (packed codes, see
+`primitives.pack`), `scale` (N, G), `zero` (N, G) uint8 for asymmetric schemes, and `bias`.
+Matmuls run through a kernel from the kernel registry, chosen on first use for the device and
+repacked once (kernel state is not part of the state dict). `dequantize()` is the oracle every
+kernel is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slimlm.core.targeting import is_conv1d
+from slimlm.quant import primitives as P
+from slimlm.quant.scheme import QuantScheme
+
+
+class QuantizedLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        kp = P.padded_k(in_features, scheme)
+        groups = kp // P.group_size_for(in_features, scheme)
+        packed_cols = kp if scheme.bits == 8 else -(-kp // 8) * scheme.bits
+        packed_dtype = torch.int8 if scheme.bits == 8 else torch.uint8
+        self.register_buffer("qweight", torch.empty(out_features, packed_cols, dtype=packed_dtype, device=device))
+        self.register_buffer("scale", torch.empty(out_features, groups, dtype=scheme.torch_scale_dtype, device=device))
+        if not scheme.symmetric:
+            self.register_buffer("zero", torch.empty(out_features, groups, dtype=torch.uint8, device=device))
+        else:
+            self.zero = None
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+        self.compute_dtype = dtype  # activations' dtype the layer was built for
+        self.kernel_name: str | None = None  # None: pick the fastest kernel that supports the layer
+        self._kernel_cache: tuple[Any, ...] | None = None  # (key, kernel, state)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, scheme: QuantScheme) -> "QuantizedLinear":
+        """Quantize an nn.Linear (or GPT-2 Conv1D) with round-to-nearest."""
+        weight = module.weight.detach()
+        if is_conv1d(module):
+            weight = weight.t()  # Conv1D stores (in, out)
+        scale, zero = P.compute_qparams(weight, scheme)
+        return cls.from_codes(P.quantize(weight, scale, zero, scheme), scale, zero, module, scheme)
+
+    @classmethod
+    def from_codes(
+        cls, codes: Tensor, scale: Tensor, zero: Tensor, module: nn.Module, scheme: QuantScheme
+    ) -> "QuantizedLinear":
+        """Build from codes (N, K_padded) and qparams (N, G), taking shape and bias from `module`."""
+        n = codes.shape[0]
+        weight = module.weight
+        k = weight.shape[0] if is_conv1d(module) else weight.shape[1]
+        bias = getattr(module, "bias", None)
+        layer = cls(k, n, scheme, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+        layer.qweight.copy_(P.pack(codes, scheme.bits))
+        layer.scale.copy_(scale)
+        if layer.zero is not None:
+            layer.zero.copy_(zero.to(torch.uint8))
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def codes(self) -> Tensor:
+        """Unpacked codes (N, K_padded) uint8."""
+        return P.unpack(self.qweight, self.scheme.bits, P.padded_k(self.in_features, self.scheme))
+
+    def zero_points(self) -> Tensor:
+        """Integer zero points (N, G) int32 (the fixed midpoint for symmetric schemes)."""
+        if self.zero is not None:
+            return self.zero.to(torch.int32)
+        return torch.full(self.scale.shape, 2 ** (self.scheme.bits - 1), dtype=torch.int32, device=self.scale.device)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The weight (N, K) this layer represents: the oracle for every kernel."""
+        return P.dequantize(self.codes(), self.scale, self.zero_points(), self.in_features, dtype or self.compute_dtype)
+
+    def set_kernel_(self, name: str | None) -> "QuantizedLinear":
+        """Force a kernel by registry name (None: automatic). Validated on the next forward."""
+        self.kernel_name, self._kernel_cache = name, None
+        return self
+
+    def _kernel_for(self, x: Tensor) -> tuple[Any, Any]:
+        from slimlm.quant.kernels import choose_kernel
+
+        key = (x.device, x.dtype, self.kernel_name)
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            kernel = choose_kernel(self, x.device, self.kernel_name)
+            self._kernel_cache = (key, kernel, kernel.prepare(self, x.dtype))
+        return self._kernel_cache[1], self._kernel_cache[2]
+
+    @property
+    def kernel(self) -> str | None:
+        """Name of the kernel in use (None until the first forward)."""
+        return self._kernel_cache[1].name if self._kernel_cache else None
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.cuda()`, `.half()`: codes and scales keep their stored precision and follow the
+        device only; the bias and the compute dtype follow float casts; kernel state is rebuilt."""
+        self._kernel_cache = None
+        scale = self.scale
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype, device=scale.device)).dtype
+        super()._apply(fn, recurse)
+        self.scale = scale.to(self.scale.device)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel, state = self._kernel_for(x)
+        y = kernel.run(x.reshape(-1, self.in_features), self, state)  # (M, N)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero, self.bias) if t is not None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.label()}"
