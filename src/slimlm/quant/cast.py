@@ -23,8 +23,29 @@ class CastConfig(Config):
 
 
 def cast_(model: nn.Module, config: CastConfig) -> nn.Module:
-    """Cast the model's floating-point weights in place (quantized layers keep their codes)."""
-    return model.to(FLOAT_DTYPES[config.dtype])
+    """Cast the model's floating-point weights in place; returns the model.
+
+    Unlike `model.to(dtype)`, non-persistent buffers (RoPE frequency tables) stay in float32, as
+    transformers keeps them when it loads a 16-bit checkpoint, so a cast model and the same model
+    saved and reloaded compute identically. Quantized layers keep their codes and scales.
+    """
+    from slimlm.quant.linear import QuantizedLinear
+
+    dtype = FLOAT_DTYPES[config.dtype]
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in module.named_buffers(recurse=False):
+            keep = name in module._non_persistent_buffers_set or (isinstance(module, QuantizedLinear) and name == "scale")
+            if b.is_floating_point() and not keep:
+                setattr(module, name, b.to(dtype))
+        if isinstance(module, QuantizedLinear):
+            module.compute_dtype = dtype
+            module.set_kernel_(module.kernel_name)
+    if hasattr(model, "config"):
+        model.config.dtype = dtype
+    return model
 
 
 METHODS.register("cast")(Method(CastConfig, cast_))

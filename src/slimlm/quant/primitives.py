@@ -23,8 +23,9 @@ from slimlm.quant.scheme import QuantScheme
 
 
 def group_size_for(k: int, scheme: QuantScheme) -> int:
-    """Columns per group for a layer with k input features (per-channel: all of them)."""
-    return scheme.group_size or k
+    """Columns per group for a layer with k input features (per-channel, or a group wider than the
+    layer: all of them)."""
+    return min(scheme.group_size or k, k)
 
 
 def padded_k(k: int, scheme: QuantScheme) -> int:

@@ -10,13 +10,14 @@ from slimlm.core.config import Config, check
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 GROUP_SIZES = (32, 64, 128, 256)
+BITS = (8, 4, 3, 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantScheme(Config):
     """Linear (uniform) integer weight quantization of one layer.
 
-    bits: 2..8. group_size: number of consecutive input columns sharing a scale (32/64/128/256),
+    bits: 8, 4, 3 or 2. group_size: number of consecutive input columns sharing a scale (32/64/128/256),
     or None for one scale per output channel. symmetric: zero point fixed at the middle of the
     range (w = (q - 2^(b-1)) * s) instead of a per-group integer zero point (w = (q - z) * s).
     scale_dtype: precision the scales are stored in.
@@ -30,8 +31,8 @@ class QuantScheme(Config):
 
     def __post_init__(self) -> None:
         check(
-            isinstance(self.bits, int) and not isinstance(self.bits, bool) and 2 <= self.bits <= 8,
-            f"bits={self.bits!r} is not supported; use an integer from 2 to 8 (8 and 4 have fast kernels)",
+            isinstance(self.bits, int) and not isinstance(self.bits, bool) and self.bits in BITS,
+            f"bits={self.bits!r} is not supported; use one of {', '.join(map(str, BITS))} (8 and 4 have fast kernels)",
         )
         check(
             self.group_size is None or (isinstance(self.group_size, int) and self.group_size in GROUP_SIZES),

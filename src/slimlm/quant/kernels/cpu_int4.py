@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from slimlm.quant.primitives import group_size_for
 from slimlm.quant.scheme import GROUP_SIZES
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -19,7 +20,7 @@ class CpuInt4Kernel:
     name = "cpu_int4"
 
     def supports(self, layer, device: torch.device) -> bool:
-        g = layer.in_features // layer.scale.shape[1]
+        g = group_size_for(layer.in_features, layer.scheme)
         return (
             device.type == "cpu"
             and layer.scheme.bits == 4
@@ -37,7 +38,7 @@ class CpuInt4Kernel:
         scale = layer.scale.float()  # (N, G)
         offset = (8 - layer.zero_points().float()) * scale  # (N, G)
         scale_and_zero = torch.stack([scale, offset], -1).transpose(0, 1).contiguous().to(dtype)  # (G, N, 2)
-        group = layer.in_features // layer.scale.shape[1]
+        group = group_size_for(layer.in_features, layer.scheme)
         return packed, group, scale_and_zero, dtype
 
     def run(self, x: Tensor, layer, state) -> Tensor:

@@ -1,0 +1,5 @@
+import sys
+
+from slimlm.cli import main
+
+sys.exit(main())

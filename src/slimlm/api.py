@@ -1,0 +1,180 @@
+"""The public verbs: load, save, quantize, evaluate, bench, generate, compress.
+
+Each resolves names to configs and calls the packages below; none of them parses command lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from slimlm.core.errors import SlimError
+
+Progress = Callable[[str, int, int], None]  # (task, done, total)
+
+
+def load(path: str | os.PathLike = "demo", dtype: torch.dtype | str | None = None, device: str = "cpu"):
+    """Load `(model, tokenizer)` from 'demo' or a local Hugging Face folder (compressed or not)."""
+    from slimlm.core.model_io import load_model
+
+    if isinstance(dtype, str):
+        from slimlm.quant.cast import FLOAT_DTYPES
+
+        if dtype not in FLOAT_DTYPES:
+            raise SlimError(f"dtype '{dtype}' is not supported; use one of {', '.join(FLOAT_DTYPES)}")
+        dtype = FLOAT_DTYPES[dtype]
+    return load_model(path, dtype=dtype, device=device)
+
+
+def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+         recipe: list[dict] | None = None, report: Any = None) -> Path:
+    """Save `model` as a Hugging Face folder at `path` (atomically), with its recipe and report."""
+    from slimlm.core.model_io import save_model
+
+    extra = {}
+    recipe = recipe if recipe is not None else getattr(model, "slimlm_recipe", None)
+    if recipe:
+        extra["recipe.json"] = json.dumps(recipe, indent=2) + "\n"
+    if report is not None:
+        extra["report.md"] = report.to_markdown()
+        extra["report.json"] = report.to_json() + "\n"
+    return save_model(model, path, tokenizer, extra_files=extra, overwrite=overwrite)
+
+
+def quantize(model: nn.Module, method: str = "rtn", **settings: Any) -> nn.Module:
+    """Quantize `model` in place with a registered method (e.g. 'rtn', 'cast') and return it.
+
+    Example: `slimlm.quantize(model, "rtn", bits=4, group_size=32, exclude=["*.mlp.down_proj"])`.
+    """
+    from slimlm.quant.methods import get_method
+
+    m = get_method(method)
+    config = m.config_cls.from_dict(settings)
+    m.apply(model, config)
+    recipe = list(getattr(model, "slimlm_recipe", []))
+    recipe.append({"method": method, **config.to_dict()})
+    model.slimlm_recipe = recipe
+    return model
+
+
+def apply_recipe(model: nn.Module, recipe: list[dict[str, Any]]) -> nn.Module:
+    """Run each step `{"method": ..., **settings}` of a recipe on `model`, in place."""
+    for step in recipe:
+        step = dict(step)
+        if "method" not in step:
+            raise SlimError(f"recipe step {step} has no 'method'; every step names one")
+        quantize(model, step.pop("method"), **step)
+    return model
+
+
+def evaluate(model: nn.Module, tokenizer, data: str | os.PathLike = "demo", reference: nn.Module | None = None,
+             max_length: int | None = None, stride: int | None = None, max_tokens: int | None = None,
+             on_progress: Callable[[int, int], None] | None = None):
+    """Perplexity on `data` (file or 'demo'), plus KL and top-1 agreement against `reference` if given."""
+    from slimlm.core.data import load_tokens
+    from slimlm.eval.perplexity import evaluate_quality
+
+    ids = load_tokens(data, tokenizer, max_tokens)
+    return evaluate_quality(model, ids, reference, max_length, stride, on_progress)
+
+
+def bench(model: nn.Module, **settings: Any):
+    """Prefill/decode speed, time to first token, achieved GB/s, peak memory (see eval.speed)."""
+    from slimlm.eval.speed import BenchSettings, measure_speed
+
+    return measure_speed(model, BenchSettings(**settings))
+
+
+def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             on_text: Callable[[str], None] | None = None) -> str:
+    """Continue `prompt`; greedy unless temperature > 0. `on_text` streams the pieces."""
+    from slimlm.engine.generate import SamplingParams, generate_text
+
+    if max_new_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise SlimError("need max_new_tokens >= 1, temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+    params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
+    return generate_text(model, tokenizer, prompt, params, on_text)
+
+
+def compress(model: str | os.PathLike = "demo", variants: tuple[str, ...] | None = None, data: str | os.PathLike = "demo",
+             out: str | os.PathLike | None = None, overwrite: bool = False, run_bench: bool = True,
+             bench_settings: dict | None = None,
+             max_tokens: int | None = None, max_length: int | None = None, progress: Progress | None = None):
+    """The main job: build each variant of `model`, save and reload it, measure it, return the Report.
+
+    Every variant is written to disk and measured as reloaded (so the report describes the files a
+    user would ship); with `out`, the variants and report.md/json are kept under that folder.
+    """
+    from slimlm.core.data import load_tokens
+    from slimlm.core.model_io import atomic_folder, check_output_path, folder_bytes
+    from slimlm.eval.perplexity import evaluate_quality
+    from slimlm.eval.report import Report, VariantResult
+    from slimlm.eval.size import measure_size
+    from slimlm.eval.speed import BenchSettings, measure_speed
+    from slimlm.presets import DEFAULT_VARIANTS, describe, preset
+
+    variants = tuple(variants or DEFAULT_VARIANTS)
+    recipes = {name: preset(name) for name in variants}
+    settings = BenchSettings(**(bench_settings or {})) if run_bench else None
+    if out is not None:
+        check_output_path(out, overwrite)
+    progress = progress or (lambda task, done, total: None)
+    original, tokenizer = load(model, dtype=torch.float32)
+    ids = load_tokens(data, tokenizer, max_tokens)
+    report = Report(model=str(model), data=str(data))
+    with tempfile.TemporaryDirectory(prefix="slimlm-") as scratch:
+        root = Path(scratch) / "variants"
+        root.mkdir()
+        for name, recipe in recipes.items():
+            task = f"{name}"
+            progress(f"{task}: compress", 0, 1)
+            variant, _ = load(model, dtype=torch.float32)  # a fresh copy from disk (mmap'd), not a deepcopy
+            variant = apply_recipe(variant, recipe)
+            folder = save(variant, root / name, tokenizer, recipe=recipe)
+            reloaded, _ = load(folder)
+            diff = _roundtrip_diff(variant, reloaded, ids)
+            del variant
+            quality = evaluate_quality(reloaded, ids, original, max_length,
+                                       on_progress=lambda d, t: progress(f"{task}: evaluate", d, t))
+            progress(f"{task}: benchmark", 0, 1)
+            speed = measure_speed(reloaded, settings).to_dict() if settings is not None else None
+            report.variants.append(VariantResult(
+                name=name, description=describe(recipe), quality=quality.to_dict(),
+                size=measure_size(reloaded).to_dict(), speed=speed, disk_bytes=folder_bytes(folder),
+                roundtrip_max_abs_diff=diff,
+            ))
+            progress(f"{task}: done", 1, 1)
+            del reloaded
+        if out is not None:
+            with atomic_folder(out, overwrite) as tmp:
+                for name in recipes:
+                    (root / name).rename(tmp / name)
+                (tmp / "report.md").write_text(report.to_markdown())
+                (tmp / "report.json").write_text(report.to_json() + "\n")
+                _try_plot(report, tmp / "report.png")
+    return report
+
+
+@torch.no_grad()
+def _roundtrip_diff(model: nn.Module, reloaded: nn.Module, ids: torch.Tensor) -> float:
+    """Largest logit difference between the in-memory model and its saved-and-reloaded copy."""
+    probe = ids[: min(64, ids.numel())][None]
+    diff = (model(probe).logits.float() - reloaded(probe).logits.float()).abs().max().item()
+    if diff != 0.0:
+        raise SlimError(f"saved model does not reproduce the in-memory logits (max diff {diff:g}); please report this bug")
+    return diff
+
+
+def _try_plot(report, path: Path) -> None:
+    try:
+        from slimlm.eval.plots import plot_report
+    except ImportError:
+        return
+    plot_report(report, path)

@@ -1,0 +1,59 @@
+"""`slimlm <verb>`: one module per verb in slimlm.commands, imported only when that verb runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+VERBS = {
+    "compress": "take a model through fp32/bf16/int8/int4 variants and print the before/after report",
+    "quantize": "quantize a model and save it",
+    "eval": "perplexity, and KL / top-1 agreement against a reference model",
+    "bench": "prefill/decode speed, time to first token, achieved bandwidth, peak memory",
+    "generate": "continue a prompt",
+    "inspect": "architecture, parameters, per-layer schemes and size",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from slimlm import __version__
+
+    parser = argparse.ArgumentParser(prog="slimlm", description="Make language models smaller and faster, and prove it.")
+    parser.add_argument("--version", action="version", version=f"slimlm {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, help_text in VERBS.items():
+        module = importlib.import_module(f"slimlm.commands.{verb}")  # light: heavy imports live in run()
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        module.add_args(p)
+        p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    from slimlm.core.errors import SlimError
+
+    try:
+        if args.threads is not None:
+            import torch
+
+            if args.threads < 1:
+                raise SlimError(f"--threads {args.threads} must be at least 1")
+            torch.set_num_threads(args.threads)
+        return int(args.run(args) or 0)
+    except SlimError as e:
+        print(f"slimlm {args.verb}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"slimlm {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Pieces shared by the verbs: argument types, console output, progress bars, quiet library logs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from typing import Any, Iterator
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers, e.g. 1,4") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one integer")
+    return values
+
+
+def group_size(text: str) -> int | None:
+    if text.lower() in ("none", "channel", "per-channel"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size '{text}' must be an integer (32, 64, 128, 256) or 'none'") from None
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' own progress bars and advice; slimlm prints what matters."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool = True) -> Iterator:
+    """Yields `update(task, done, total)`; draws a rich progress bar on stderr when enabled."""
+    if not enabled:
+        yield lambda task, done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console(stderr=True), transient=True) as bar:
+        ids: dict[str, Any] = {}
+
+        def update(task: str, done: int, total: int) -> None:
+            if task not in ids:
+                ids[task] = bar.add_task(task, total=total)
+            bar.update(ids[task], completed=done, total=total)
+
+        yield update
+
+
+def print_table(rows: list[dict[str, str]], title: str | None = None) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("variant", "scheme", "name", "layer") else "right")
+    for r in rows:
+        table.add_row(*(str(r.get(c, "")) for c in cols))
+    console().print(table)

@@ -1,0 +1,45 @@
+"""`slimlm compress`: the main job. Builds fp32/bf16/int8/int4 variants, measures each, prints the report."""
+
+from __future__ import annotations
+
+import argparse
+
+from slimlm.commands._common import int_list, print_json, print_table, progress_bar, quiet_libraries
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="Hugging Face model folder, or 'demo' (default)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated presets (default fp32,bf16,int8,int4; also fp16,int4-g128,int3,int2)")
+    p.add_argument("--data", default="demo", help="evaluation text: .txt, .jsonl, or 'demo' (the built-in held-out corpus)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")
+    p.add_argument("--window", type=int, default=None, help="perplexity window length (default min(context, 512))")
+    p.add_argument("-o", "--out", default=None, help="keep the variants and report.md/json/png in this folder")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-bench", action="store_true", help="skip the speed measurements")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batch-sizes", type=int_list, default=(1, 4), help="decode batch sizes, e.g. 1,4,8")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is reported)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    quiet_libraries()
+    from slimlm.api import compress
+
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants else None
+    bench = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch_sizes=args.batch_sizes,
+                 repeats=args.repeats)
+    with progress_bar(not args.json) as update:
+        report = compress(args.model, variants, data=args.data, out=args.out, overwrite=args.overwrite,
+                          run_bench=not args.no_bench, bench_settings=bench, max_tokens=args.max_tokens,
+                          max_length=args.window, progress=update)
+    if args.json:
+        print_json(report.to_dict())
+        return 0
+    print_table(report.rows(), title=f"slimlm compress: {report.model}")
+    print(report.to_markdown().split("\n\n", 1)[1].strip())
+    if args.out:
+        print(f"variants and report.md/json saved in {args.out}")
+    return 0

@@ -1,0 +1,1 @@
+"""Inference runtime: prefill, decode loop, sampling."""

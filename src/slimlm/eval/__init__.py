@@ -1,0 +1,1 @@
+"""Measurement: perplexity, divergence from a reference model, size, memory, speed, reports."""

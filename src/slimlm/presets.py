@@ -1,0 +1,42 @@
+"""Named compression presets (recipes as data): what `slimlm compress` runs for each variant.
+
+A recipe is a list of steps, each `{"method": <registered method>, ...settings}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slimlm.core.errors import SlimError
+
+Recipe = list[dict[str, Any]]
+
+PRESETS: dict[str, Recipe] = {
+    "fp32": [{"method": "cast", "dtype": "float32"}],
+    "bf16": [{"method": "cast", "dtype": "bfloat16"}],
+    "fp16": [{"method": "cast", "dtype": "float16"}],
+    "int8": [{"method": "rtn", "bits": 8, "group_size": None, "symmetric": True}],
+    "int4": [{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False}],
+    "int4-g128": [{"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False}],
+    "int3": [{"method": "rtn", "bits": 3, "group_size": 32, "symmetric": False}],
+    "int2": [{"method": "rtn", "bits": 2, "group_size": 32, "symmetric": False}],
+}
+DEFAULT_VARIANTS = ("fp32", "bf16", "int8", "int4")
+
+
+def preset(name: str) -> Recipe:
+    if name not in PRESETS:
+        raise SlimError(f"unknown variant '{name}'; valid: {', '.join(PRESETS)}")
+    return [dict(step) for step in PRESETS[name]]
+
+
+def describe(recipe: Recipe) -> str:
+    parts = []
+    for step in recipe:
+        if step["method"] == "cast":
+            parts.append(step["dtype"])
+        else:
+            group = f"g{step['group_size']}" if step.get("group_size") else "per-channel"
+            sym = "sym" if step.get("symmetric") else "asym"
+            parts.append(f"{step['method']} int{step.get('bits', 4)} {group} {sym}")
+    return " + ".join(parts)

@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from slimlm.testing import save_tiny_model
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """Return a function family -> path of a saved tiny random model folder (built once per family)."""
+    cache = {}
+
+    def make(family: str = "llama"):
+        if family not in cache:
+            cache[family] = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+        return cache[family]
+
+    return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_transformers():
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

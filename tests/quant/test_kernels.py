@@ -1,0 +1,91 @@
+import pytest
+import torch
+from torch import nn
+
+from slimlm.core.errors import SlimError
+from slimlm.quant.kernels import choose_kernel, kernel_names
+from slimlm.quant.linear import QuantizedLinear
+from slimlm.quant.scheme import QuantScheme
+
+
+def make_layer(n, k, scheme, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    return QuantizedLinear.from_float(lin, scheme)
+
+
+def run_with(layer, name, x):
+    layer.set_kernel_(name)
+    return layer(x)
+
+
+FAST_CASES = [
+    ("cpu_int8", QuantScheme(bits=8, group_size=None, symmetric=True)),
+    ("cpu_int8", QuantScheme(bits=8, group_size=None, symmetric=False)),
+    ("cpu_int4", QuantScheme(bits=4, group_size=32, symmetric=False)),
+    ("cpu_int4", QuantScheme(bits=4, group_size=64, symmetric=True)),
+    ("cpu_int4", QuantScheme(bits=4, group_size=128, symmetric=False, scale_dtype="bfloat16")),
+]
+
+
+@pytest.mark.parametrize("kernel, scheme", FAST_CASES)
+@pytest.mark.parametrize("m", [1, 5])
+def test_fast_kernels_match_reference_fp32(kernel, scheme, m):
+    layer = make_layer(48, 256, scheme)
+    x = torch.randn(m, 3, 256)
+    ref = run_with(layer, "reference", x)
+    fast = run_with(layer, kernel, x)
+    assert layer.kernel == kernel
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel, scheme", FAST_CASES)
+def test_fast_kernels_match_reference_bf16(kernel, scheme):
+    layer = make_layer(32, 128, scheme).to(torch.bfloat16)
+    x = torch.randn(4, 128).to(torch.bfloat16)
+    ref = run_with(layer, "reference", x).float()
+    fast = run_with(layer, kernel, x).float()
+    assert fast.dtype == torch.float32 and (fast - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_reference_kernel_is_dequantize_matmul():
+    layer = make_layer(24, 40, QuantScheme(bits=3, group_size=32))
+    x = torch.randn(2, 40)
+    expected = x @ layer.dequantize().t() + layer.bias
+    torch.testing.assert_close(run_with(layer, "reference", x), expected)
+
+
+def test_automatic_choice_and_fallback():
+    int4 = make_layer(32, 64, QuantScheme(bits=4, group_size=32))
+    assert choose_kernel(int4, torch.device("cpu")).name == "cpu_int4"
+    odd = make_layer(24, 64, QuantScheme(bits=4, group_size=32))  # N % 16 != 0
+    assert choose_kernel(odd, torch.device("cpu")).name == "reference"
+    padded = make_layer(32, 100, QuantScheme(bits=4, group_size=32))  # group does not divide K
+    assert choose_kernel(padded, torch.device("cpu")).name == "reference"
+    grouped8 = make_layer(32, 64, QuantScheme(bits=8, group_size=32))
+    assert choose_kernel(grouped8, torch.device("cpu")).name == "reference"
+    int3 = make_layer(32, 64, QuantScheme(bits=3, group_size=32))
+    assert choose_kernel(int3, torch.device("cpu")).name == "reference"
+
+
+def test_forcing_an_unsupported_kernel_is_a_clear_error():
+    layer = make_layer(24, 64, QuantScheme(bits=4, group_size=32))
+    with pytest.raises(SlimError, match="cannot run"):
+        run_with(layer, "cpu_int4", torch.randn(1, 64))
+    with pytest.raises(SlimError, match="valid: "):
+        run_with(layer, "nope", torch.randn(1, 64))
+
+
+def test_registry_lists_builtin_kernels():
+    assert {"reference", "cpu_int8", "cpu_int4"} <= set(kernel_names())
+
+
+def test_to_keeps_scale_precision_and_rebuilds_kernel_state():
+    layer = make_layer(32, 64, QuantScheme(bits=4, group_size=32))
+    x = torch.randn(2, 64)
+    layer(x)
+    scale = layer.scale.clone()
+    layer.to(torch.bfloat16)
+    assert layer.scale.dtype == torch.float16 and torch.equal(layer.scale, scale)
+    assert layer.compute_dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
