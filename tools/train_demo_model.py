@@ -39,8 +39,8 @@ MODEL_SHAPE = dict(
 )
 
 
-def split_topics(segment_chars: int = 2000) -> tuple[list[str], list[str]]:
-    """Return (train_docs, heldout_docs).
+def split_topics(segment_chars: int = 2000) -> tuple[list[str], list[str], list[str]]:
+    """Return (train_docs, validation_docs, heldout_docs).
 
     Topics are taken in sorted order and cut at paragraph boundaries into segments of about
     `segment_chars` characters; every HOLDOUT_EVERY-th segment is held out. (Holding out whole
@@ -58,9 +58,10 @@ def split_topics(segment_chars: int = 2000) -> tuple[list[str], list[str]]:
                 current = []
         if current:
             segments.append("\n\n".join(current))
-    train = [s for i, s in enumerate(segments) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
+    train = [s for i, s in enumerate(segments) if i % HOLDOUT_EVERY < HOLDOUT_EVERY - 2]
+    validation = [s for i, s in enumerate(segments) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 2]
     heldout = [s for i, s in enumerate(segments) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
-    return train, heldout
+    return train, validation, heldout
 
 
 def train_tokenizer(docs: list[str], vocab_size: int):
@@ -106,7 +107,8 @@ def heldout_perplexity(model, ids: torch.Tensor, seq_len: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="src/slimlm/assets/demo")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--eval-every", type=int, default=50, help="validation interval; the best checkpoint is kept")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -119,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    train_docs, heldout_docs = split_topics()
+    train_docs, validation_docs, heldout_docs = split_topics()
     tokenizer = train_tokenizer(train_docs, MODEL_SHAPE["vocab_size"])
     train_ids = encode_docs(tokenizer, train_docs)
+    validation_ids = encode_docs(tokenizer, validation_docs)
     heldout_ids = encode_docs(tokenizer, heldout_docs)
-    print(f"train tokens {train_ids.numel()}, held-out tokens {heldout_ids.numel()}", file=sys.stderr)
+    print(f"train tokens {train_ids.numel()}, validation {validation_ids.numel()}, held-out {heldout_ids.numel()}",
+          file=sys.stderr)
 
     config = LlamaConfig(
         **MODEL_SHAPE,
@@ -144,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     gen = torch.Generator().manual_seed(args.seed)
+    best: tuple[float, int, dict] = (float("inf"), 0, {})
     t0 = time.time()
     model.train()
     for step in range(args.steps):
@@ -157,11 +162,18 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 100 == 0 or step == args.steps - 1:
-            held = heldout_perplexity(model, heldout_ids[:4097], args.seq_len)
-            print(f"step {step:5d} loss {loss.item():.3f} held-out ppl (first 4k) {held:.1f} {time.time() - t0:.0f}s",
+        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
+            val = heldout_perplexity(model, validation_ids, args.seq_len)
+            if val < best[0]:
+                best = (val, step + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            print(f"step {step + 1:5d} loss {loss.item():.3f} validation ppl {val:.2f} {time.time() - t0:.0f}s",
                   file=sys.stderr)
+    val_ppl, best_step, best_state = best
+    model.load_state_dict(best_state)
 
+    # Ship fp16 weights (half the bytes); every figure below is measured on the fp16-rounded model.
+    model = model.half().float()
+    model.config.dtype = torch.float16
     ppl = heldout_perplexity(model, heldout_ids, args.seq_len)
     model.eval()
     prompt = "The for statement"
@@ -175,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id
     )
-    model.save_pretrained(out_dir)
+    model.half().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "heldout.txt").write_text(f"\n{EOS}\n".join(heldout_docs) + "\n")
     recipe = {k: getattr(args, k) for k in ("steps", "batch", "seq_len", "lr", "seed")}
@@ -187,14 +199,17 @@ A small Llama-architecture causal LM ({n_params / 1e6:.2f}M parameters) trained 
 
 - **Data**: CPython's bundled documentation text (`pydoc_data.topics`, Python
   {sys.version.split()[0]}): topics sorted by name, cut into ~2000-character segments at paragraph breaks, every {HOLDOUT_EVERY}th segment held out.
-  Train {train_ids.numel()} tokens, held-out {heldout_ids.numel()} tokens (`heldout.txt`, the
-  built-in evaluation corpus).
+  Train {train_ids.numel()} tokens, validation {validation_ids.numel()} tokens (the segment before
+  each held-out one; picks the checkpoint), held-out {heldout_ids.numel()} tokens (`heldout.txt`,
+  the built-in evaluation corpus, never used in training or selection).
 - **Tokenizer**: byte-level BPE, vocabulary {MODEL_SHAPE['vocab_size']}, trained with `tokenizers` on
   the training split; `{EOS}` separates documents.
-- **Shape**: {json.dumps(MODEL_SHAPE)}, tied embeddings, fp32 weights.
+- **Shape**: {json.dumps(MODEL_SHAPE)}, tied embeddings; trained in fp32, shipped as fp16
+  weights ({n_params * 2 / 1e6:.1f} MB); slimlm loads it as fp32 unless told otherwise.
 - **Recipe**: {json.dumps(recipe)}; AdamW (0.9, 0.95), weight decay 0.1, {warmup} warm-up steps,
   cosine to 10% of the peak rate, gradient clipping 1.0, {args.threads} CPU threads,
-  {time.time() - t0:.0f} s here.
+  {time.time() - t0:.0f} s here; validation every {args.eval_every} steps, best at step {best_step}
+  (validation perplexity {val_ppl:.2f}).
 - **Held-out perplexity**: {ppl:.2f} (non-overlapping {args.seq_len}-token windows).
 - **Greedy sample** (prompt `{prompt}`):
 

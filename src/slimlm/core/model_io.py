@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from slimlm.core.errors import SlimError
+from slimlm.core.registry import Registry
 
 DEMO = "demo"
 FORMAT = "slimlm"
@@ -33,8 +34,11 @@ FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 2 * 1024**3
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
-# Modules that a compressed checkpoint may contain: format name -> builder(meta skeleton args).
-COMPRESSED_MODULES: dict[str, Callable[[dict[str, Any], nn.Module], nn.Module]] = {}
+# Compressed module kinds a checkpoint may contain: kind -> builder(group entry, original module)
+# returning an empty skeleton on the meta device. Filled by the packages that define such modules
+# (slimlm.quant.linear registers "quantized_linear"); a compressed module class carries
+# `slimlm_kind` and a `slimlm_spec()` dict that its builder reads back.
+COMPRESSED_MODULES: Registry[Callable[[dict[str, Any], nn.Module], nn.Module]] = Registry("compressed layer kind")
 
 
 def demo_path() -> Path:
@@ -109,9 +113,14 @@ def load_tokenizer(path: Path):
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu"):
-    """Load (model, tokenizer) from 'demo' or a local HF causal-LM folder, compressed or not."""
+    """Load (model, tokenizer) from 'demo' or a local HF causal-LM folder, compressed or not.
+
+    dtype None keeps the checkpoint's float dtype, except float16 on CPU, which loads as float32.
+    """
     path = resolve_model_path(name_or_path)
     raw = read_config_json(path)
+    if dtype is None and device == "cpu" and raw.get("dtype", raw.get("torch_dtype")) == "float16":
+        dtype = torch.float32  # fp16 matmuls on CPU are slow and lossy; bf16 and fp32 load as stored
     qblock = raw.get("quantization_config")
     if isinstance(qblock, dict) and qblock.get("quant_method") == FORMAT:
         model = _load_compressed(path, raw, qblock, dtype)
@@ -177,7 +186,6 @@ def _load_compressed(path: Path, raw: dict[str, Any], qblock: dict[str, Any], dt
     version = qblock.get("format_version")
     if version != FORMAT_VERSION:
         raise SlimError(f"{path} was saved in slimlm format version {version}; this slimlm reads {FORMAT_VERSION}, upgrade it")
-    _register_compressed_modules()
     config = _causal_lm_config(path, raw)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -189,13 +197,14 @@ def _load_compressed(path: Path, raw: dict[str, Any], qblock: dict[str, Any], dt
     for group in qblock.get("groups", []):
         kind = group.get("kind")
         if kind not in COMPRESSED_MODULES:
-            raise SlimError(f"{path} uses compressed layer kind '{kind}' that this slimlm does not know; upgrade it")
+            raise SlimError(f"{path} uses compressed layer kind '{kind}' that this slimlm does not know "
+                            f"(known: {', '.join(COMPRESSED_MODULES.names()) or 'none registered'}); upgrade slimlm")
         for name in group["modules"]:
             try:
                 original = model.get_submodule(name)
             except AttributeError:
                 raise SlimError(f"{path}: config lists layer '{name}' that the architecture does not have; the folder is corrupt") from None
-            replace_module_(model, name, COMPRESSED_MODULES[kind](group, original))
+            replace_module_(model, name, COMPRESSED_MODULES.get(kind)(group, original))
     state = read_safetensors(path)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -208,31 +217,15 @@ def _load_compressed(path: Path, raw: dict[str, Any], qblock: dict[str, Any], dt
     return model
 
 
-def _register_compressed_modules() -> None:
-    if COMPRESSED_MODULES:
-        return
-    from slimlm.quant.linear import QuantizedLinear
-    from slimlm.quant.scheme import QuantScheme
-
-    def quantized_linear(group: dict[str, Any], original: nn.Module) -> nn.Module:
-        scheme = QuantScheme.from_dict(group["scheme"])
-        w = original.weight
-        conv1d = type(original).__name__ == "Conv1D"
-        k, n = (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
-        return QuantizedLinear(k, n, scheme, bias=getattr(original, "bias", None) is not None, dtype=w.dtype, device="meta")
-
-    COMPRESSED_MODULES["quantized_linear"] = quantized_linear
-
-
 def compression_block(model: nn.Module) -> dict[str, Any] | None:
-    """The config.json `quantization_config` block describing the model's compressed layers."""
-    from slimlm.quant.linear import QuantizedLinear
-
+    """The config.json `quantization_config` block: compressed layers grouped by kind and spec."""
     groups: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear):
-            key = json.dumps(module.scheme.to_dict(), sort_keys=True)
-            groups.setdefault(key, {"kind": "quantized_linear", "scheme": module.scheme.to_dict(), "modules": []})
+        kind = getattr(module, "slimlm_kind", None)
+        if kind is not None:
+            entry = {"kind": kind, **module.slimlm_spec()}
+            key = json.dumps(entry, sort_keys=True)
+            groups.setdefault(key, {**entry, "modules": []})
             groups[key]["modules"].append(name)
     if not groups:
         return None

@@ -42,7 +42,9 @@ def window_spans(n_tokens: int, max_length: int, stride: int) -> list[tuple[int,
         end = min(begin + max_length, n_tokens)
         spans.append((begin, end, max(scored_until, begin + 1)))
         scored_until = end
-        begin += stride
+        # the next window must start at or before the last scored position so that the next
+        # target has context: with stride == max_length consecutive windows share one token
+        begin = min(begin + stride, scored_until - 1)
     return spans
 
 

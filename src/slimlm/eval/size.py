@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from slimlm.core.targeting import is_linear
+from slimlm.core.targeting import is_linear, output_head_name
 from slimlm.quant.linear import QuantizedLinear
 
 
@@ -46,7 +46,7 @@ class SizeResult:
     parameters: int
     weight_bytes: int
     bits_per_weight: float  # over the whole checkpoint
-    linear_bits_per_weight: float  # over the linear layers (where quantization acts)
+    linear_bits_per_weight: float  # over the linear layers except the output head (what quantization targets)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +56,10 @@ def measure_size(model: nn.Module) -> SizeResult:
     params = parameter_count(model)
     nbytes = weight_bytes(model)
     lin_bits, lin_count = 0, 0
-    for module in model.modules():
+    head = output_head_name(model)
+    for name, module in model.named_modules():
+        if name == head:
+            continue
         if isinstance(module, QuantizedLinear):
             lin_bits += 8 * module.storage_bytes()
             lin_count += module.in_features * module.out_features

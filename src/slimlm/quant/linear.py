@@ -14,12 +14,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimlm.core.model_io import COMPRESSED_MODULES
 from slimlm.core.targeting import is_conv1d
 from slimlm.quant import primitives as P
 from slimlm.quant.scheme import QuantScheme
 
 
 class QuantizedLinear(nn.Module):
+    slimlm_kind = "quantized_linear"  # how config.json names this layer kind (see core.model_io)
+
     def __init__(
         self,
         in_features: int,
@@ -125,8 +128,20 @@ class QuantizedLinear(nn.Module):
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
+    def slimlm_spec(self) -> dict[str, Any]:
+        return {"scheme": self.scheme.to_dict()}
+
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero, self.bias) if t is not None)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.label()}"
+
+
+@COMPRESSED_MODULES.register(QuantizedLinear.slimlm_kind)
+def _skeleton(group: dict[str, Any], original: nn.Module) -> QuantizedLinear:
+    """An empty QuantizedLinear on the meta device shaped like `original` (Linear or Conv1D)."""
+    scheme = QuantScheme.from_dict(group["scheme"])
+    w = original.weight
+    k, n = (w.shape[0], w.shape[1]) if is_conv1d(original) else (w.shape[1], w.shape[0])
+    return QuantizedLinear(k, n, scheme, bias=getattr(original, "bias", None) is not None, dtype=w.dtype, device="meta")

@@ -1,0 +1,89 @@
+"""The CLI end to end on tiny models: every verb, --json output, and user errors (exit 2, one line)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from slimlm.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_then_inspect_eval_generate(tiny_folder, tmp_path, capsys):
+    src = tiny_folder("llama")
+    code, out, _ = run_cli(capsys, "quantize", src, "-o", tmp_path / "q", "--bits", 4, "--group-size", 32, "--json")
+    assert code == 0 and json.loads(out)["bytes_after"] < json.loads(out)["bytes_before"]
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "q", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["schemes"]["int4 g32 asym"] == 14 and info["linear_bits_per_weight"] < 6
+    code, out, _ = run_cli(capsys, "eval", tmp_path / "q", "--reference", src, "--max-tokens", 200, "--window", 64, "--json")
+    result = json.loads(out)
+    assert code == 0 and result["perplexity"] > 1 and 0 < result["top1"] <= 1 and result["kl"] > 0
+    code, out, _ = run_cli(capsys, "generate", tmp_path / "q", "Once upon", "-n", 5)
+    assert code == 0 and out.startswith("Once upon")
+
+
+def test_bench_json(tiny_folder, capsys):
+    code, out, _ = run_cli(capsys, "bench", tiny_folder("gpt2"), "--prompt-tokens", 8, "--new-tokens", 4,
+                           "--batch-sizes", "1,2", "--repeats", 1, "--json")
+    assert code == 0 and set(json.loads(out)["decode_tps"]) == {"1", "2"}
+
+
+def test_compress_on_a_user_model_keeps_variants(tiny_folder, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "compress", "--model", tiny_folder("qwen2"), "--variants", "fp32,int8,int4",
+                             "--max-tokens", 300, "--window", 64, "--no-bench", "-o", tmp_path / "out", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["fp32", "int8", "int4"]
+    fp32, int8, int4 = report["variants"]
+    assert fp32["quality"]["kl"] == pytest.approx(0, abs=1e-9) and fp32["quality"]["top1"] == 1.0
+    assert 0 < int8["quality"]["kl"] < int4["quality"]["kl"]
+    assert fp32["disk_bytes"] > int8["disk_bytes"] > int4["disk_bytes"]
+    assert all(v["roundtrip_max_abs_diff"] == 0.0 for v in report["variants"])
+    for name in names:
+        assert (tmp_path / "out" / name / "config.json").is_file()
+    assert (tmp_path / "out" / "report.md").read_text().count("| int") == 2
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["inspect", "/no/such/model"], "does not exist"),
+        (["quantize", "demo", "-o", "{tmp}/o", "--bits", "5"], "bits=5 is not supported"),
+        (["quantize", "demo", "-o", "{tmp}/o", "--group-size", "0"], "group size 0"),
+        (["quantize", "demo", "-o", "{tmp}/o", "-m", "magic"], "unknown quantization method 'magic'"),
+        (["quantize", "demo", "-o", "{tmp}/o", "--include", "*.nothing.*"], "matches no linear layer"),
+        (["quantize", "demo", "-o", "{tmp}/exists"], "already exists"),
+        (["eval", "demo", "--data", "{tmp}/missing.txt"], "does not exist"),
+        (["eval", "demo", "--data", "{tmp}/binary.txt"], "UTF-8"),
+        (["compress", "--variants", "int5"], "unknown variant 'int5'"),
+        (["bench", "demo", "--prompt-tokens", "100000"], "exceed"),
+        (["generate", "demo", "hi", "--top-p", "0"], "top_p"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_2(argv, needle, tmp_path, capsys):
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00")
+    code, out, err = run_cli(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 2
+    assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_bad_flag_type_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "demo", "--batch-sizes", "one"])
+    assert e.value.code == 2 and "comma-separated list" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "slimlm", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "compress" in out.stdout
