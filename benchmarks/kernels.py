@@ -33,7 +33,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=2048)
     p.add_argument("--k", type=int, default=2048)
-    p.add_argument("--m", default="1,8,128")
+    p.add_argument("--m", default="1,8,16,32,128")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
@@ -50,6 +50,8 @@ def main() -> None:
 
             if get_kernel(kernel).supports(layer, torch.device("cpu")):
                 cases.append((f"{scheme.label()} {kernel}", layer, kernel, torch.float32))
+                if kernel != "reference":  # the ATen op alone, without the dense path for many rows
+                    cases.append((f"{scheme.label()} {kernel} op-only", layer, kernel + "!", torch.float32))
     print(f"N={args.n} K={args.k} threads={torch.get_num_threads()}  (median of {args.repeats})")
     print(f"{'kernel':<32} {'M':>5} {'ms':>9} {'GB/s':>7} {'vs fp32':>8}")
     for m in [int(v) for v in args.m.split(",")]:
@@ -60,10 +62,19 @@ def main() -> None:
                 w = lin.weight.detach().to(dtype)
                 fn, nbytes = (lambda x=x, w=w: x @ w.t()), w.numel() * w.element_size()
             else:
-                layer.set_kernel_(kernel)
+                from slimlm.quant.kernels import get_kernel
+
+                op_only = kernel.endswith("!")
+                impl = get_kernel(kernel.rstrip("!"))
+                saved = getattr(impl, "dense_rows", None)
+                if op_only:
+                    impl.dense_rows = 1 << 30
+                layer.set_kernel_(kernel.rstrip("!"))
                 fn, nbytes = (lambda x=x, layer=layer: layer(x)), layer.storage_bytes()
             with torch.no_grad():
                 s = median_seconds(fn, args.repeats)
+            if layer is not None and saved is not None:
+                impl.dense_rows = saved
             base = base or s
             print(f"{name:<32} {m:>5} {1e3 * s:>9.3f} {nbytes / s / 1e9:>7.1f} {base / s:>7.2f}x")
 

@@ -35,7 +35,6 @@ MODEL_SHAPE = dict(
     num_hidden_layers=4,
     num_attention_heads=8,
     num_key_value_heads=4,
-    max_position_embeddings=512,
 )
 
 
@@ -109,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="src/slimlm/assets/demo")
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--eval-every", type=int, default=50, help="validation interval; the best checkpoint is kept")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
 
     config = LlamaConfig(
-        **MODEL_SHAPE,
+        **{**MODEL_SHAPE, "max_position_embeddings": args.seq_len},  # positions it was trained on
         tie_word_embeddings=True,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -204,7 +203,7 @@ A small Llama-architecture causal LM ({n_params / 1e6:.2f}M parameters) trained 
   the built-in evaluation corpus, never used in training or selection).
 - **Tokenizer**: byte-level BPE, vocabulary {MODEL_SHAPE['vocab_size']}, trained with `tokenizers` on
   the training split; `{EOS}` separates documents.
-- **Shape**: {json.dumps(MODEL_SHAPE)}, tied embeddings; trained in fp32, shipped as fp16
+- **Shape**: {json.dumps(MODEL_SHAPE)}, context {args.seq_len}, tied embeddings; trained in fp32, shipped as fp16
   weights ({n_params * 2 / 1e6:.1f} MB); slimlm loads it as fp32 unless told otherwise.
 - **Recipe**: {json.dumps(recipe)}; AdamW (0.9, 0.95), weight decay 0.1, {warmup} warm-up steps,
   cosine to 10% of the peak rate, gradient clipping 1.0, {args.threads} CPU threads,

@@ -25,6 +25,6 @@ METHODS: Registry[Method] = Registry("quantization method")
 
 
 def get_method(name: str) -> Method:
-    if not METHODS.names():
-        from slimlm.quant import cast, rtn  # noqa: F401  (registration by import)
+    from slimlm.quant import cast, rtn  # noqa: F401  (built-in methods register on import)
+
     return METHODS.get(name)

@@ -74,7 +74,8 @@ def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, k: int, dtype: torch.
     """Weight (N, k) from codes (N, K_padded) and qparams (N, G)."""
     n, kp = codes.shape
     g = kp // scale.shape[1]
-    w = (codes.view(n, -1, g).float() - zero[..., None].float()) * scale.float()[..., None]  # (N, G, g)
+    centered = codes.view(n, -1, g).to(torch.int16) - zero[..., None].to(torch.int16)  # (N, G, g), exact
+    w = centered.float() * scale.float()[..., None]
     return w.view(n, kp)[:, :k].to(dtype)
 
 
@@ -96,9 +97,9 @@ def pack(codes: Tensor, bits: int) -> Tensor:
         return (codes.to(torch.int16) - 128).to(torch.int8)
     n, k = codes.shape
     c = F.pad(codes, (0, (-k) % 8)).view(n, -1, 8).to(torch.int64)  # (N, K/8, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=codes.device) * bits
     word = (c << shifts).sum(-1, keepdim=True)  # (N, K/8, 1): 8 codes in 8*bits bits
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=codes.device) * 8
     return ((word >> byte_shifts) & 0xFF).to(torch.uint8).view(n, -1)
 
 
@@ -107,7 +108,13 @@ def unpack(packed: Tensor, bits: int, k: int) -> Tensor:
     if bits == 8:
         return (packed.to(torch.int16) + 128).to(torch.uint8)[:, :k]
     n = packed.shape[0]
+    if 8 % bits == 0:  # byte-aligned (2, 4 bits): code i of each byte sits at bit offset bits * i
+        per_byte = 8 // bits
+        shifts = torch.arange(per_byte, dtype=torch.uint8, device=packed.device) * bits
+        codes = (packed[..., None] >> shifts) & (2**bits - 1)  # (N, bytes, per_byte)
+        return codes.view(n, -1)[:, :k]
     b = packed.view(n, -1, bits).to(torch.int64)  # (N, K/8, bits)
-    word = (b << (torch.arange(bits, dtype=torch.int64) * 8)).sum(-1, keepdim=True)  # (N, K/8, 1)
-    codes = (word >> (torch.arange(8, dtype=torch.int64) * bits)) & (2**bits - 1)  # (N, K/8, 8)
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
+    word = (b << byte_shifts).sum(-1, keepdim=True)  # (N, K/8, 1)
+    codes = (word >> (torch.arange(8, dtype=torch.int64, device=packed.device) * bits)) & (2**bits - 1)  # (N, K/8, 8)
     return codes.to(torch.uint8).view(n, -1)[:, :k]

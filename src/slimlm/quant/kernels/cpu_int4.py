@@ -3,21 +3,28 @@
 The op ("tinygemm" layout) computes x @ W^T with W = (q - 8) * s + m per group, where m is a
 floating-point offset. Our codes use an integer zero point z: (q - z) s = (q - 8) s + (8 - z) s,
 so m = (8 - z) s. Needs N % 16 == 0, an even K, and a group size that divides K.
+
+Precision: as for int8, the op is fast only with bfloat16 activations, so activations are rounded
+to bfloat16 and the result cast back (the reference kernel is the exact float32 path). From
+`dense_rows` rows on (prefill), the weight is dequantized to bfloat16 for a dense GEMM.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from slimlm.quant.primitives import group_size_for
 from slimlm.quant.scheme import GROUP_SIZES
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COMPUTE = torch.bfloat16
+DENSE_ROWS = 128  # measured crossover of op vs dequantize + GEMM at 2048x2048, benchmarks/kernels.py
 
 
 class CpuInt4Kernel:
     name = "cpu_int4"
+    dense_rows = DENSE_ROWS
 
     def supports(self, layer, device: torch.device) -> bool:
         g = group_size_for(layer.in_features, layer.scheme)
@@ -31,20 +38,31 @@ class CpuInt4Kernel:
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
         )
 
-    def prepare(self, layer, dtype: torch.dtype) -> tuple[Tensor, int, Tensor, torch.dtype]:
-        dtype = dtype if dtype in DTYPES else torch.float32
+    def prepare(self, layer, dtype: torch.dtype) -> tuple[Tensor, int, Tensor, Tensor, Tensor]:
         codes = layer.codes().to(torch.int32)  # (N, K)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         scale = layer.scale.float()  # (N, G)
-        offset = (8 - layer.zero_points().float()) * scale  # (N, G)
-        scale_and_zero = torch.stack([scale, offset], -1).transpose(0, 1).contiguous().to(dtype)  # (G, N, 2)
+        zero = layer.zero_points().float()  # (N, G)
+        offset = (8 - zero) * scale
+        scale_and_zero = torch.stack([scale, offset], -1).transpose(0, 1).contiguous().to(COMPUTE)  # (G, N, 2)
         group = group_size_for(layer.in_features, layer.scheme)
-        return packed, group, scale_and_zero, dtype
+        # for the dense path: w = q * s - z * s per group, both (N, G, 1) in bfloat16
+        return packed, group, scale_and_zero, scale.to(COMPUTE)[..., None], (zero * scale).to(COMPUTE)[..., None]
+
+    def dense_weight(self, layer, state) -> Tensor:
+        """The weight (N, K) in bfloat16, unpacked from the portable nibbles."""
+        _, group, _, scale, zero_scale = state
+        n, k = layer.out_features, layer.in_features
+        low, high = layer.qweight & 0x0F, layer.qweight >> 4  # (N, K/2) each: even and odd columns
+        q = torch.stack([low, high], -1).view(n, k // group, group).to(COMPUTE)  # (N, G, g)
+        return (q * scale - zero_scale).view(n, k)
 
     def run(self, x: Tensor, layer, state) -> Tensor:
-        packed, group, scale_and_zero, dtype = state
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype).contiguous(), packed, group, scale_and_zero)
-        return y.to(x.dtype)
+        packed, group, scale_and_zero = state[:3]
+        xin = x.to(COMPUTE).contiguous()  # (M, K)
+        if xin.shape[0] >= self.dense_rows:
+            return F.linear(xin, self.dense_weight(layer, state)).to(x.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xin, packed, group, scale_and_zero).to(x.dtype)
 
 
 KERNEL = CpuInt4Kernel()
