@@ -174,8 +174,13 @@ def _roundtrip_diff(model: nn.Module, reloaded: nn.Module, ids: torch.Tensor) ->
 
 
 def _try_plot(report, path: Path) -> None:
-    try:
-        from slimlm.eval.plots import plot_report
-    except ImportError:
+    """Write report.png when matplotlib (the `report` extra) is installed; log a hint otherwise."""
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("matplotlib") is None:
+        logging.getLogger(__name__).warning("no report.png: pip install 'slimlm[report]' (matplotlib) for plots")
         return
+    from slimlm.eval.plots import plot_report
+
     plot_report(report, path)

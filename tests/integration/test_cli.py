@@ -50,6 +50,7 @@ def test_compress_on_a_user_model_keeps_variants(tiny_folder, tmp_path, capsys):
     for name in names:
         assert (tmp_path / "out" / name / "config.json").is_file()
     assert (tmp_path / "out" / "report.md").read_text().count("| int") == 2
+    assert (tmp_path / "out" / "report.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize(

@@ -118,3 +118,14 @@ def test_int8_kernel_survives_unaligned_weights():
     x = torch.randn(20, 256)
     expected = run_with(layer, "reference", x.bfloat16().float())
     assert_bf16_close(run_with(layer, "cpu_int8", x), expected)
+
+
+@pytest.mark.parametrize("n, k", [(16, 32), (24, 64), (172, 64), (64, 172), (64, 40), (48, 100), (32, 256)])
+@pytest.mark.parametrize("scheme", [s for _, s in FAST_CASES] + [QuantScheme(bits=3, group_size=32)])
+@pytest.mark.parametrize("m", [1, 4, 17])
+def test_automatic_kernel_matches_reference_on_awkward_shapes(n, k, scheme, m):
+    """Whatever kernel is picked for a shape, it must agree with the oracle (odd shapes fall back)."""
+    layer = make_layer(n, k, scheme)
+    x = torch.randn(m, k)
+    expected = run_with(layer, "reference", x.bfloat16().float())
+    assert_bf16_close(run_with(layer, None, x), expected)

@@ -39,7 +39,10 @@ def quiet_libraries() -> None:
 def console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    c = Console(stderr=stderr, highlight=False)
+    if not c.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+        c = Console(stderr=stderr, highlight=False, width=160)
+    return c
 
 
 def print_json(data: Any) -> None:
@@ -72,7 +75,16 @@ def print_table(rows: list[dict[str, str]], title: str | None = None) -> None:
     table = Table(title=title, show_lines=False)
     cols = list(dict.fromkeys(c for r in rows for c in r))
     for c in cols:
-        table.add_column(c, justify="left" if c in ("variant", "scheme", "name", "layer") else "right")
+        numeric = all(_looks_numeric(str(r.get(c, ""))) for r in rows)
+        table.add_column(c, justify="right" if numeric else "left")
     for r in rows:
         table.add_row(*(str(r.get(c, "")) for c in cols))
     console().print(table)
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text.rstrip("%x").replace("+", "", 1))
+        return True
+    except ValueError:
+        return text == ""

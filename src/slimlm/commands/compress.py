@@ -38,7 +38,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report.to_dict())
         return 0
-    print_table(report.rows(), title=f"slimlm compress: {report.model}")
+    rows = report.rows()
+    quality_cols = ["variant", "scheme", "ppl", "Δppl", "KL", "top-1", "size MB", "bits/w"]
+    print_table([{c: r[c] for c in quality_cols} for r in rows], title=f"{report.model}: quality and size")
+    if any("TTFT ms" in r for r in rows):
+        print_table([{"variant": r["variant"], **{c: v for c, v in r.items() if c not in quality_cols}} for r in rows],
+                    title=f"{report.model}: speed and memory")
     print(report.to_markdown().split("\n\n", 1)[1].strip())
     if args.out:
         print(f"variants and report.md/json saved in {args.out}")

@@ -25,9 +25,9 @@ class CpuInt8Kernel:
 
     def supports(self, layer, device: torch.device) -> bool:
         per_channel = layer.scale.shape[1] == 1
-        return device.type == "cpu" and layer.scheme.bits == 8 and per_channel and hasattr(
-            torch.ops.aten, "_weight_int8pack_mm"
-        )
+        # K % 16: with bf16 activations the op crashes or returns garbage otherwise (torch 2.13)
+        return (device.type == "cpu" and layer.scheme.bits == 8 and per_channel and layer.in_features % 16 == 0
+                and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
 
     def prepare(self, layer, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         if layer.qweight.data_ptr() % ALIGN:
