@@ -5,7 +5,6 @@ Each resolves names to configs and calls the packages below; none of them parses
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -38,10 +37,12 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: b
     """Save `model` as a Hugging Face folder at `path` (atomically), with its recipe and report."""
     from slimlm.core.model_io import save_model
 
+    from slimlm.core.recipe import dump_recipe
+
     extra = {}
     recipe = recipe if recipe is not None else getattr(model, "slimlm_recipe", None)
     if recipe:
-        extra["recipe.json"] = json.dumps(recipe, indent=2) + "\n"
+        extra["recipe.yaml"] = dump_recipe(recipe)
     if report is not None:
         extra["report.md"] = report.to_markdown()
         extra["report.json"] = report.to_json() + "\n"
@@ -64,12 +65,12 @@ def quantize(model: nn.Module, method: str = "rtn", **settings: Any) -> nn.Modul
     return model
 
 
-def apply_recipe(model: nn.Module, recipe: list[dict[str, Any]]) -> nn.Module:
-    """Run each step `{"method": ..., **settings}` of a recipe on `model`, in place."""
-    for step in recipe:
-        step = dict(step)
-        if "method" not in step:
-            raise SlimError(f"recipe step {step} has no 'method'; every step names one")
+def apply_recipe(model: nn.Module, recipe: list[dict[str, Any]] | str | os.PathLike) -> nn.Module:
+    """Run each step `{"method": ..., **settings}` of a recipe (a list, or a YAML file) on `model`, in place."""
+    from slimlm.core.recipe import load_recipe, validate_recipe
+
+    steps = validate_recipe(recipe) if isinstance(recipe, list) else load_recipe(recipe)
+    for step in steps:
         quantize(model, step.pop("method"), **step)
     return model
 
@@ -114,11 +115,9 @@ def compress(model: str | os.PathLike = "demo", variants: tuple[str, ...] | None
     user would ship); with `out`, the variants and report.md/json are kept under that folder.
     """
     from slimlm.core.data import load_tokens
-    from slimlm.core.model_io import atomic_folder, check_output_path, folder_bytes
-    from slimlm.eval.perplexity import evaluate_quality
-    from slimlm.eval.report import Report, VariantResult
-    from slimlm.eval.size import measure_size
-    from slimlm.eval.speed import BenchSettings, measure_speed
+    from slimlm.core.model_io import atomic_folder, check_output_path
+    from slimlm.eval.report import Report
+    from slimlm.eval.speed import BenchSettings
     from slimlm.presets import DEFAULT_VARIANTS, describe, preset
 
     variants = tuple(variants or DEFAULT_VARIANTS)
@@ -130,37 +129,53 @@ def compress(model: str | os.PathLike = "demo", variants: tuple[str, ...] | None
     original, tokenizer = load(model, dtype=torch.float32)
     ids = load_tokens(data, tokenizer, max_tokens)
     report = Report(model=str(model), data=str(data))
-    with tempfile.TemporaryDirectory(prefix="slimlm-") as scratch:
+    scratch_parent = Path(out).expanduser().parent if out is not None else None  # same filesystem: rename works
+    with tempfile.TemporaryDirectory(prefix=".slimlm-", dir=scratch_parent) as scratch:
         root = Path(scratch) / "variants"
         root.mkdir()
         for name, recipe in recipes.items():
-            task = f"{name}"
-            progress(f"{task}: compress", 0, 1)
+            progress(f"{name}: compress", 0, 1)
             variant, _ = load(model, dtype=torch.float32)  # a fresh copy from disk (mmap'd), not a deepcopy
             variant = apply_recipe(variant, recipe)
-            folder = save(variant, root / name, tokenizer, recipe=recipe)
+            folder = save(variant, root / name, tokenizer)
             reloaded, _ = load(folder)
             diff = _roundtrip_diff(variant, reloaded, ids)
             del variant
-            quality = evaluate_quality(reloaded, ids, original, max_length,
-                                       on_progress=lambda d, t: progress(f"{task}: evaluate", d, t))
-            progress(f"{task}: benchmark", 0, 1)
-            speed = measure_speed(reloaded, settings).to_dict() if settings is not None else None
-            report.variants.append(VariantResult(
-                name=name, description=describe(recipe), quality=quality.to_dict(),
-                size=measure_size(reloaded).to_dict(), speed=speed, disk_bytes=folder_bytes(folder),
-                roundtrip_max_abs_diff=diff,
-            ))
-            progress(f"{task}: done", 1, 1)
+            report.variants.append(measure_variant(
+                reloaded, name, describe(recipe), ids, original, settings, max_length, progress, folder, diff))
+            progress(f"{name}: done", 1, 1)
             del reloaded
         if out is not None:
             with atomic_folder(out, overwrite) as tmp:
                 for name in recipes:
                     (root / name).rename(tmp / name)
-                (tmp / "report.md").write_text(report.to_markdown())
-                (tmp / "report.json").write_text(report.to_json() + "\n")
+                for folder in [tmp] + [tmp / name for name in recipes]:  # each variant carries the report
+                    (folder / "report.md").write_text(report.to_markdown())
+                    (folder / "report.json").write_text(report.to_json() + "\n")
                 _try_plot(report, tmp / "report.png")
     return report
+
+
+def measure_variant(model: nn.Module, name: str, description: str, ids: torch.Tensor, reference: nn.Module | None,
+                    settings=None, max_length: int | None = None, progress: Progress | None = None,
+                    folder: Path | None = None, roundtrip_diff: float | None = None):
+    """Every report figure for one model: quality (vs reference), size, speed (when settings given)."""
+    from slimlm.core.model_io import folder_bytes
+    from slimlm.eval.perplexity import evaluate_quality
+    from slimlm.eval.report import VariantResult
+    from slimlm.eval.size import measure_size
+    from slimlm.eval.speed import measure_speed
+
+    progress = progress or (lambda task, done, total: None)
+    quality = evaluate_quality(model, ids, reference, max_length,
+                               on_progress=lambda d, t: progress(f"{name}: evaluate", d, t))
+    speed = None
+    if settings is not None:
+        progress(f"{name}: benchmark", 0, 1)
+        speed = measure_speed(model, settings).to_dict()
+    return VariantResult(name=name, description=description, quality=quality.to_dict(), size=measure_size(model).to_dict(),
+                         speed=speed, disk_bytes=folder_bytes(folder) if folder else None,
+                         roundtrip_max_abs_diff=roundtrip_diff)
 
 
 @torch.no_grad()
@@ -168,8 +183,8 @@ def _roundtrip_diff(model: nn.Module, reloaded: nn.Module, ids: torch.Tensor) ->
     """Largest logit difference between the in-memory model and its saved-and-reloaded copy."""
     probe = ids[: min(64, ids.numel())][None]
     diff = (model(probe).logits.float() - reloaded(probe).logits.float()).abs().max().item()
-    if diff != 0.0:
-        raise SlimError(f"saved model does not reproduce the in-memory logits (max diff {diff:g}); please report this bug")
+    if diff != 0.0:  # not a user error: a bug in save/load
+        raise RuntimeError(f"saved model does not reproduce the in-memory logits (max diff {diff:g})")
     return diff
 
 

@@ -31,12 +31,16 @@ def preset(name: str) -> Recipe:
 
 
 def describe(recipe: Recipe) -> str:
+    """A short human label for a recipe, e.g. 'rtn int4 g32 asym'."""
     parts = []
     for step in recipe:
         if step["method"] == "cast":
-            parts.append(step["dtype"])
-        else:
+            parts.append(step.get("dtype", "bfloat16"))
+        elif "bits" in step:
             group = f"g{step['group_size']}" if step.get("group_size") else "per-channel"
             sym = "sym" if step.get("symmetric") else "asym"
-            parts.append(f"{step['method']} int{step.get('bits', 4)} {group} {sym}")
+            parts.append(f"{step['method']} int{step['bits']} {group} {sym}")
+        else:
+            settings = ", ".join(f"{k}={v}" for k, v in step.items() if k not in ("method", "version"))
+            parts.append(f"{step['method']}({settings})")
     return " + ".join(parts)

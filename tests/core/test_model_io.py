@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import slimlm
+import slimlm.api
 from slimlm.core.errors import SlimError
 from slimlm.core.model_io import atomic_folder, params_on_meta, save_model
 from slimlm.quant.linear import QuantizedLinear
@@ -27,7 +28,7 @@ def test_load_quantize_save_reload_gives_identical_logits(family, tiny_folder, t
     slimlm.save(model, tmp_path / "q", tokenizer)
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "slimlm"
-    assert (tmp_path / "q" / "recipe.json").is_file() and (tmp_path / "q" / "tokenizer.json").is_file()
+    assert (tmp_path / "q" / "recipe.yaml").is_file() and (tmp_path / "q" / "tokenizer.json").is_file()
     reloaded, tok2 = slimlm.load(tmp_path / "q")
     assert torch.equal(logits(reloaded), expected)
     assert tok2("hello")["input_ids"] == tokenizer("hello")["input_ids"]
@@ -174,3 +175,25 @@ def test_failed_overwrite_keeps_the_old_folder(tmp_path):
             raise RuntimeError("crash")
     assert (tmp_path / "out" / "keep.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_saved_recipe_reproduces_the_model(tiny_folder, tmp_path):
+    model, tok = slimlm.load(tiny_folder("phi3"))
+    slimlm.quantize(model, "rtn", bits=3, group_size=32, exclude=["*.o_proj"])
+    slimlm.save(model, tmp_path / "q", tok)
+    again = slimlm.api.apply_recipe(slimlm.load(tiny_folder("phi3"))[0], tmp_path / "q" / "recipe.yaml")
+    assert torch.equal(logits(again), logits(model))
+
+
+@pytest.mark.parametrize("text, needle", [("steps: [1, 2", "not valid YAML"), ("- bits: 4", "needs a 'method'"),
+                                          ("{}", "non-empty list")])
+def test_bad_recipes(tmp_path, text, needle):
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(SlimError, match=needle):
+        slimlm.api.apply_recipe(tiny_model("llama"), tmp_path / "r.yaml")
+
+
+def test_folder_without_tokenizer(tmp_path):
+    save_model(tiny_model("llama"), tmp_path / "m")
+    with pytest.raises(SlimError, match="no usable tokenizer"):
+        slimlm.load(tmp_path / "m")

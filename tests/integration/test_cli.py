@@ -17,8 +17,12 @@ def run_cli(capsys, *argv):
 
 def test_quantize_then_inspect_eval_generate(tiny_folder, tmp_path, capsys):
     src = tiny_folder("llama")
-    code, out, _ = run_cli(capsys, "quantize", src, "-o", tmp_path / "q", "--bits", 4, "--group-size", 32, "--json")
-    assert code == 0 and json.loads(out)["bytes_after"] < json.loads(out)["bytes_before"]
+    code, out, _ = run_cli(capsys, "quantize", src, "-o", tmp_path / "q", "--bits", 4, "--group-size", 32,
+                           "--eval-tokens", 300, "--json")
+    original, quantized = json.loads(out)["report"]["variants"]
+    assert code == 0 and quantized["size"]["weight_bytes"] < original["size"]["weight_bytes"]
+    assert original["quality"]["kl"] == 0 and quantized["quality"]["kl"] > 0
+    assert (tmp_path / "q" / "report.md").is_file() and (tmp_path / "q" / "recipe.yaml").is_file()
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "q", "--json")
     info = json.loads(out)
     assert code == 0 and info["schemes"]["int4 g32 asym"] == 14 and info["linear_bits_per_weight"] < 6
