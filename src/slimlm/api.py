@@ -49,29 +49,46 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: b
     return save_model(model, path, tokenizer, extra_files=extra, overwrite=overwrite)
 
 
-def quantize(model: nn.Module, method: str = "rtn", **settings: Any) -> nn.Module:
-    """Quantize `model` in place with a registered method (e.g. 'rtn', 'cast') and return it.
+def quantize(model: nn.Module, method: str = "rtn", tokenizer=None, calibration: torch.Tensor | None = None,
+             on_block: Callable[[int, int], None] | None = None, **settings: Any) -> nn.Module:
+    """Quantize `model` in place with a registered method ('rtn', 'gptq', 'cast', ...) and return it.
 
     Example: `slimlm.quantize(model, "rtn", bits=4, group_size=32, exclude=["*.mlp.down_proj"])`.
+    Calibrated methods (gptq) read `calib` (a text file or 'demo') with `tokenizer`, or take
+    `calibration`, token ids (n, T) or (T,) from which `n_samples` windows are drawn.
     """
+    from slimlm.core.calibrate import sample_windows
+    from slimlm.core.data import load_tokens
     from slimlm.quant.methods import get_method
 
     m = get_method(method)
     config = m.config_cls.from_dict(settings)
-    m.apply(model, config)
+    if m.calibrated:
+        if calibration is None:
+            if tokenizer is None:
+                raise SlimError(f"{method} needs calibration data: pass tokenizer= (to read calib='{config.calib}') "
+                                "or calibration= token ids")
+            calibration = load_tokens(config.calib, tokenizer)
+        samples = calibration if calibration.dim() == 2 else sample_windows(
+            calibration, config.n_samples, config.seq_len, config.seed)
+        m.apply(model, config, samples, on_block)
+    else:
+        m.apply(model, config)
     recipe = list(getattr(model, "slimlm_recipe", []))
     recipe.append({"method": method, **config.to_dict()})
     model.slimlm_recipe = recipe
     return model
 
 
-def apply_recipe(model: nn.Module, recipe: list[dict[str, Any]] | str | os.PathLike) -> nn.Module:
-    """Run each step `{"method": ..., **settings}` of a recipe (a list, or a YAML file) on `model`, in place."""
+def apply_recipe(model: nn.Module, recipe: list[dict[str, Any]] | str | os.PathLike, tokenizer=None,
+                 on_block: Callable[[int, int], None] | None = None) -> nn.Module:
+    """Run each step `{"method": ..., **settings}` of a recipe (a list, or a YAML file) on `model`, in place.
+    Calibrated steps read their `calib` data with `tokenizer`."""
     from slimlm.core.recipe import load_recipe, validate_recipe
 
     steps = validate_recipe(recipe) if isinstance(recipe, list) else load_recipe(recipe)
     for step in steps:
-        quantize(model, step.pop("method"), **step)
+        quantize(model, step.pop("method"), tokenizer=tokenizer, on_block=on_block, **step)
     return model
 
 

@@ -20,6 +20,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="for -m cast: float16 or bfloat16")
     p.add_argument("--include", action="append", default=None, help="name glob of layers to quantize (repeatable)")
     p.add_argument("--exclude", action="append", default=None, help="name glob of layers to leave alone (repeatable)")
+    cal = p.add_argument_group("calibrated methods (gptq)")
+    cal.add_argument("--calib", default=None, help="calibration text: .txt/.jsonl or 'demo'; file.txt@0:500 takes documents 0-499")
+    cal.add_argument("--n-samples", type=int, default=None, help="calibration windows (default 128)")
+    cal.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
+    cal.add_argument("--damp", type=float, default=None, help="GPTQ dampening, fraction of mean(diag H) (default 0.01)")
+    cal.add_argument("--act-order", action="store_true", default=None, help="GPTQ: quantize columns by decreasing H_ii")
+    cal.add_argument("--block-size", type=int, default=None, help="GPTQ lazy-update block (default 128)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the layers it targets, then stop")
     p.add_argument("--data", default="demo", help="text for the saved report: .txt, .jsonl or 'demo'")
     p.add_argument("--eval-tokens", type=int, default=2048, help="tokens the report evaluates (0: no report)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -34,10 +42,32 @@ def recipe_from_args(args: argparse.Namespace) -> list[dict]:
     if args.method == "cast":
         return [{"method": "cast", "dtype": args.dtype or "bfloat16"}]
     step = {"method": args.method, "bits": args.bits, "group_size": args.group_size}
-    for key in ("symmetric", "include", "exclude"):
+    optional = ("symmetric", "include", "exclude", "calib", "n_samples", "seq_len", "damp", "act_order", "block_size")
+    for key in optional:
         if getattr(args, key) is not None:
             step[key] = getattr(args, key)
     return [step]
+
+
+def dry_run(model, recipe: list[dict], as_json: bool) -> int:
+    """Resolve each step's config (all defaults filled in) and list the layers it would touch."""
+    from slimlm.core.targeting import select_linear
+    from slimlm.quant.methods import get_method
+
+    plan = []
+    for step in recipe:
+        settings = {k: v for k, v in step.items() if k != "method"}
+        config = get_method(step["method"]).config_cls.from_dict(settings)
+        resolved = {"method": step["method"], **config.to_dict()}
+        layers = list(select_linear(model, config.include, config.exclude)) if hasattr(config, "include") else []
+        plan.append({"step": resolved, "layers": layers})
+    if as_json:
+        print_json(plan)
+        return 0
+    for item in plan:
+        print(" ".join(f"{k}={v}" for k, v in item["step"].items()))
+        print(f"  {len(item['layers'])} layers: " + ", ".join(item["layers"]))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,14 +78,18 @@ def run(args: argparse.Namespace) -> int:
     from slimlm.eval.report import Report
     from slimlm.presets import describe
 
-    check_output_path(args.out, args.overwrite)
+    if not args.dry_run:
+        check_output_path(args.out, args.overwrite)
     recipe = recipe_from_args(args)
     model, tokenizer = load(args.model)
+    if args.dry_run:
+        return dry_run(model, recipe, args.json)
     report = None
     if args.eval_tokens:
         ids = load_tokens(args.data, tokenizer, args.eval_tokens)
         original = load(args.model)[0]
-    apply_recipe(model, recipe)
+    with progress_bar(not args.json) as update:
+        apply_recipe(model, recipe, tokenizer, on_block=lambda done, total: update("quantize: blocks", done, total))
     if args.eval_tokens:
         report = Report(model=str(args.model), data=str(args.data))
         with progress_bar(not args.json) as update:

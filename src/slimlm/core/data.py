@@ -2,7 +2,8 @@
 
 Sources: 'demo' (the demo model's held-out split of CPython's documentation), a .txt file
 (documents separated by lines that read `<|endoftext|>`, or one document if there are none), or
-a .jsonl file with a "text" field per line. Each document is encoded with the tokenizer's BOS token
+a .jsonl file with a "text" field per line; `source@A:B` keeps documents A..B-1 (so calibration
+and evaluation can use disjoint parts of one file). Each document is encoded with the tokenizer's BOS token
 in front (or EOS when there is no BOS), and the documents are concatenated.
 """
 
@@ -25,7 +26,30 @@ def demo_corpus_path() -> Path:
     return demo_path() / "heldout.txt"
 
 
+def split_range(source: str | os.PathLike) -> tuple[str, slice]:
+    """'file.txt@100:200' -> ('file.txt', slice(100, 200)): a range of documents (either end optional)."""
+    text = str(source)
+    head, sep, tail = text.rpartition("@")
+    if not sep or ":" not in tail:
+        return text, slice(None)
+    try:
+        start, stop = (int(v) if v else None for v in tail.split(":", 1))
+    except ValueError:
+        raise SlimError(f"document range '{tail}' in '{text}' must look like 100:200, :500 or 500:") from None
+    return head, slice(start, stop)
+
+
 def read_documents(source: str | os.PathLike) -> list[str]:
+    """Documents of 'demo', a .txt or a .jsonl file, optionally a range of them ('file.txt@0:500')."""
+    source, docs_range = split_range(source)
+    docs = _read_all_documents(source)[docs_range]
+    if not docs:
+        raise SlimError(f"document range {docs_range.start}:{docs_range.stop} of '{source}' is empty; "
+                        f"the file has {len(_read_all_documents(source))} documents")
+    return docs
+
+
+def _read_all_documents(source: str) -> list[str]:
     path = demo_corpus_path() if str(source) == "demo" else Path(source).expanduser()
     if not path.is_file():
         raise SlimError(f"data file '{path}' does not exist; pass a .txt or .jsonl file, or 'demo'")

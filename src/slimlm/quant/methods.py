@@ -18,13 +18,14 @@ from slimlm.core.registry import Registry
 @dataclass(frozen=True)
 class Method:
     config_cls: type[Config]
-    apply: Callable[[nn.Module, Config], nn.Module]
+    apply: Callable[..., nn.Module]  # (model, config) or, when calibrated, (model, config, samples, on_block)
+    calibrated: bool = False  # needs calibration samples (n, T) of token ids
 
 
 METHODS: Registry[Method] = Registry("quantization method")
 
 
 def get_method(name: str) -> Method:
-    from slimlm.quant import cast, rtn  # noqa: F401  (built-in methods register on import)
+    from slimlm.quant import cast, gptq, rtn  # noqa: F401  (built-in methods register on import)
 
     return METHODS.get(name)

@@ -1,0 +1,132 @@
+"""Calibration: sample token windows, and the generic block-by-block driver for calibrated methods.
+
+The driver (the scheme of GPTQ, arXiv 2210.17323, §4 and its reference code, used by AWQ, SparseGPT,
+Wanda): capture the inputs of the first transformer block, then for each block
+  1. hook the targeted layers inside it and replay the samples through the block, so the method
+     observes each layer's inputs (`observe`),
+  2. let the method compress those layers (`compress` returns the replacement module),
+  3. replay the samples through the compressed block to get the next block's inputs.
+Only one block at a time needs to sit on the compute device, and errors of earlier blocks are seen
+by later ones. There is no per-architecture driver: the block list is found from a small table of
+known paths, else as the largest `nn.ModuleList` of identical modules.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from slimlm.core.errors import SlimError
+from slimlm.core.targeting import replace_module_
+
+BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.blocks")
+
+
+def sample_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int = 0) -> Tensor:
+    """`n_samples` random windows (n, seq_len) of the token stream ids (T,), reproducible by seed."""
+    if n_samples < 1 or seq_len < 2:
+        raise SlimError(f"calibration needs n_samples >= 1 and seq_len >= 2 (got {n_samples}, {seq_len})")
+    if ids.numel() <= seq_len:
+        raise SlimError(
+            f"calibration data has {ids.numel()} tokens, fewer than one {seq_len}-token window; "
+            "pass more text or a smaller --seq-len"
+        )
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, ids.numel() - seq_len) for _ in range(n_samples)]
+    return torch.stack([ids[s : s + seq_len] for s in starts])
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: a known path, else the largest ModuleList of same-class modules."""
+    for path in BLOCK_PATHS:
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, nn.ModuleList) and len(blocks):
+            return path, blocks
+    candidates = [
+        (sum(p.numel() for p in m.parameters()), name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1
+    ]
+    if not candidates:
+        raise SlimError(f"cannot find the transformer blocks of {type(model).__name__}; it has no list of layers")
+    _, name, blocks = max(candidates, key=lambda c: c[0])
+    return name, blocks
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass after the first block's inputs are seen."""
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, samples: Tensor, batch_size: int = 1) -> list[tuple]:
+    """(args, kwargs) the first block receives for each batch of samples (n, T)."""
+    captured: list[tuple] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise _Captured
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, samples.shape[0], batch_size):
+            try:
+                model(samples[start : start + batch_size].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(output: Any) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class CalibratedStep(Protocol):
+    """What the driver needs from a calibrated method (GPTQ, AWQ, SparseGPT, Wanda, ...)."""
+
+    def observe(self, name: str, module: nn.Module, inputs: Tensor) -> None: ...
+
+    def compress(self, name: str, module: nn.Module) -> nn.Module | None: ...
+
+
+@torch.no_grad()
+def run_blockwise(
+    model: nn.Module,
+    samples: Tensor,
+    targets: dict[str, nn.Module],
+    step: CalibratedStep,
+    batch_size: int = 1,
+    on_block: Callable[[int, int], None] | None = None,
+) -> nn.Module:
+    """Run a calibrated step over `targets` (name -> module) block by block; modifies the model in place."""
+    prefix, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], samples, batch_size)
+    for index, block in enumerate(blocks):
+        block_prefix = f"{prefix}.{index}."
+        local = {name: m for name, m in targets.items() if name.startswith(block_prefix)}
+        if local:
+            handles = [
+                module.register_forward_hook(lambda m, args, out, name=name: step.observe(name, m, args[0]))
+                for name, module in local.items()
+            ]
+            try:
+                for args, kwargs in inputs:
+                    block(*args, **kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            for name, module in local.items():
+                new = step.compress(name, module)
+                if new is not None:
+                    replace_module_(model, name, new)
+        inputs = [((_hidden(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        if on_block:
+            on_block(index + 1, len(blocks))
+    return model

@@ -1,0 +1,68 @@
+"""GPTQ as a calibrated step: accumulate each layer's Hessian from its calibration inputs, then
+quantize the layer with `gptq_solver.gptq_quantize` (arXiv 2210.17323), block by block."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from slimlm.core.calibrate import run_blockwise
+from slimlm.core.config import check
+from slimlm.core.targeting import is_conv1d, select_linear
+from slimlm.quant.calibration import CalibrationFields
+from slimlm.quant.gptq_solver import gptq_quantize
+from slimlm.quant.hessian import accumulate_hessian
+from slimlm.quant.linear import QuantizedLinear
+from slimlm.quant.methods import METHODS, Method
+from slimlm.quant.rtn import RTNConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQConfig(CalibrationFields, RTNConfig):
+    """RTN's scheme and targets, the solver's settings, and the calibration sample."""
+
+    name = "gptq"
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        RTNConfig.__post_init__(self)
+        CalibrationFields.__post_init__(self)
+        check(isinstance(self.block_size, int) and self.block_size >= 1, f"block_size {self.block_size!r} must be >= 1")
+        check(isinstance(self.damp, (int, float)) and 0 < self.damp < 1, f"damp {self.damp!r} must be in (0, 1), e.g. 0.01")
+        check(isinstance(self.act_order, bool), f"act_order must be true or false, got {self.act_order!r}")
+
+
+def layer_weight(module: nn.Module) -> Tensor:
+    """(N, K) weight of a Linear or Conv1D."""
+    w = module.weight.detach()
+    return w.t() if is_conv1d(module) else w
+
+
+class GPTQStep:
+    def __init__(self, config: GPTQConfig) -> None:
+        self.config = config
+        self.stats: dict[str, tuple[Tensor, int]] = {}
+
+    def observe(self, name: str, module: nn.Module, inputs: Tensor) -> None:
+        k = inputs.shape[-1]
+        h, count = self.stats.get(name, (torch.zeros(k, k, device=inputs.device), 0))
+        self.stats[name] = accumulate_hessian(h, count, inputs)
+
+    def compress(self, name: str, module: nn.Module) -> QuantizedLinear:
+        h, _ = self.stats.pop(name)
+        c = self.config
+        codes, scale, zero = gptq_quantize(layer_weight(module).cpu(), h.cpu(), c.scheme, c.block_size, c.damp, c.act_order)
+        return QuantizedLinear.from_codes(codes, scale, zero, module, c.scheme)
+
+
+def gptq_quantize_(model: nn.Module, config: GPTQConfig, samples: Tensor, on_block=None) -> nn.Module:
+    """Quantize the selected linear layers with GPTQ using calibration samples (n, T); in place."""
+    targets = select_linear(model, config.include, config.exclude)
+    return run_blockwise(model, samples, targets, GPTQStep(config), config.batch_size, on_block)
+
+
+METHODS.register("gptq")(Method(GPTQConfig, gptq_quantize_, calibrated=True))

@@ -1,0 +1,19 @@
+"""Running input second moments of a linear layer: H = 2/n Σ x xᵀ (GPTQ, arXiv 2210.17323, eq. 1).
+
+Shared by GPTQ and SparseGPT (arXiv 2301.00774): both solve a layer-wise least-squares problem whose
+Hessian with respect to a row of W is H = 2 X Xᵀ over the calibration inputs X.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def accumulate_hessian(h: Tensor, count: int, x: Tensor) -> tuple[Tensor, int]:
+    """Fold inputs x (..., K) into the running mean h (K, K) of 2·x xᵀ over `count` rows so far."""
+    x = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (M, K)
+    m = x.shape[0]
+    total = count + m
+    h = h * (count / total) + (x.t() @ x) * (2.0 / total)
+    return h, total
