@@ -21,16 +21,17 @@ from slimlm.core.data import load_tokens
 from slimlm.eval.memory import PeakMemory
 from slimlm.eval.perplexity import evaluate_quality
 
+PLAIN = dict(act_order=False, clip_search=False)  # the paper's settings; slimlm's defaults add both
 VARIANTS = [
     ("rtn int4 g32", "rtn", dict(bits=4, group_size=32)),
+    ("gptq int4 g32 plain", "gptq", dict(bits=4, group_size=32, **PLAIN)),
     ("gptq int4 g32", "gptq", dict(bits=4, group_size=32)),
-    ("gptq int4 g32 act-order", "gptq", dict(bits=4, group_size=32, act_order=True)),
     ("rtn int4 per-channel", "rtn", dict(bits=4, group_size=None)),
+    ("gptq int4 per-channel plain", "gptq", dict(bits=4, group_size=None, **PLAIN)),
     ("gptq int4 per-channel", "gptq", dict(bits=4, group_size=None)),
-    ("gptq int4 per-channel act-order", "gptq", dict(bits=4, group_size=None, act_order=True)),
     ("rtn int3 g32", "rtn", dict(bits=3, group_size=32)),
+    ("gptq int3 g32 plain", "gptq", dict(bits=3, group_size=32, **PLAIN)),
     ("gptq int3 g32", "gptq", dict(bits=3, group_size=32)),
-    ("gptq int3 g32 act-order", "gptq", dict(bits=3, group_size=32, act_order=True)),
 ]
 
 
@@ -42,8 +43,9 @@ def main() -> None:
     p.add_argument("--eval-docs", default="20:", help="document range used for evaluation")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--max-eval-tokens", type=int, default=100_000)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening")
+    p.add_argument("--max-eval-tokens", type=int, default=50_000)
     p.add_argument("--only", default=None, help="comma-separated substrings of variant names to run")
     args = p.parse_args()
 
@@ -64,13 +66,13 @@ def main() -> None:
         if args.only and not any(s in name for s in args.only.split(",")):
             continue
         model, _ = slimlm.load(args.model, dtype="float32")
-        extra = dict(calibration=calib, n_samples=args.n_samples, seq_len=args.seq_len) if method != "rtn" else {}
+        extra = dict(calibration=calib, n_samples=args.n_samples, seq_len=args.seq_len, damp=args.damp) if method != "rtn" else {}
         with PeakMemory() as mem:
             t0 = time.perf_counter()
             slimlm.quantize(model, method, **settings, **extra)
             seconds = time.perf_counter() - t0
         q = evaluate_quality(model, evaluation, reference, max_length=args.window)
-        key = name.replace(method, "").replace("act-order", "").strip()
+        key = name.replace(method, "").replace("plain", "").strip()
         note = ""
         if method == "rtn":
             rtn_kl[key] = (q.kl, q.perplexity)

@@ -92,3 +92,14 @@ def test_config_roundtrip_and_version():
     assert QuantScheme.from_dict(s.to_dict()) == s
     with pytest.raises(SlimError, match="version"):
         QuantScheme.from_dict({**s.to_dict(), "version": 99})
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(bits=3, group_size=32), QuantScheme(bits=4, group_size=None, symmetric=True)])
+def test_clip_search_is_never_worse_than_min_max(scheme):
+    torch.manual_seed(0)
+    w = torch.randn(8, 64) * torch.rand(8, 64).pow(4) * 3  # heavy-tailed: clipping pays
+    plain = (P.fake_quantize(w, scheme) - w).abs().pow(2.4).sum()
+    scale, zero = P.search_qparams(w, scheme)
+    searched = (P.dequantize(P.quantize(w, scale, zero, scheme), scale, zero, 64) - w).abs().pow(2.4).sum()
+    assert searched <= plain + 1e-5
+    assert searched < plain  # on heavy-tailed weights some range is shrunk

@@ -41,10 +41,13 @@ def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
 
 
 def gptq_quantize(
-    w: Tensor, h: Tensor, scheme: QuantScheme, block_size: int = 128, damp: float = 0.01, act_order: bool = False
+    w: Tensor, h: Tensor, scheme: QuantScheme, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+    clip_search: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize w (N, K) given the Hessian h (K, K). Returns codes (N, K_padded) uint8, scale (N, G)
-    in the scheme's scale dtype and zero (N, G) int32, in the layout of `primitives.quantize`."""
+    in the scheme's scale dtype and zero (N, G) int32, in the layout of `primitives.quantize`.
+    clip_search: choose each group's range by `primitives.search_qparams` instead of min/max."""
+    qparams = P.search_qparams if clip_search else P.compute_qparams
     n, k = w.shape
     w = w.to(torch.float32).clone()
     h = h.to(torch.float32).clone()
@@ -55,7 +58,7 @@ def gptq_quantize(
     n_groups = P.padded_k(k, scheme) // g
     static = act_order or g == k  # per-channel or act-order: parameters fixed before solving
     if static:
-        scale, zero = P.compute_qparams(w, scheme)  # (N, G)
+        scale, zero = qparams(w, scheme)  # (N, G)
     else:
         scale = torch.empty(n, n_groups, dtype=scheme.torch_scale_dtype)
         zero = torch.empty(n, n_groups, dtype=torch.int32)
@@ -73,7 +76,7 @@ def gptq_quantize(
             col = i1 + i
             group = int(perm[col]) // g
             if not static and col % g == 0:
-                s, z = P.compute_qparams(w1[:, i : i + g], scheme)  # (N, 1): the group as updated so far
+                s, z = qparams(w1[:, i : i + g], scheme)  # (N, 1): the group as updated so far
                 scale[:, group], zero[:, group] = s[:, 0], z[:, 0]
             s, z = scale[:, group].float(), zero[:, group].float()
             c, q = _quantize_column(w1[:, i], s, z, scheme.bits)

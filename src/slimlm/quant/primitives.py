@@ -61,6 +61,29 @@ def compute_qparams(w: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
     return scale, zero
 
 
+def search_qparams(w: Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.2, norm: float = 2.4) -> tuple[Tensor, Tensor]:
+    """Like `compute_qparams`, but each group's range is shrunk by the factor in
+    {1, 1 - max_shrink/grid, ..., 1 - max_shrink} that minimises Σ|w - ŵ|^norm over the group
+    (the clipping search of GPTQ's reference quantizer, `mse=True`, norm 2.4). Trading a few clipped
+    outliers for a finer step usually lowers the layer error at 3-4 bits."""
+    n, k = w.shape
+    g = group_size_for(k, scheme)
+    kp = padded_k(k, scheme)
+    wp = pad_columns(w.float(), kp)
+    best_scale, best_zero = compute_qparams(w, scheme)
+    best_err = torch.full(best_scale.shape, float("inf"))
+    for i in range(grid + 1):
+        factor = 1.0 - max_shrink * i / grid
+        scale, zero = compute_qparams(w * factor, scheme)
+        codes = quantize(wp, scale, zero, scheme)  # the unshrunk weights, clipped by the shrunk range
+        err = (dequantize(codes, scale, zero, kp) - wp).abs().pow(norm).view(n, -1, g).sum(-1)  # (N, G)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
 def quantize(w: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme) -> Tensor:
     """Codes (N, K_padded) uint8 in [0, 2^b - 1] for weight w (N, K) with qparams (N, G)."""
     n, k = w.shape
