@@ -69,8 +69,10 @@ def quantize(model: nn.Module, method: str = "rtn", tokenizer=None, calibration:
                 raise SlimError(f"{method} needs calibration data: pass tokenizer= (to read calib='{config.calib}') "
                                 "or calibration= token ids")
             calibration = load_tokens(config.calib, tokenizer)
+        context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        seq_len = min(config.seq_len, context) if context else config.seq_len  # never past the model's context
         samples = calibration if calibration.dim() == 2 else sample_windows(
-            calibration, config.n_samples, config.seq_len, config.seed)
+            calibration, config.n_samples, seq_len, config.seed)
         m.apply(model, config, samples, on_block)
     else:
         m.apply(model, config)
@@ -125,20 +127,27 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
 def compress(model: str | os.PathLike = "demo", variants: tuple[str, ...] | None = None, data: str | os.PathLike = "demo",
              out: str | os.PathLike | None = None, overwrite: bool = False, run_bench: bool = True,
              bench_settings: dict | None = None,
-             max_tokens: int | None = None, max_length: int | None = None, progress: Progress | None = None):
+             max_tokens: int | None = None, max_length: int | None = None, progress: Progress | None = None,
+             calib: str | os.PathLike = "demo"):
     """The main job: build each variant of `model`, save and reload it, measure it, return the Report.
 
     Every variant is written to disk and measured as reloaded (so the report describes the files a
     user would ship); with `out`, the variants and report.md/json are kept under that folder.
+    Calibrated variants (gptq-*) draw their calibration windows from `calib`; keep it disjoint from
+    `data` (e.g. `file.txt@0:200` and `file.txt@200:`).
     """
     from slimlm.core.data import load_tokens
     from slimlm.core.model_io import atomic_folder, check_output_path
     from slimlm.eval.report import Report
     from slimlm.eval.speed import BenchSettings
-    from slimlm.presets import DEFAULT_VARIANTS, describe, preset
+    from slimlm.presets import CALIBRATED, DEFAULT_VARIANTS, describe, preset
 
     variants = tuple(variants or DEFAULT_VARIANTS)
     recipes = {name: preset(name) for name in variants}
+    for recipe in recipes.values():
+        for step in recipe:
+            if step["method"] in CALIBRATED:
+                step["calib"] = str(calib)
     settings = BenchSettings(**(bench_settings or {})) if run_bench else None
     if out is not None:
         check_output_path(out, overwrite)
@@ -153,7 +162,8 @@ def compress(model: str | os.PathLike = "demo", variants: tuple[str, ...] | None
         for name, recipe in recipes.items():
             progress(f"{name}: compress", 0, 1)
             variant, _ = load(model, dtype=torch.float32)  # a fresh copy from disk (mmap'd), not a deepcopy
-            variant = apply_recipe(variant, recipe)
+            variant = apply_recipe(variant, recipe, tokenizer,
+                                   on_block=lambda d, t, name=name: progress(f"{name}: calibrate", d, t))
             folder = save(variant, root / name, tokenizer)
             reloaded, _ = load(folder)
             diff = _roundtrip_diff(variant, reloaded, ids)

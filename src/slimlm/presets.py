@@ -20,7 +20,10 @@ PRESETS: dict[str, Recipe] = {
     "int4-g128": [{"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False}],
     "int3": [{"method": "rtn", "bits": 3, "group_size": 32, "symmetric": False}],
     "int2": [{"method": "rtn", "bits": 2, "group_size": 32, "symmetric": False}],
+    "gptq-int4": [{"method": "gptq", "bits": 4, "group_size": 32, "symmetric": False}],
+    "gptq-int3": [{"method": "gptq", "bits": 3, "group_size": 32, "symmetric": False}],
 }
+CALIBRATED = {"gptq"}
 DEFAULT_VARIANTS = ("fp32", "bf16", "int8", "int4")
 
 

@@ -92,3 +92,14 @@ def test_bad_flag_type_is_an_argparse_error(capsys):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "slimlm", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "compress" in out.stdout
+
+
+def test_compress_with_a_gptq_variant(tiny_folder, tmp_path, capsys):
+    docs = "\n<|endoftext|>\n".join(f"story {i}: once upon a time a fox counted {i} stars" for i in range(60))
+    (tmp_path / "data.txt").write_text(docs)
+    code, out, err = run_cli(capsys, "compress", "--model", tiny_folder("llama"), "--variants", "fp32,int4,gptq-int4",
+                             "--data", f"{tmp_path}/data.txt@30:", "--calib", f"{tmp_path}/data.txt@:30",
+                             "--window", 64, "--no-bench", "--json")
+    assert code == 0, err
+    fp32, rtn, gptq = json.loads(out)["variants"]
+    assert gptq["description"] == "gptq int4 g32 asym" and gptq["quality"]["kl"] > 0

@@ -10,8 +10,9 @@ from slimlm.commands._common import int_list, print_json, print_table, progress_
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="Hugging Face model folder, or 'demo' (default)")
     p.add_argument("--variants", default=None,
-                   help="comma-separated presets (default fp32,bf16,int8,int4; also fp16,int4-g128,int3,int2)")
+                   help="comma-separated presets (default fp32,bf16,int8,int4; also fp16,int4-g128,int3,int2,gptq-int4,gptq-int3)")
     p.add_argument("--data", default="demo", help="evaluation text: .txt, .jsonl, or 'demo' (the built-in held-out corpus)")
+    p.add_argument("--calib", default="demo", help="calibration text for gptq-* variants (file.txt@0:200 takes documents 0-199)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")
     p.add_argument("--window", type=int, default=None, help="perplexity window length (default min(context, 512))")
     p.add_argument("-o", "--out", default=None, help="keep the variants and report.md/json/png in this folder")
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar(not args.json) as update:
         report = compress(args.model, variants, data=args.data, out=args.out, overwrite=args.overwrite,
                           run_bench=not args.no_bench, bench_settings=bench, max_tokens=args.max_tokens,
-                          max_length=args.window, progress=update)
+                          max_length=args.window, progress=update, calib=args.calib)
     if args.json:
         print_json(report.to_dict())
         return 0
