@@ -106,3 +106,13 @@ def test_documents_start_with_bos():
 def test_demo_corpus_is_there():
     docs = read_documents("demo")
     assert len(docs) > 10 and sum(map(len, docs)) > 20_000
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_nan_weights_are_refused_before_quantizing(method):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 3] = float("nan")
+    extra = {"calibration": torch.arange(300) % 200, "n_samples": 2, "seq_len": 16} if method == "gptq" else {}
+    with pytest.raises(SlimError, match="layers.1.mlp.down_proj' has NaN"):
+        slimlm.quantize(model, method, bits=4, group_size=32, **extra)

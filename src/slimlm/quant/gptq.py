@@ -14,7 +14,7 @@ from slimlm.core.targeting import is_conv1d, select_linear
 from slimlm.quant.calibration import CalibrationFields
 from slimlm.quant.gptq_solver import gptq_quantize
 from slimlm.quant.hessian import accumulate_hessian
-from slimlm.quant.linear import QuantizedLinear
+from slimlm.quant.linear import QuantizedLinear, check_finite_weight
 from slimlm.quant.methods import METHODS, Method
 from slimlm.quant.rtn import RTNConfig
 
@@ -60,6 +60,7 @@ class GPTQStep:
 
     def compress(self, name: str, module: nn.Module) -> QuantizedLinear:
         h, _ = self.stats.pop(name)
+        check_finite_weight(name, module.weight)
         c = self.config
         codes, scale, zero = gptq_quantize(layer_weight(module).cpu(), h.cpu(), c.scheme, c.block_size, c.damp, c.act_order,
                                           c.clip_search)

@@ -14,10 +14,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimlm.core.errors import SlimError
 from slimlm.core.model_io import COMPRESSED_MODULES
 from slimlm.core.targeting import is_conv1d
 from slimlm.quant import primitives as P
 from slimlm.quant.scheme import QuantScheme
+
+
+def check_finite_weight(name: str, weight: Tensor) -> None:
+    """Refuse to quantize NaN/inf weights: they would poison every scale of their group."""
+    if not torch.isfinite(weight).all():
+        raise SlimError(f"layer '{name}' has NaN or infinite weights; the checkpoint is corrupt, restore it")
 
 
 class QuantizedLinear(nn.Module):

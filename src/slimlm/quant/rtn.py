@@ -12,7 +12,7 @@ from torch import nn
 
 from slimlm.core.config import check
 from slimlm.core.targeting import replace_module_, select_linear
-from slimlm.quant.linear import QuantizedLinear
+from slimlm.quant.linear import QuantizedLinear, check_finite_weight
 from slimlm.quant.methods import METHODS, Method
 from slimlm.quant.scheme import QuantScheme
 
@@ -44,6 +44,7 @@ class RTNConfig(QuantScheme):
 def rtn_quantize_(model: nn.Module, config: RTNConfig) -> nn.Module:
     """Quantize the selected linear layers of `model` in place; returns the model."""
     for name, module in select_linear(model, config.include, config.exclude).items():
+        check_finite_weight(name, module.weight)
         replace_module_(model, name, QuantizedLinear.from_float(module, config.scheme))
     return model
 
