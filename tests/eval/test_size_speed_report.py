@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 import slimlm
 from slimlm.core.errors import SlimError

@@ -7,7 +7,6 @@ whether both models rank the same token first.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
