@@ -157,16 +157,22 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    except (json.JSONDecodeError, KeyError, AttributeError):
+        raise SlimError(f"{index} is not a valid safetensors index; re-save the model") from None
     state: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
     for name in files:
         try:
             state.update(load_file(path / name))
+            aliases.update(_read_aliases(path / name))
         except Exception as e:  # SafetensorError / OSError: corrupt, truncated or missing shard
             raise SlimError(f"weights file {path / name} is corrupt or missing ({_first_line(e)}); re-save the model") from None
-        aliases = _read_aliases(path / name)
-        for alias, target in aliases.items():
-            state.setdefault(alias, state[target]) if target in state else None
+    for alias, target in aliases.items():  # tied tensors were stored once; a target may sit in any shard
+        if target not in state:
+            raise SlimError(f"weights in {path} name '{alias}' as a copy of missing '{target}'; the folder is corrupt")
+        state.setdefault(alias, state[target])
     return state
 
 
