@@ -1,4 +1,4 @@
-"""Quality of weight quantization methods on one model: RTN vs GPTQ at int4/int3.
+"""Quality of weight quantization methods on one model: RTN vs GPTQ vs AWQ at int4/int3.
 
     python benchmarks/quantization_quality.py --model demo
     python benchmarks/quantization_quality.py --model ../shared/eval-data/hf/stories260K \\
@@ -26,12 +26,15 @@ VARIANTS = [
     ("rtn int4 g32", "rtn", dict(bits=4, group_size=32)),
     ("gptq int4 g32 plain", "gptq", dict(bits=4, group_size=32, **PLAIN)),
     ("gptq int4 g32", "gptq", dict(bits=4, group_size=32)),
+    ("awq int4 g32", "awq", dict(bits=4, group_size=32)),
     ("rtn int4 per-channel", "rtn", dict(bits=4, group_size=None)),
     ("gptq int4 per-channel plain", "gptq", dict(bits=4, group_size=None, **PLAIN)),
     ("gptq int4 per-channel", "gptq", dict(bits=4, group_size=None)),
+    ("awq int4 per-channel", "awq", dict(bits=4, group_size=None)),
     ("rtn int3 g32", "rtn", dict(bits=3, group_size=32)),
     ("gptq int3 g32 plain", "gptq", dict(bits=3, group_size=32, **PLAIN)),
     ("gptq int3 g32", "gptq", dict(bits=3, group_size=32)),
+    ("awq int3 g32", "awq", dict(bits=3, group_size=32)),
 ]
 
 
@@ -66,7 +69,9 @@ def main() -> None:
         if args.only and not any(s in name for s in args.only.split(",")):
             continue
         model, _ = slimlm.load(args.model, dtype="float32")
-        extra = dict(calibration=calib, n_samples=args.n_samples, seq_len=args.seq_len, damp=args.damp) if method != "rtn" else {}
+        extra = dict(calibration=calib, n_samples=args.n_samples, seq_len=args.seq_len) if method != "rtn" else {}
+        if method == "gptq":
+            extra["damp"] = args.damp
         with PeakMemory() as mem:
             t0 = time.perf_counter()
             slimlm.quantize(model, method, **settings, **extra)

@@ -21,6 +21,7 @@ Progress = Callable[[str, int, int], None]  # (task, done, total)
 def load(path: str | os.PathLike = "demo", dtype: torch.dtype | str | None = None, device: str = "cpu"):
     """Load `(model, tokenizer)` from 'demo' or a local Hugging Face folder (compressed or not)."""
     import slimlm.quant.linear  # noqa: F401  (registers the compressed layer kinds the loader builds)
+    import slimlm.quant.w8a8  # noqa: F401
     from slimlm.core.model_io import load_model
 
     if isinstance(dtype, str):

@@ -22,8 +22,11 @@ PRESETS: dict[str, Recipe] = {
     "int2": [{"method": "rtn", "bits": 2, "group_size": 32, "symmetric": False}],
     "gptq-int4": [{"method": "gptq", "bits": 4, "group_size": 32, "symmetric": False}],
     "gptq-int3": [{"method": "gptq", "bits": 3, "group_size": 32, "symmetric": False}],
+    "awq-int4": [{"method": "awq", "bits": 4, "group_size": 32, "symmetric": False}],
+    "awq-int3": [{"method": "awq", "bits": 3, "group_size": 32, "symmetric": False}],
+    "w8a8": [{"method": "smoothquant", "alpha": 0.5}],
 }
-CALIBRATED = {"gptq"}
+CALIBRATED = {"gptq", "awq", "smoothquant"}
 DEFAULT_VARIANTS = ("fp32", "bf16", "int8", "int4")
 
 
@@ -39,6 +42,8 @@ def describe(recipe: Recipe) -> str:
     for step in recipe:
         if step["method"] == "cast":
             parts.append(step.get("dtype", "bfloat16"))
+        elif step["method"] == "smoothquant":
+            parts.append(f"smoothquant w8a8 α={step.get('alpha', 0.5)}")
         elif "bits" in step:
             group = f"g{step['group_size']}" if step.get("group_size") else "per-channel"
             sym = "sym" if step.get("symmetric") else "asym"

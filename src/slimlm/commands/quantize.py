@@ -20,13 +20,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="for -m cast: float16 or bfloat16")
     p.add_argument("--include", action="append", default=None, help="name glob of layers to quantize (repeatable)")
     p.add_argument("--exclude", action="append", default=None, help="name glob of layers to leave alone (repeatable)")
-    cal = p.add_argument_group("calibrated methods (gptq)")
+    cal = p.add_argument_group("calibrated methods (gptq, awq, smoothquant)")
     cal.add_argument("--calib", default=None, help="calibration text: .txt/.jsonl or 'demo'; file.txt@0:500 takes documents 0-499")
     cal.add_argument("--n-samples", type=int, default=None, help="calibration windows (default 128)")
     cal.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
     cal.add_argument("--damp", type=float, default=None, help="GPTQ dampening, fraction of mean(diag H) (default 0.01)")
     cal.add_argument("--act-order", action="store_true", default=None, help="GPTQ: quantize columns by decreasing H_ii")
     cal.add_argument("--block-size", type=int, default=None, help="GPTQ lazy-update block (default 128)")
+    cal.add_argument("--grid", type=int, default=None, help="AWQ: exponents tried in the scale search (default 20)")
+    cal.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength in [0, 1] (default 0.5)")
+    cal.add_argument("--no-clip", dest="clip", action="store_false", default=None, help="AWQ: skip the clipping search")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the layers it targets, then stop")
     p.add_argument("--data", default="demo", help="text for the saved report: .txt, .jsonl or 'demo'")
     p.add_argument("--eval-tokens", type=int, default=2048, help="tokens the report evaluates (0: no report)")
@@ -41,8 +44,9 @@ def recipe_from_args(args: argparse.Namespace) -> list[dict]:
         return load_recipe(args.recipe)
     if args.method == "cast":
         return [{"method": "cast", "dtype": args.dtype or "bfloat16"}]
-    step = {"method": args.method, "bits": args.bits, "group_size": args.group_size}
-    optional = ("symmetric", "include", "exclude", "calib", "n_samples", "seq_len", "damp", "act_order", "block_size")
+    step = {"method": args.method} if args.method == "smoothquant" else \
+        {"method": args.method, "bits": args.bits, "group_size": args.group_size}
+    optional = ("symmetric", "include", "exclude", "calib", "n_samples", "seq_len", "damp", "act_order", "block_size", "grid", "clip", "alpha")
     for key in optional:
         if getattr(args, key) is not None:
             step[key] = getattr(args, key)

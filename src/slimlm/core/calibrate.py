@@ -89,7 +89,12 @@ def _hidden(output: Any) -> Tensor:
 
 
 class CalibratedStep(Protocol):
-    """What the driver needs from a calibrated method (GPTQ, AWQ, SparseGPT, Wanda, ...)."""
+    """What the driver needs from a calibrated method (GPTQ, AWQ, SparseGPT, Wanda, ...).
+
+    A step may also define `begin_block(block, prefix, names, inputs)`, called before the block's
+    layers are observed, for work on the whole block (AWQ and SmoothQuant search per-channel scales
+    and fold them into the layers there); `inputs` is the list of (args, kwargs) the block receives.
+    """
 
     def observe(self, name: str, module: nn.Module, inputs: Tensor) -> None: ...
 
@@ -112,6 +117,9 @@ def run_blockwise(
         block_prefix = f"{prefix}.{index}."
         local = {name: m for name, m in targets.items() if name.startswith(block_prefix)}
         if local:
+            begin = getattr(step, "begin_block", None)
+            if begin is not None:
+                begin(block, block_prefix, list(local), inputs)
             handles = [
                 module.register_forward_hook(lambda m, args, out, name=name: step.observe(name, m, args[0]))
                 for name, module in local.items()

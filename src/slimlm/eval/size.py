@@ -7,7 +7,11 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from slimlm.core.targeting import is_linear, output_head_name
-from slimlm.quant.linear import QuantizedLinear
+
+
+def _compressed(module: nn.Module) -> bool:
+    """A compressed linear layer (QuantizedLinear, W8A8Linear, ...): it knows its own size and scheme."""
+    return hasattr(module, "slimlm_kind")
 
 
 def _persistent_tensors(model: nn.Module):
@@ -26,7 +30,7 @@ def parameter_count(model: nn.Module) -> int:
     total = 0
     seen = set()
     for module in model.modules():
-        if isinstance(module, QuantizedLinear):
+        if _compressed(module):
             total += module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
         else:
             for p in module.parameters(recurse=False):
@@ -60,7 +64,7 @@ def measure_size(model: nn.Module) -> SizeResult:
     for name, module in model.named_modules():
         if name == head:
             continue
-        if isinstance(module, QuantizedLinear):
+        if _compressed(module):
             lin_bits += 8 * module.storage_bytes()
             lin_count += module.in_features * module.out_features
         elif is_linear(module):
@@ -73,7 +77,7 @@ def describe_layers(model: nn.Module) -> list[dict]:
     """One row per linear layer: name, shape, scheme, bytes (what `slimlm inspect` prints)."""
     rows = []
     for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear):
+        if _compressed(module):
             rows.append(dict(name=name, shape=[module.out_features, module.in_features], scheme=module.scheme.label(),
                              bytes=module.storage_bytes(), kernel=module.kernel))
         elif is_linear(module) and name:

@@ -29,18 +29,16 @@ def cast_(model: nn.Module, config: CastConfig) -> nn.Module:
     transformers keeps them when it loads a 16-bit checkpoint, so a cast model and the same model
     saved and reloaded compute identically. Quantized layers keep their codes and scales.
     """
-    from slimlm.quant.linear import QuantizedLinear
-
     dtype = FLOAT_DTYPES[config.dtype]
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
         for name, b in module.named_buffers(recurse=False):
-            keep = name in module._non_persistent_buffers_set or (isinstance(module, QuantizedLinear) and name == "scale")
+            keep = name in module._non_persistent_buffers_set or (hasattr(module, "slimlm_kind") and name == "scale")
             if b.is_floating_point() and not keep:
                 setattr(module, name, b.to(dtype))
-        if isinstance(module, QuantizedLinear):
+        if hasattr(module, "slimlm_kind"):  # a compressed layer: codes and scales keep their precision
             module.compute_dtype = dtype
             module.set_kernel_(module.kernel_name)
     if hasattr(model, "config"):

@@ -26,6 +26,6 @@ METHODS: Registry[Method] = Registry("quantization method")
 
 
 def get_method(name: str) -> Method:
-    from slimlm.quant import cast, gptq, rtn  # noqa: F401  (built-in methods register on import)
+    from slimlm.quant import awq, cast, gptq, rtn, smoothquant  # noqa: F401  (built-in methods register on import)
 
     return METHODS.get(name)

@@ -37,8 +37,7 @@ class RTNConfig(QuantScheme):
 
     @property
     def scheme(self) -> QuantScheme:
-        return QuantScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                           scale_dtype=self.scale_dtype)
+        return QuantScheme(**{name: getattr(self, name) for name in QuantScheme.field_names()})
 
 
 def rtn_quantize_(model: nn.Module, config: RTNConfig) -> nn.Module:
