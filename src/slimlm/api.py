@@ -5,6 +5,7 @@ Each resolves names to configs and calls the packages below; none of them parses
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -15,12 +16,15 @@ from torch import nn
 
 from slimlm.core.errors import SlimError
 
+log = logging.getLogger(__name__)
+
 Progress = Callable[[str, int, int], None]  # (task, done, total)
 
 
 def load(path: str | os.PathLike = "demo", dtype: torch.dtype | str | None = None, device: str = "cpu"):
     """Load `(model, tokenizer)` from 'demo' or a local Hugging Face folder (compressed or not)."""
     import slimlm.quant.linear  # noqa: F401  (registers the compressed layer kinds the loader builds)
+    import slimlm.quant.compressed_tensors_io  # noqa: F401
     import slimlm.quant.w8a8  # noqa: F401
     from slimlm.core.model_io import load_model
 
@@ -33,13 +37,32 @@ def load(path: str | os.PathLike = "demo", dtype: torch.dtype | str | None = Non
     return load_model(path, dtype=dtype, device=device)
 
 
-def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False,
-         recipe: list[dict] | None = None, report: Any = None) -> Path:
-    """Save `model` as a Hugging Face folder at `path` (atomically), with its recipe and report."""
-    from slimlm.core.model_io import save_model
+SAVE_FORMATS = ("auto", "slimlm", "compressed-tensors")
 
+
+def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+         recipe: list[dict] | None = None, report: Any = None, format: str = "auto") -> Path:
+    """Save `model` as a Hugging Face folder at `path` (atomically), with its recipe and report.
+
+    format: 'compressed-tensors' (int4/int8 weight-only layers; plain transformers and vLLM load
+    the folder), 'slimlm' (every scheme; `slimlm.load` reads it), or 'auto': compressed-tensors
+    when the model's layers can be expressed in it, else slimlm's format."""
+    from slimlm.core.model_io import save_model
     from slimlm.core.recipe import dump_recipe
 
+    if format not in SAVE_FORMATS:
+        raise SlimError(f"unknown save format '{format}'; use one of {', '.join(SAVE_FORMATS)}")
+    exporter = None
+    if format != "slimlm":
+        from slimlm.quant import compressed_tensors_io as ct
+
+        reason = ct.export_reason(model)
+        if reason is None:
+            exporter = ct.to_compressed_tensors
+        elif format == "compressed-tensors":
+            raise SlimError(f"cannot save as compressed-tensors: {reason}; use format 'slimlm'")
+        elif "no quantized layers" not in reason:
+            log.info("saving in slimlm format: %s", reason)
     extra = {}
     recipe = recipe if recipe is not None else getattr(model, "slimlm_recipe", None)
     if recipe:
@@ -47,7 +70,7 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: b
     if report is not None:
         extra["report.md"] = report.to_markdown()
         extra["report.json"] = report.to_json() + "\n"
-    return save_model(model, path, tokenizer, extra_files=extra, overwrite=overwrite)
+    return save_model(model, path, tokenizer, extra_files=extra, overwrite=overwrite, exporter=exporter)
 
 
 def quantize(model: nn.Module, method: str = "rtn", tokenizer=None, calibration: torch.Tensor | None = None,

@@ -40,6 +40,11 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 # `slimlm_kind` and a `slimlm_spec()` dict that its builder reads back.
 COMPRESSED_MODULES: Registry[Callable[[dict[str, Any], nn.Module], nn.Module]] = Registry("compressed layer kind")
 
+# Other tools' quantized formats slimlm reads itself: `quant_method` -> loader(path, raw config,
+# quantization_config, dtype) returning the model (slimlm.quant.compressed_tensors_io registers
+# "compressed-tensors").
+FOREIGN_FORMATS: Registry[Callable[..., nn.Module]] = Registry("checkpoint format")
+
 
 def demo_path() -> Path:
     return Path(str(resources.files("slimlm") / "assets" / "demo"))
@@ -122,8 +127,14 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     if dtype is None and device == "cpu" and raw.get("dtype", raw.get("torch_dtype")) == "float16":
         dtype = torch.float32  # fp16 matmuls on CPU are slow and lossy; bf16 and fp32 load as stored
     qblock = raw.get("quantization_config")
-    if isinstance(qblock, dict) and qblock.get("quant_method") == FORMAT:
+    method = qblock.get("quant_method") if isinstance(qblock, dict) else None
+    if method == FORMAT:
         model = _load_compressed(path, raw, qblock, dtype)
+    elif method in FOREIGN_FORMATS:
+        _causal_lm_config(path, raw)
+        model = FOREIGN_FORMATS.get(method)(path, raw, qblock, dtype)
+        if dtype is not None:
+            model.to(dtype)
     else:
         model = _load_plain(path, raw, dtype)
     model.eval()
@@ -314,12 +325,17 @@ def save_model(
     extra_files: dict[str, str] | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    exporter: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write `model` (and tokenizer and extra text files) as an HF folder at `path`, atomically."""
+    """Write `model` (and tokenizer and extra text files) as an HF folder at `path`, atomically.
+
+    `exporter(model, state)` writes another tool's format: it rewrites the state dict in place and
+    returns the config.json `quantization_config` (default: slimlm's own format)."""
     with atomic_folder(path, overwrite) as tmp:
         config = model.config.to_dict()
-        config["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
-        block = compression_block(model)
+        config["dtype"] = str(float_dtype(model)).removeprefix("torch.")
+        state, aliases = _dedup_state(model)
+        block = exporter(model, state) if exporter else compression_block(model)
         if block is not None:
             config["quantization_config"] = block
         else:
@@ -328,7 +344,6 @@ def save_model(
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
-        state, aliases = _dedup_state(model)
         _write_safetensors(state, aliases, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -337,7 +352,8 @@ def save_model(
     return Path(path)
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype:
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (what config.json records)."""
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype
