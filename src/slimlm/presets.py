@@ -20,6 +20,8 @@ PRESETS: dict[str, Recipe] = {
     "int4-g128": [{"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False}],
     "int3": [{"method": "rtn", "bits": 3, "group_size": 32, "symmetric": False}],
     "int2": [{"method": "rtn", "bits": 2, "group_size": 32, "symmetric": False}],
+    "log4": [{"method": "rtn", "format": "log", "bits": 4, "group_size": 32, "symmetric": True}],
+    "fp8": [{"method": "rtn", "format": "fp8", "bits": 8, "group_size": None, "symmetric": True}],
     "gptq-int4": [{"method": "gptq", "bits": 4, "group_size": 32, "symmetric": False}],
     "gptq-int3": [{"method": "gptq", "bits": 3, "group_size": 32, "symmetric": False}],
     "awq-int4": [{"method": "awq", "bits": 4, "group_size": 32, "symmetric": False}],
@@ -47,7 +49,11 @@ def describe(recipe: Recipe) -> str:
         elif "bits" in step:
             group = f"g{step['group_size']}" if step.get("group_size") else "per-channel"
             sym = "sym" if step.get("symmetric") else "asym"
-            parts.append(f"{step['method']} int{step['bits']} {group} {sym}")
+            kind = step.get("format", "int")
+            code = f"int{step['bits']} {group} {sym}" if kind == "int" else \
+                f"{kind}{step['bits'] if kind == 'log' else ''} {group}"
+            overrides = f" ({len(step['overrides'])} overrides)" if step.get("overrides") else ""
+            parts.append(f"{step['method']} {code}{overrides}")
         else:
             settings = ", ".join(f"{k}={v}" for k, v in step.items() if k not in ("method", "version"))
             parts.append(f"{step['method']}({settings})")

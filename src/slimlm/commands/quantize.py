@@ -17,6 +17,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None)
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
+    p.add_argument("--format", dest="number_format", default=None, choices=("int", "log", "fp8"),
+                   help="code format: int (default), log (powers of two; bits 4/3/2) or fp8 (e4m3; bits 8); log/fp8 are symmetric")
+    p.add_argument("--override", action="append", default=None, metavar="GLOB=SETTINGS",
+                   help="per-layer scheme, repeatable, first match wins: '*.self_attn.*=bits:8,group_size:none' "
+                        "or 'model.layers.0.*=skip'")
+    p.add_argument("--save-format", default="auto", choices=("auto", "slimlm", "compressed-tensors"),
+                   help="checkpoint format (auto: compressed-tensors when it can express the model)")
     p.add_argument("--dtype", default=None, help="for -m cast: float16 or bfloat16")
     p.add_argument("--include", action="append", default=None, help="name glob of layers to quantize (repeatable)")
     p.add_argument("--exclude", action="append", default=None, help="name glob of layers to leave alone (repeatable)")
@@ -37,6 +44,27 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
+def parse_override(text: str) -> tuple[str, object]:
+    """'GLOB=skip' or 'GLOB=key:value,key:value' (values parsed as YAML scalars: 8, none, true)."""
+    import yaml
+
+    from slimlm.core.errors import SlimError
+
+    glob, sep, spec = text.partition("=")
+    if not sep or not glob or not spec:
+        raise SlimError(f"--override '{text}' must look like 'GLOB=skip' or 'GLOB=bits:8,group_size:none'")
+    if spec.strip() == "skip":
+        return glob, "skip"
+    settings = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition(":")
+        if not sep:
+            raise SlimError(f"--override '{text}': '{item}' must look like key:value, e.g. bits:8")
+        value = value.strip()
+        settings[key.strip()] = None if value.lower() in ("none", "null", "channel") else yaml.safe_load(value)
+    return glob, settings
+
+
 def recipe_from_args(args: argparse.Namespace) -> list[dict]:
     if args.recipe:
         from slimlm.core.recipe import load_recipe
@@ -46,6 +74,12 @@ def recipe_from_args(args: argparse.Namespace) -> list[dict]:
         return [{"method": "cast", "dtype": args.dtype or "bfloat16"}]
     step = {"method": args.method} if args.method == "smoothquant" else \
         {"method": args.method, "bits": args.bits, "group_size": args.group_size}
+    if args.number_format:
+        step["format"] = args.number_format
+        if args.number_format != "int" and args.symmetric is None:
+            step["symmetric"] = True  # the log and fp8 codes carry their own sign
+    if args.override:
+        step["overrides"] = dict(parse_override(text) for text in args.override)
     optional = ("symmetric", "include", "exclude", "calib", "n_samples", "seq_len", "damp", "act_order", "block_size", "grid", "clip", "alpha")
     for key in optional:
         if getattr(args, key) is not None:
@@ -100,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             report.variants.append(measure_variant(original, "original", "as loaded", ids, original, progress=update))
             report.variants.append(measure_variant(model, "quantized", describe(model.slimlm_recipe), ids, original,
                                                    progress=update))
-    save(model, args.out, tokenizer, report=report)  # records the resolved recipe (every setting)
+    save(model, args.out, tokenizer, report=report, format=args.save_format)  # records the resolved recipe (every setting)
     if args.json:
         print_json({"out": args.out, "recipe": recipe, "report": report.to_dict() if report else None})
     elif report:

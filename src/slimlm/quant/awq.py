@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from slimlm.core.calibrate import run_blockwise
 from slimlm.core.config import check
-from slimlm.core.targeting import select_linear
 from slimlm.quant import primitives as P
 from slimlm.quant.awq_math import search_clip, search_scales
 from slimlm.quant.calibration import CalibrationFields
@@ -119,7 +118,8 @@ class AWQStep:
                 check_finite_weight(n, m.weight)
             weights = [layer_weight(m).cpu() for m in layers]
             sample = samples.pop(g.producer)
-            s, error, rtn_error, alpha = search_scales(sample.tokens(), weights, sample.mean_abs(), c.scheme, c.grid, c.duo_scaling)
+            scheme = c.scheme_for(g.layers[0])  # layers sharing an input share a scheme in any sane override
+            s, error, rtn_error, alpha = search_scales(sample.tokens(), weights, sample.mean_abs(), scheme, c.grid, c.duo_scaling)
             fold_scales_(modules[g.producer], layers, s.to(layers[0].weight.device))
             self.summary.append({"producer": g.producer, "layers": g.layers, "alpha": alpha,
                                  "error": error, "rtn_error": rtn_error})
@@ -134,20 +134,20 @@ class AWQStep:
 
     def compress(self, name: str, module: nn.Module) -> QuantizedLinear:
         c = self.config
+        scheme = c.scheme_for(name)
         check_finite_weight(name, module.weight)
         w = layer_weight(module).float().cpu()  # (N, K), already scaled
         sample = self.clip_samples.pop(name, None)
         if sample is not None:
-            scale, zero = search_clip(w, sample.tokens(), c.scheme, c.clip_grid, c.max_shrink)
+            scale, zero = search_clip(w, sample.tokens(), scheme, c.clip_grid, c.max_shrink)
         else:
-            scale, zero = P.compute_qparams(w, c.scheme)
-        return QuantizedLinear.from_codes(P.quantize(w, scale, zero, c.scheme), scale, zero, module, c.scheme)
+            scale, zero = P.compute_qparams(w, scheme)
+        return QuantizedLinear.from_codes(P.quantize(w, scale, zero, scheme), scale, zero, module, scheme)
 
 
 def awq_quantize_(model: nn.Module, config: AWQConfig, samples: Tensor, on_block=None) -> nn.Module:
     """Quantize the selected linear layers with AWQ using calibration samples (n, T); in place."""
-    targets = select_linear(model, config.include, config.exclude)
-    return run_blockwise(model, samples, targets, AWQStep(config), config.batch_size, on_block)
+    return run_blockwise(model, samples, config.targets(model), AWQStep(config), config.batch_size, on_block)
 
 
 METHODS.register("awq")(Method(AWQConfig, awq_quantize_, calibrated=True))

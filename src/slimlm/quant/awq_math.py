@@ -91,7 +91,7 @@ def search_clip(
     for i in range(grid + 1):
         factor = 1.0 - max_shrink * i / grid
         scale, zero = P.compute_qparams(w * factor, scheme)
-        diff = (wp - P.dequantize(P.quantize(wp, scale, zero, scheme), scale, zero, kp)).view(n, -1, g)  # (N, G, g)
+        diff = (wp - P.dequantize(P.quantize(wp, scale, zero, scheme), scale, zero, kp, scheme=scheme)).view(n, -1, g)  # (N, G, g)
         err = torch.cat([
             torch.einsum("tgk,ngk->ngt", xg, diff[r : r + rows]).pow(2).mean(-1) for r in range(0, n, rows)
         ])  # (N, G)

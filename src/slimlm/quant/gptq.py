@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from slimlm.core.calibrate import run_blockwise
 from slimlm.core.config import check
-from slimlm.core.targeting import is_conv1d, select_linear
+from slimlm.core.targeting import is_conv1d
 from slimlm.quant.calibration import CalibrationFields
 from slimlm.quant.gptq_solver import gptq_quantize
 from slimlm.quant.hessian import accumulate_hessian
@@ -62,15 +62,15 @@ class GPTQStep:
         h, _ = self.stats.pop(name)
         check_finite_weight(name, module.weight)
         c = self.config
-        codes, scale, zero = gptq_quantize(layer_weight(module).cpu(), h.cpu(), c.scheme, c.block_size, c.damp, c.act_order,
+        scheme = c.scheme_for(name)
+        codes, scale, zero = gptq_quantize(layer_weight(module).cpu(), h.cpu(), scheme, c.block_size, c.damp, c.act_order,
                                           c.clip_search)
-        return QuantizedLinear.from_codes(codes, scale, zero, module, c.scheme)
+        return QuantizedLinear.from_codes(codes, scale, zero, module, scheme)
 
 
 def gptq_quantize_(model: nn.Module, config: GPTQConfig, samples: Tensor, on_block=None) -> nn.Module:
     """Quantize the selected linear layers with GPTQ using calibration samples (n, T); in place."""
-    targets = select_linear(model, config.include, config.exclude)
-    return run_blockwise(model, samples, targets, GPTQStep(config), config.batch_size, on_block)
+    return run_blockwise(model, samples, config.targets(model), GPTQStep(config), config.batch_size, on_block)
 
 
 METHODS.register("gptq")(Method(GPTQConfig, gptq_quantize_, calibrated=True))

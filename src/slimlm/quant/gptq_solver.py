@@ -14,6 +14,8 @@ updated so far, when the solver reaches the group (the block size is rounded to 
 group size so a group never straddles a block). With act-order the groups' parameters are fixed up
 front from the original weights ("static groups"), so the saved codes are in the original column
 order with contiguous groups and need no reordering or group index at run time.
+Every format of `QuantScheme` works: a column is quantized to the nearest level of its group's
+scale (uniform integers, or the log/fp8 codebook), by the same `primitives.encode` as RTN.
 Oracle: with H = I no error is propagated and the result equals round-to-nearest.
 """
 
@@ -26,10 +28,10 @@ from slimlm.quant import primitives as P
 from slimlm.quant.scheme import QuantScheme
 
 
-def _quantize_column(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Codes (N,) and dequantized values (N,) of one column w (N,) with per-row scale/zero (N,)."""
-    codes = torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
-    return codes, (codes - zero) * scale
+def _quantize_column(w: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
+    """Codes (N,) uint8 and dequantized values (N,) of one column w (N,) with per-row scale/zero (N,)."""
+    codes = P.encode(w / scale, zero, scheme)
+    return codes, P.decode(codes, zero, scheme) * scale
 
 
 def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
@@ -66,7 +68,7 @@ def gptq_quantize(
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
     hinv = inverse_hessian_factor(h, damp)  # (K, K) upper triangular
-    codes = torch.empty(n, k, dtype=torch.float32)
+    codes = torch.empty(n, k, dtype=torch.uint8)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].clone()  # (N, B), updated in place as columns are quantized
@@ -79,7 +81,7 @@ def gptq_quantize(
                 s, z = qparams(w1[:, i : i + g], scheme)  # (N, 1): the group as updated so far
                 scale[:, group], zero[:, group] = s[:, 0], z[:, 0]
             s, z = scale[:, group].float(), zero[:, group].float()
-            c, q = _quantize_column(w1[:, i], s, z, scheme.bits)
+            c, q = _quantize_column(w1[:, i], s, z, scheme)
             codes[:, col] = c
             e = (w1[:, i] - q) / hinv1[i, i]  # (N,)
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
@@ -88,5 +90,6 @@ def gptq_quantize(
     codes = codes[:, torch.argsort(perm)]  # back to the original column order
     kp = P.padded_k(k, scheme)
     if kp > k:  # padded columns hold the code of 0 in the last group
-        codes = torch.cat([codes, zero[:, -1:].float().expand(n, kp - k)], 1)
-    return codes.to(torch.uint8), scale, zero
+        zero_codes = P.encode(torch.zeros(n, 1), zero[:, -1:], scheme)  # (N, 1)
+        codes = torch.cat([codes, zero_codes.expand(n, kp - k)], 1)
+    return codes, scale, zero

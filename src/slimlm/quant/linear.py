@@ -1,7 +1,9 @@
 """QuantizedLinear: a linear layer whose weight is stored as packed integer codes plus scales.
 
 The buffers are the portable layout saved to disk: `qweight` (packed codes, see
-`primitives.pack`), `scale` (N, G), `zero` (N, G) uint8 for asymmetric schemes, and `bias`.
+`primitives.pack`), `scale` (N, G), `zero` (N, G) uint8 for asymmetric schemes, and `bias`. The
+same layout holds every format of the scheme (int, log, fp8): the format only changes what a code
+means, which `primitives.dequantize` knows and the saved scheme records.
 Matmuls run through a kernel from the kernel registry, chosen on first use for the device and
 repacked once (kernel state is not part of the state dict). `dequantize()` is the oracle every
 kernel is tested against.
@@ -98,7 +100,8 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The weight (N, K) this layer represents: the oracle for every kernel."""
-        return P.dequantize(self.codes(), self.scale, self.zero_points(), self.in_features, dtype or self.compute_dtype)
+        return P.dequantize(self.codes(), self.scale, self.zero_points(), self.in_features, dtype or self.compute_dtype,
+                            self.scheme)
 
     def set_kernel_(self, name: str | None) -> "QuantizedLinear":
         """Force a kernel by registry name (None: automatic). Validated on the next forward."""

@@ -1,18 +1,42 @@
 """Pure quantization math: quantization parameters, quantize, dequantize, bit packing.
 
-Uniform affine quantization (e.g. Jacob et al., arXiv 1712.05877; the weight-only form used by
-GPTQ/AWQ/llama.cpp): a group of weights w shares a scale s and an integer zero point z and is
-stored as codes q = clamp(round(w / s) + z, 0, 2^b - 1), so that w ≈ (q - z) · s.
+A group of weights w shares a scale s; each weight is stored as a b-bit code q. How a code maps to
+a value is the scheme's format:
+
+"int", uniform affine quantization (e.g. Jacob et al., arXiv 1712.05877; the weight-only form used by
+GPTQ/AWQ/llama.cpp): with an integer zero point z, q = clamp(round(w / s) + z, 0, 2^b - 1), so that
+w ≈ (q - z) · s. Symmetric schemes fix z = 2^(b-1) and use s = max|w| / (2^(b-1) - 1); asymmetric
+schemes widen [min, max] to contain 0 and use s = (max - min) / (2^b - 1), z = round(-min / s).
+
+Codebook formats: w ≈ codebook[q] · s with a fixed table of 2^b values, s = max|w| / max|codebook|
+(a group's largest magnitude maps to the largest level) and q the nearest entry of w / s in the
+linear domain; at a tie, the entry with the even code (for fp8 that is IEEE round-half-to-even).
+Both are sign-magnitude: the top bit of q is the sign, the low b-1 bits a magnitude code that
+ascends with the magnitude.
+  - "log" (Miyashita et al., "Convolutional Neural Networks using Logarithmic Data
+    Representation", arXiv 1603.01025): magnitude code m = 0 is zero, m ≥ 1 is 2^(m - M) with
+    M = 2^(b-1) - 1, so log4 = {0, ±2^-6, ..., ±2^0}, log3 = {0, ±1/4, ±1/2, ±1} and log2 is
+    ternary {0, ±1}. Deviation: the paper rounds log2|w| (nearest level in the log domain); we take
+    the nearest level in the linear domain, which has the lower squared error (between levels a
+    and 2a the log-domain cut √2·a lies below the midpoint 1.5·a, so values between the two go to
+    the farther level).
+  - "fp8" (Micikevicius et al., "FP8 Formats for Deep Learning", arXiv 2209.05433): q is the raw
+    byte of a float8 e4m3 ("fn": no infinities, 0x7F/0xFF are NaN and never produced), so
+    s = max|w| / 448 and w / s rounds exactly as torch's cast to float8_e4m3fn does, saturating.
+    (float16 scales stop at 2^-14, so a group with max|w| < 0.027 uses only part of the e4m3
+    range; as e4m3's relative precision is the same across its normal range, only values below
+    2^-20 lose precision.)
+  The zero points returned for these formats are 2^(b-1) (the symmetric int convention); that code
+  is -0 in both, so it still decodes to 0, but quantize and dequantize ignore it.
 
 Layout: a weight is (N, K) = (out_features, in_features); groups run along K. When the group size
 does not divide K, the last group is padded with zeros (zeros never widen a range that already
-contains zero) and the padded columns are dropped on dequantization. Symmetric schemes fix
-z = 2^(b-1) and use s = max|w| / (2^(b-1) - 1); asymmetric schemes widen [min, max] to contain 0
-and use s = (max - min) / (2^b - 1), z = round(-min / s).
+contains zero) and the padded columns are dropped on dequantization.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,14 +62,75 @@ def pad_columns(w: Tensor, k_padded: int) -> Tensor:
     return F.pad(w, (0, k_padded - w.shape[1])) if k_padded != w.shape[1] else w
 
 
+def codebook(scheme: QuantScheme) -> Tensor:
+    """Value of every code of a codebook format in units of the scale, (2^b,) float32 (NaN for
+    codes that are not a number: 0x7F and 0xFF of e4m3). See the module docstring."""
+    if scheme.format == "fp8":
+        return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    if scheme.format == "log":
+        half = 2 ** (scheme.bits - 1)
+        m = torch.arange(half)  # magnitude codes; 0 is zero, half - 1 is 2^0
+        magnitude = torch.where(m > 0, torch.exp2((m - (half - 1)).float()), torch.zeros(half))
+        return torch.cat([magnitude, -magnitude])  # sign bit clear, then set
+    raise ValueError(f"format {scheme.format!r} has no codebook")
+
+
+def _levels(scheme: QuantScheme) -> tuple[Tensor, Tensor, Tensor]:
+    """The codebook's distinct values ascending (L,), the lowest code of each (L,) int64 (so 0 is
+    +0) and the midpoints between neighbours (L - 1,). Cached: GPTQ asks once per column."""
+    return _levels_of(scheme.format, scheme.bits)
+
+
+@functools.cache
+def _levels_of(format: str, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    values = codebook(QuantScheme(bits=bits, format=format, symmetric=True))
+    codes = torch.arange(values.numel())[~values.isnan()]
+    values = values[codes]
+    order = torch.argsort(values, stable=True)  # stable: of +0 and -0, code 0 comes first
+    values, codes = values[order], codes[order]
+    first = torch.ones_like(values, dtype=torch.bool)
+    first[1:] = values[1:] != values[:-1]
+    values, codes = values[first], codes[first]
+    return values, codes, (values[1:] + values[:-1]) / 2  # midpoints are exact in float32
+
+
+def max_level(scheme: QuantScheme) -> float:
+    """Largest magnitude a symmetric scheme represents, in units of the scale."""
+    if scheme.format == "int":
+        return float(2 ** (scheme.bits - 1) - 1)
+    return float(_levels(scheme)[0].abs().max())
+
+
+def encode(x: Tensor, zero: Tensor, scheme: QuantScheme) -> Tensor:
+    """Codes (uint8, x's shape) of values x already divided by their scale; zero broadcasts
+    against x (int format only)."""
+    if scheme.format == "int":
+        return (torch.round(x) + zero).clamp(0, 2**scheme.bits - 1).to(torch.uint8)
+    _, codes, mid = (t.to(x.device) for t in _levels(scheme))
+    below = torch.bucketize(x, mid)  # mid[i-1] < x <= mid[i]: the lower level at a tie
+    above = torch.bucketize(x, mid, right=True)  # differs from `below` only at a tie
+    index = torch.where((above != below) & (codes[above] % 2 == 0), above, below)
+    return codes[index].to(torch.uint8)
+
+
+def decode(codes: Tensor, zero: Tensor, scheme: QuantScheme | None) -> Tensor:
+    """Values (float32, codes' shape) in units of the scale; zero broadcasts (int format only).
+    scheme None: the codes are integers (all an int scheme's values depend on)."""
+    if scheme is None or scheme.format == "int":
+        return (codes.to(torch.int16) - zero.to(torch.int16)).float()  # exact
+    if scheme.format == "fp8":
+        return codes.to(torch.uint8).view(torch.float8_e4m3fn).float()  # = codebook[codes], without a gather
+    table = codebook(scheme).to(codes.device)
+    return table.index_select(0, codes.reshape(-1).int()).view(codes.shape)
+
+
 def compute_qparams(w: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
     """Scales (N, G) in the scheme's scale dtype and zero points (N, G) int32 for weight w (N, K)."""
     n, k = w.shape
     g = group_size_for(k, scheme)
     wg = pad_columns(w.float(), padded_k(k, scheme)).view(n, -1, g)  # (N, G, g)
     if scheme.symmetric:
-        qmax = 2 ** (scheme.bits - 1) - 1
-        scale = wg.abs().amax(-1) / qmax  # (N, G)
+        scale = wg.abs().amax(-1) / max_level(scheme)  # (N, G)
     else:
         lo = wg.amin(-1).clamp(max=0)
         hi = wg.amax(-1).clamp(min=0)
@@ -76,7 +161,7 @@ def search_qparams(w: Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: f
         factor = 1.0 - max_shrink * i / grid
         scale, zero = compute_qparams(w * factor, scheme)
         codes = quantize(wp, scale, zero, scheme)  # the unshrunk weights, clipped by the shrunk range
-        err = (dequantize(codes, scale, zero, kp) - wp).abs().pow(norm).view(n, -1, g).sum(-1)  # (N, G)
+        err = (dequantize(codes, scale, zero, kp, scheme=scheme) - wp).abs().pow(norm).view(n, -1, g).sum(-1)  # (N, G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -89,23 +174,26 @@ def quantize(w: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme) -> Ten
     n, k = w.shape
     g = group_size_for(k, scheme)
     wg = pad_columns(w.float(), padded_k(k, scheme)).view(n, -1, g)  # (N, G, g)
-    q = torch.round(wg / scale.float()[..., None]) + zero[..., None]
-    return q.clamp(0, 2**scheme.bits - 1).to(torch.uint8).view(n, -1)
+    return encode(wg / scale.float()[..., None], zero[..., None], scheme).view(n, -1)
 
 
-def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, k: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Weight (N, k) from codes (N, K_padded) and qparams (N, G)."""
+def dequantize(
+    codes: Tensor, scale: Tensor, zero: Tensor, k: int, dtype: torch.dtype = torch.float32,
+    scheme: QuantScheme | None = None,
+) -> Tensor:
+    """Weight (N, k) from codes (N, K_padded) and qparams (N, G). scheme: the codes' format; None
+    reads them as integers (enough for int schemes, whose values depend on the zero points only)."""
     n, kp = codes.shape
     g = kp // scale.shape[1]
-    centered = codes.view(n, -1, g).to(torch.int16) - zero[..., None].to(torch.int16)  # (N, G, g), exact
-    w = centered.float() * scale.float()[..., None]
+    values = decode(codes.view(n, -1, g), zero[..., None], scheme)  # (N, G, g)
+    w = values * scale.float()[..., None]
     return w.view(n, kp)[:, :k].to(dtype)
 
 
 def fake_quantize(w: Tensor, scheme: QuantScheme) -> Tensor:
     """Round-trip w through the scheme (quantize then dequantize), same shape and dtype."""
     scale, zero = compute_qparams(w, scheme)
-    return dequantize(quantize(w, scale, zero, scheme), scale, zero, w.shape[1], w.dtype)
+    return dequantize(quantize(w, scale, zero, scheme), scale, zero, w.shape[1], w.dtype, scheme)
 
 
 def pack(codes: Tensor, bits: int) -> Tensor:

@@ -1,4 +1,4 @@
-"""What a quantized weight looks like: bit width, grouping, symmetry, scale precision."""
+"""What a quantized weight looks like: number format, bit width, grouping, symmetry, scale precision."""
 
 from __future__ import annotations
 
@@ -11,16 +11,23 @@ from slimlm.core.config import Config, check
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 GROUP_SIZES = (32, 64, 128, 256)
 BITS = (8, 4, 3, 2)
+FORMATS = ("int", "log", "fp8")
+LOG_BITS = (4, 3, 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantScheme(Config):
-    """Linear (uniform) integer weight quantization of one layer.
+    """Weight quantization of one layer: every group of weights shares a scale s and each weight is
+    stored as a b-bit code q.
 
+    format: how a code maps to a value (see `primitives`):
+      "int": uniform integers, w = (q - z) * s (the default; fast kernels for 8 and 4 bits);
+      "log": powers of two, w = s * ±2^-e or 0 (arXiv 1603.01025); bits 4, 3 or 2, symmetric;
+      "fp8": the code is a float8 e4m3 byte, w = e4m3(q) * s (arXiv 2209.05433); bits 8, symmetric.
     bits: 8, 4, 3 or 2. group_size: number of consecutive input columns sharing a scale (32/64/128/256),
     or None for one scale per output channel. symmetric: zero point fixed at the middle of the
-    range (w = (q - 2^(b-1)) * s) instead of a per-group integer zero point (w = (q - z) * s).
-    scale_dtype: precision the scales are stored in.
+    range (w = (q - 2^(b-1)) * s) instead of a per-group integer zero point (w = (q - z) * s); the
+    log and fp8 formats are signed codes and need it. scale_dtype: precision the scales are stored in.
     """
 
     name = "quantization scheme"
@@ -28,6 +35,7 @@ class QuantScheme(Config):
     group_size: int | None = 128
     symmetric: bool = False
     scale_dtype: str = "float16"
+    format: str = "int"
 
     def __post_init__(self) -> None:
         check(
@@ -44,6 +52,15 @@ class QuantScheme(Config):
             self.scale_dtype in SCALE_DTYPES,
             f"scale dtype '{self.scale_dtype}' is not supported; use one of {', '.join(SCALE_DTYPES)}",
         )
+        check(self.format in FORMATS, f"format {self.format!r} is not supported; use one of {', '.join(FORMATS)}")
+        if self.format == "log":
+            check(self.bits in LOG_BITS,
+                  f"format 'log' supports bits {', '.join(map(str, LOG_BITS))}, not bits={self.bits}")
+            check(self.symmetric, "format 'log' stores a sign and an exponent, no zero point: set symmetric=true")
+        if self.format == "fp8":
+            check(self.bits == 8 and self.symmetric,
+                  f"format 'fp8' stores float8 e4m3 bytes: set bits=8 and symmetric=true (got bits={self.bits}, "
+                  f"symmetric={str(self.symmetric).lower()})")
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
@@ -51,4 +68,8 @@ class QuantScheme(Config):
 
     def label(self) -> str:
         group = f"g{self.group_size}" if self.group_size else "per-channel"
+        if self.format == "log":
+            return f"log{self.bits} {group}"
+        if self.format == "fp8":
+            return f"fp8 {group}"
         return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"

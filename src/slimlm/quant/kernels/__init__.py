@@ -13,15 +13,15 @@ from slimlm.core.errors import SlimError
 from slimlm.core.registry import Registry
 
 KERNELS: Registry = Registry("kernel")
-PRIORITY = ("cpu_int4", "cpu_int8", "reference")
+PRIORITY = ("cpu_int4", "cpu_int8", "cpu_fp8", "reference")
 
 
 def _register_builtin() -> None:
     if KERNELS.names():
         return
-    from slimlm.quant.kernels import cpu_int4, cpu_int8, reference
+    from slimlm.quant.kernels import cpu_fp8, cpu_int4, cpu_int8, reference
 
-    for module in (reference, cpu_int8, cpu_int4):
+    for module in (reference, cpu_int8, cpu_int4, cpu_fp8):
         KERNELS.register(module.KERNEL.name)(module.KERNEL)
 
 

@@ -30,6 +30,7 @@ class CpuInt4Kernel:
         g = group_size_for(layer.in_features, layer.scheme)
         return (
             device.type == "cpu"
+            and layer.scheme.format == "int"  # the op reads uniform integer codes only
             and layer.scheme.bits == 4
             and layer.out_features % 16 == 0
             and layer.in_features % g == 0

@@ -26,8 +26,8 @@ class CpuInt8Kernel:
     def supports(self, layer, device: torch.device) -> bool:
         per_channel = layer.scale.shape[1] == 1
         # K % 16: with bf16 activations the op crashes or returns garbage otherwise (torch 2.13)
-        return (device.type == "cpu" and layer.scheme.bits == 8 and per_channel and layer.in_features % 16 == 0
-                and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+        return (device.type == "cpu" and layer.scheme.format == "int" and layer.scheme.bits == 8 and per_channel
+                and layer.in_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
 
     def prepare(self, layer, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         if layer.qweight.data_ptr() % ALIGN:
