@@ -2,8 +2,9 @@
 
     python benchmarks/kernels.py [--n 2048 --k 2048 --m 1,8,128 --threads 2]
 
-Prints one row per (kernel, M): the dense fp32/bf16 matmul, and each QuantizedLinear kernel that
-supports the scheme, with the ratio to dense fp32 measured in the same run.
+Prints one row per (kernel, M): the dense fp32/bf16 matmul, each QuantizedLinear kernel that
+supports the scheme (int8, int4, fp8 e4m3, log4), and the W8A8 (SmoothQuant) kernels, with the ratio
+to dense fp32 measured in the same run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from slimlm.quant.linear import QuantizedLinear
 from slimlm.quant.scheme import QuantScheme
+from slimlm.quant.w8a8 import W8A8Linear
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -43,24 +45,32 @@ def main() -> None:
     lin = nn.Linear(args.k, args.n, bias=False)
     cases = [("fp32 dense", None, None, torch.float32), ("bf16 dense", None, None, torch.bfloat16)]
     for scheme in (QuantScheme(bits=8, group_size=None, symmetric=True), QuantScheme(bits=4, group_size=32),
-                   QuantScheme(bits=4, group_size=128)):
+                   QuantScheme(bits=4, group_size=128), QuantScheme(bits=8, group_size=None, symmetric=True, format="fp8"),
+                   QuantScheme(bits=4, group_size=32, symmetric=True, format="log")):
         layer = QuantizedLinear.from_float(lin, scheme)
-        for kernel in ("reference", "cpu_int8", "cpu_int4"):
+        for kernel in ("reference", "cpu_int8", "cpu_int4", "cpu_fp8"):
             from slimlm.quant.kernels import get_kernel
 
             if get_kernel(kernel).supports(layer, torch.device("cpu")):
                 cases.append((f"{scheme.label()} {kernel}", layer, kernel, torch.float32))
                 if kernel != "reference":  # the ATen op alone, without the dense path for many rows
                     cases.append((f"{scheme.label()} {kernel} op-only", layer, kernel + "!", torch.float32))
+    w8a8 = W8A8Linear.from_float(lin)
+    for kernel in ("reference", "int_mm", "int8_weight", None):
+        cases.append((f"w8a8 {kernel or 'auto'}", w8a8, ("w8a8", kernel), torch.float32))
     print(f"N={args.n} K={args.k} threads={torch.get_num_threads()}  (median of {args.repeats})")
     print(f"{'kernel':<32} {'M':>5} {'ms':>9} {'GB/s':>7} {'vs fp32':>8}")
     for m in [int(v) for v in args.m.split(",")]:
         base = None
         for name, layer, kernel, dtype in cases:
             x = torch.randn(m, args.k, dtype=dtype)
+            saved = None
             if layer is None:
                 w = lin.weight.detach().to(dtype)
                 fn, nbytes = (lambda x=x, w=w: x @ w.t()), w.numel() * w.element_size()
+            elif isinstance(kernel, tuple):
+                layer.set_kernel_(kernel[1])
+                fn, nbytes = (lambda x=x, layer=layer: layer(x)), layer.storage_bytes()
             else:
                 from slimlm.quant.kernels import get_kernel
 
@@ -73,7 +83,7 @@ def main() -> None:
                 fn, nbytes = (lambda x=x, layer=layer: layer(x)), layer.storage_bytes()
             with torch.no_grad():
                 s = median_seconds(fn, args.repeats)
-            if layer is not None and saved is not None:
+            if saved is not None:
                 impl.dense_rows = saved
             base = base or s
             print(f"{name:<32} {m:>5} {1e3 * s:>9.3f} {nbytes / s / 1e9:>7.1f} {base / s:>7.2f}x")

@@ -1,4 +1,5 @@
-"""Quality of weight quantization methods on one model: RTN vs GPTQ vs AWQ at int4/int3.
+"""Quality of quantization methods on one model: RTN vs GPTQ vs AWQ at int4/int3, SmoothQuant W8A8,
+fp8 and logarithmic formats.
 
     python benchmarks/quantization_quality.py --model demo
     python benchmarks/quantization_quality.py --model ../shared/eval-data/hf/stories260K \\
@@ -35,6 +36,13 @@ VARIANTS = [
     ("gptq int3 g32 plain", "gptq", dict(bits=3, group_size=32, **PLAIN)),
     ("gptq int3 g32", "gptq", dict(bits=3, group_size=32)),
     ("awq int3 g32", "awq", dict(bits=3, group_size=32)),
+    ("rtn int8 per-channel", "rtn", dict(bits=8, group_size=None, symmetric=True)),
+    ("w8a8 unsmoothed", "smoothquant", dict(smooth=False)),
+    ("smoothquant w8a8 a0.5", "smoothquant", dict(alpha=0.5)),
+    ("smoothquant w8a8 a0.8", "smoothquant", dict(alpha=0.8)),
+    ("rtn fp8 per-channel", "rtn", dict(format="fp8", bits=8, group_size=None, symmetric=True)),
+    ("rtn log4 g32", "rtn", dict(format="log", bits=4, group_size=32, symmetric=True)),
+    ("gptq log4 g32", "gptq", dict(format="log", bits=4, group_size=32, symmetric=True)),
 ]
 
 

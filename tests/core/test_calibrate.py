@@ -74,3 +74,49 @@ def test_document_ranges(tmp_path):
         read_documents(f"{tmp_path}/a.txt@20:30")
     with pytest.raises(SlimError, match="must look like"):
         read_documents(f"{tmp_path}/a.txt@a:b")
+
+
+def test_sequential_stages_follow_execution_order():
+    from slimlm.core.calibrate import sequential_stages
+
+    model = tiny_model("llama")
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], torch.randint(0, 300, (1, 8)))
+    local = {n: m for n, m in select_linear(model).items() if n.startswith("model.layers.0.")}
+    stages = sequential_stages(blocks[0], list(local), local, inputs)
+    short = [[n.rsplit(".", 1)[-1] for n in stage] for stage in stages]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+class Compressor(Recorder):
+    """Replaces each layer by a perturbed copy, so later stages must see the change."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = {}
+
+    def observe(self, name, module, x):
+        super().observe(name, module, x)
+        self.inputs.setdefault(name, x.clone())
+
+    def compress(self, name, module):
+        new = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        new.load_state_dict(module.state_dict())
+        with torch.no_grad():
+            new.weight.mul_(1.5)
+        return new
+
+
+def test_sequential_driver_shows_later_stages_the_compressed_earlier_ones():
+    samples = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    for sequential in (False, True):
+        model = tiny_model("llama")
+        step = Compressor()
+        run_blockwise(model, samples, select_linear(model), step, batch_size=2, sequential=sequential)
+        assert set(step.seen.values()) == {32}
+        seen[sequential] = step.inputs
+    first = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(seen[True][first], seen[False][first])  # the first stage sees the same inputs
+    o_proj = "model.layers.0.self_attn.o_proj"
+    assert not torch.allclose(seen[True][o_proj], seen[False][o_proj])  # o_proj sees the perturbed v_proj

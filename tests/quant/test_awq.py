@@ -139,3 +139,14 @@ def test_bad_settings_are_rejected():
         AWQConfig(max_shrink=1.5)
     with pytest.raises(SlimError, match="grid"):
         AWQConfig(grid=0)
+
+
+def test_scale_only_awq_preserves_the_model_and_then_gptq_quantizes():
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    calib = samples()
+    slimlm.quantize(model, "awq", calibration=calib, quantize=False, bits=3, group_size=32)
+    assert not any(isinstance(m, torch.nn.Module) and hasattr(m, "slimlm_kind") for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(calib).logits, reference(calib).logits, rtol=1e-4, atol=1e-4)
+    slimlm.quantize(model, "gptq", calibration=calib, bits=3, group_size=32)
+    assert any(hasattr(m, "slimlm_kind") for m in model.modules())

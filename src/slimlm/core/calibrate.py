@@ -101,6 +101,32 @@ class CalibratedStep(Protocol):
     def compress(self, name: str, module: nn.Module) -> nn.Module | None: ...
 
 
+def sequential_stages(block: nn.Module, names: list[str], modules: dict[str, nn.Module], inputs: list[tuple]) -> list[list[str]]:
+    """The layers `names` of a block split into stages in execution order: layers reading the same
+    input tensor (q/k/v, gate/up) form one stage. Found by running the block once on the first input."""
+    seen: list[tuple[Tensor, list[str]]] = []
+
+    def record(name: str, x: Tensor) -> None:
+        for tensor, members in seen:
+            if tensor is x:
+                if name not in members:
+                    members.append(name)
+                return
+        if not any(name in members for _, members in seen):
+            seen.append((x, [name]))
+
+    handles = [modules[n].register_forward_hook(lambda m, a, o, name=n: record(name, a[0])) for n in names]
+    try:
+        args, kwargs = inputs[0]
+        block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    stages = [members for _, members in seen]
+    missed = [n for n in names if not any(n in s for s in stages)]
+    return stages + ([missed] if missed else [])
+
+
 @torch.no_grad()
 def run_blockwise(
     model: nn.Module,
@@ -109,8 +135,13 @@ def run_blockwise(
     step: CalibratedStep,
     batch_size: int = 1,
     on_block: Callable[[int, int], None] | None = None,
+    sequential: bool = False,
 ) -> nn.Module:
-    """Run a calibrated step over `targets` (name -> module) block by block; modifies the model in place."""
+    """Run a calibrated step over `targets` (name -> module) block by block; modifies the model in place.
+
+    sequential: inside a block, observe and compress the layers stage by stage in execution order
+    (q/k/v, then o, then gate/up, then down), so each stage sees the outputs of the layers already
+    compressed before it ("true sequential" in GPTQ's reference code); costs a replay per stage."""
     prefix, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], samples, batch_size)
     for index, block in enumerate(blocks):
@@ -120,20 +151,22 @@ def run_blockwise(
             begin = getattr(step, "begin_block", None)
             if begin is not None:
                 begin(block, block_prefix, list(local), inputs)
-            handles = [
-                module.register_forward_hook(lambda m, args, out, name=name: step.observe(name, m, args[0]))
-                for name, module in local.items()
-            ]
-            try:
-                for args, kwargs in inputs:
-                    block(*args, **kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
-            for name, module in local.items():
-                new = step.compress(name, module)
-                if new is not None:
-                    replace_module_(model, name, new)
+            stages = sequential_stages(block, list(local), local, inputs) if sequential else [list(local)]
+            for stage in stages:
+                handles = [
+                    local[name].register_forward_hook(lambda m, args, out, name=name: step.observe(name, m, args[0]))
+                    for name in stage
+                ]
+                try:
+                    for args, kwargs in inputs:
+                        block(*args, **kwargs)
+                finally:
+                    for h in handles:
+                        h.remove()
+                for name in stage:
+                    new = step.compress(name, local[name])
+                    if new is not None:
+                        replace_module_(model, name, new)
         inputs = [((_hidden(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
         if on_block:
             on_block(index + 1, len(blocks))

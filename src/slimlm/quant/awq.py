@@ -51,6 +51,7 @@ class AWQConfig(CalibrationFields, RTNConfig):
     clip_skip: tuple[str, ...] = ()
     max_tokens: int = 4096
     clip_tokens: int = 512
+    quantize: bool = True  # False: only search and fold the scales, leaving float layers for a later step (e.g. gptq)
 
     def __post_init__(self) -> None:
         RTNConfig.__post_init__(self)
@@ -62,7 +63,7 @@ class AWQConfig(CalibrationFields, RTNConfig):
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{field} {value!r} must be a positive integer")
         check(isinstance(self.max_shrink, (int, float)) and 0 <= self.max_shrink < 1,
               f"max_shrink {self.max_shrink!r} must be in [0, 1), e.g. 0.5")
-        for field in ("duo_scaling", "clip"):
+        for field in ("duo_scaling", "clip", "quantize"):
             check(isinstance(getattr(self, field), bool), f"{field} must be true or false, got {getattr(self, field)!r}")
 
 
@@ -126,14 +127,16 @@ class AWQStep:
         self.per_batch = math.ceil(c.clip_tokens / len(inputs))
 
     def _clips(self, name: str) -> bool:
-        return self.config.clip and not any(fnmatchcase(name, glob) for glob in self.config.clip_skip)
+        return self.config.quantize and self.config.clip and not any(fnmatchcase(name, glob) for glob in self.config.clip_skip)
 
     def observe(self, name: str, module: nn.Module, inputs: Tensor) -> None:
         if self._clips(name):
             self.clip_samples.setdefault(name, _TokenSample(self.per_batch, self.config.seed)).add(inputs)
 
-    def compress(self, name: str, module: nn.Module) -> QuantizedLinear:
+    def compress(self, name: str, module: nn.Module) -> QuantizedLinear | None:
         c = self.config
+        if not c.quantize:
+            return None
         scheme = c.scheme_for(name)
         check_finite_weight(name, module.weight)
         w = layer_weight(module).float().cpu()  # (N, K), already scaled

@@ -32,6 +32,7 @@ class GPTQConfig(CalibrationFields, RTNConfig):
     damp: float = 0.01
     act_order: bool = True  # free at run time: static groups keep the original column order
     clip_search: bool = True  # MSE range search per group (GPTQ reference quantizer's mse=True)
+    true_sequential: bool = True  # later layers of a block see the earlier ones already quantized
 
     def __post_init__(self) -> None:
         RTNConfig.__post_init__(self)
@@ -40,6 +41,7 @@ class GPTQConfig(CalibrationFields, RTNConfig):
         check(isinstance(self.damp, (int, float)) and 0 < self.damp < 1, f"damp {self.damp!r} must be in (0, 1), e.g. 0.01")
         check(isinstance(self.act_order, bool), f"act_order must be true or false, got {self.act_order!r}")
         check(isinstance(self.clip_search, bool), f"clip_search must be true or false, got {self.clip_search!r}")
+        check(isinstance(self.true_sequential, bool), f"true_sequential must be true or false, got {self.true_sequential!r}")
 
 
 def layer_weight(module: nn.Module) -> Tensor:
@@ -70,7 +72,8 @@ class GPTQStep:
 
 def gptq_quantize_(model: nn.Module, config: GPTQConfig, samples: Tensor, on_block=None) -> nn.Module:
     """Quantize the selected linear layers with GPTQ using calibration samples (n, T); in place."""
-    return run_blockwise(model, samples, config.targets(model), GPTQStep(config), config.batch_size, on_block)
+    return run_blockwise(model, samples, config.targets(model), GPTQStep(config), config.batch_size, on_block,
+                         sequential=config.true_sequential)
 
 
 METHODS.register("gptq")(Method(GPTQConfig, gptq_quantize_, calibrated=True))

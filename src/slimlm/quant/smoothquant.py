@@ -44,6 +44,7 @@ def smoothing_factors(x_absmax: Tensor, w_absmax: Tensor, alpha: float) -> Tenso
 class SmoothQuantConfig(CalibrationFields, Config):
     name = "smoothquant"
     alpha: float = 0.5
+    smooth: bool = True  # False: plain W8A8 without migration (the baseline SmoothQuant improves on)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
 
@@ -51,6 +52,7 @@ class SmoothQuantConfig(CalibrationFields, Config):
         CalibrationFields.__post_init__(self)
         check(isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 <= self.alpha <= 1,
               f"alpha {self.alpha!r} must be in [0, 1] (migration strength; 0.5 is the paper's default)")
+        check(isinstance(self.smooth, bool), f"smooth must be true or false, got {self.smooth!r}")
         for field in ("include", "exclude"):
             value = getattr(self, field)
             object.__setattr__(self, field, (value,) if isinstance(value, str) else tuple(value))
@@ -63,6 +65,8 @@ class SmoothQuantStep:
 
     @torch.no_grad()
     def begin_block(self, block: nn.Module, prefix: str, names: list[str], inputs: list[tuple]) -> None:
+        if not self.config.smooth:
+            return
         groups, orphans = find_scale_groups(block, prefix, names, inputs)
         if orphans:
             log.info("SmoothQuant: no producer can absorb scales for %s; their activations are not smoothed", ", ".join(orphans))
