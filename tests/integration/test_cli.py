@@ -103,3 +103,28 @@ def test_compress_with_a_gptq_variant(tiny_folder, tmp_path, capsys):
     assert code == 0, err
     fp32, rtn, gptq = json.loads(out)["variants"]
     assert gptq["description"] == "gptq int4 g32 asym" and gptq["quality"]["kl"] > 0
+
+
+def test_quantize_dry_run_shows_per_layer_schemes_and_writes_nothing(tiny_folder, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "quantize", tiny_folder("llama"), "-o", tmp_path / "q", "-m", "gptq", "--dry-run",
+                           "--json", "--override", "model.layers.0.*=skip", "--override", "*.self_attn.*=bits:8")
+    (plan,) = json.loads(out)
+    assert code == 0 and not (tmp_path / "q").exists()
+    assert plan["step"]["method"] == "gptq" and plan["step"]["damp"] == 0.01  # every default resolved
+    assert plan["layers"]["model.layers.1.self_attn.q_proj"] == "int8 g128 asym"
+    assert plan["layers"]["model.layers.1.mlp.up_proj"] == "int4 g128 asym"
+    assert not any(name.startswith("model.layers.0.") for name in plan["layers"])
+
+
+@pytest.mark.parametrize("method, extra, label", [
+    ("awq", ["--bits", 4, "--group-size", 32], "int4 g32 asym"),
+    ("smoothquant", ["--alpha", 0.6], "w8a8 int8 per-token"),
+])
+def test_calibrated_methods_from_the_cli(method, extra, label, tiny_folder, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Once upon a time there was a tiny model. " * 200)
+    code, out, _ = run_cli(capsys, "quantize", tiny_folder("qwen2"), "-o", tmp_path / "q", "-m", method, *extra,
+                           "--calib", calib, "--n-samples", 4, "--seq-len", 32, "--eval-tokens", 0)
+    assert code == 0
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "q", "--json")
+    assert json.loads(out)["schemes"][label] == 14

@@ -97,14 +97,23 @@ def dry_run(model, recipe: list[dict], as_json: bool) -> int:
         settings = {k: v for k, v in step.items() if k != "method"}
         config = get_method(step["method"]).config_cls.from_dict(settings)
         resolved = {"method": step["method"], **config.to_dict()}
-        layers = list(select_linear(model, config.include, config.exclude)) if hasattr(config, "include") else []
+        if hasattr(config, "targets"):  # per-layer schemes (overrides resolved)
+            layers = {name: config.scheme_for(name).label() for name in config.targets(model)}
+        elif hasattr(config, "include"):
+            layers = {name: step["method"] for name in select_linear(model, config.include, config.exclude)}
+        else:
+            layers = {}
         plan.append({"step": resolved, "layers": layers})
     if as_json:
         print_json(plan)
         return 0
     for item in plan:
         print(" ".join(f"{k}={v}" for k, v in item["step"].items()))
-        print(f"  {len(item['layers'])} layers: " + ", ".join(item["layers"]))
+        by_scheme: dict[str, list[str]] = {}
+        for name, label in item["layers"].items():
+            by_scheme.setdefault(label, []).append(name)
+        for label, names in by_scheme.items():
+            print(f"  {label}: {len(names)} layers: " + ", ".join(names))
     return 0
 
 
