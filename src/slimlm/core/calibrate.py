@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.core.errors import SlimError
+from slimlm.core.memory import release_freed_memory
 from slimlm.core.targeting import replace_module_
 
 BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.blocks")
@@ -139,14 +140,19 @@ def run_blockwise(
 ) -> nn.Module:
     """Run a calibrated step over `targets` (name -> module) block by block; modifies the model in place.
 
+    Only the names of `targets` are kept: each block's modules are looked up when the block is
+    reached, so a replaced layer's float weights are freed at once (pass the dict as a temporary).
+
     sequential: inside a block, observe and compress the layers stage by stage in execution order
     (q/k/v, then o, then gate/up, then down), so each stage sees the outputs of the layers already
     compressed before it ("true sequential" in GPTQ's reference code); costs a replay per stage."""
+    names = list(targets)
+    del targets  # holding the modules would keep every replaced float weight alive until the end
     prefix, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], samples, batch_size)
     for index, block in enumerate(blocks):
         block_prefix = f"{prefix}.{index}."
-        local = {name: m for name, m in targets.items() if name.startswith(block_prefix)}
+        local = {name: model.get_submodule(name) for name in names if name.startswith(block_prefix)}
         if local:
             begin = getattr(step, "begin_block", None)
             if begin is not None:
@@ -168,6 +174,8 @@ def run_blockwise(
                     if new is not None:
                         replace_module_(model, name, new)
         inputs = [((_hidden(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        del local
+        release_freed_memory()  # the replaced float weights and this block's statistics
         if on_block:
             on_block(index + 1, len(blocks))
     return model

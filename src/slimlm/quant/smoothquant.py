@@ -107,8 +107,8 @@ class SmoothQuantStep:
 
 def smoothquant_(model: nn.Module, config: SmoothQuantConfig, samples: Tensor, on_block=None) -> nn.Module:
     """Smooth and quantize the selected linear layers to W8A8 using calibration samples (n, T); in place."""
-    targets = select_linear(model, config.include, config.exclude)
-    return run_blockwise(model, samples, targets, SmoothQuantStep(config), config.batch_size, on_block)
+    return run_blockwise(model, samples, select_linear(model, config.include, config.exclude), SmoothQuantStep(config),
+                         config.batch_size, on_block)
 
 
 METHODS.register("smoothquant")(Method(SmoothQuantConfig, smoothquant_, calibrated=True))
