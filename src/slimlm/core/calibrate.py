@@ -89,6 +89,18 @@ def _hidden(output: Any) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def replay_observing(block: nn.Module, inputs: list[tuple], observers: dict[nn.Module, Callable[[Tensor], None]]) -> None:
+    """Run `block` over every captured input, calling observers[m](x) with the input x of each
+    observed module m; the hooks always come off."""
+    handles = [m.register_forward_hook(lambda mod, args, out, fn=fn: fn(args[0])) for m, fn in observers.items()]
+    try:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class CalibratedStep(Protocol):
     """What the driver needs from a calibrated method (GPTQ, AWQ, SparseGPT, Wanda, ...).
 
@@ -159,23 +171,16 @@ def run_blockwise(
                 begin(block, block_prefix, list(local), inputs)
             stages = sequential_stages(block, list(local), local, inputs) if sequential else [list(local)]
             for stage in stages:
-                handles = [
-                    local[name].register_forward_hook(lambda m, args, out, name=name: step.observe(name, m, args[0]))
-                    for name in stage
-                ]
-                try:
-                    for args, kwargs in inputs:
-                        block(*args, **kwargs)
-                finally:
-                    for h in handles:
-                        h.remove()
+                replay_observing(block, inputs, {
+                    local[name]: (lambda x, name=name, m=local[name]: step.observe(name, m, x)) for name in stage})
                 for name in stage:
                     new = step.compress(name, local[name])
                     if new is not None:
                         replace_module_(model, name, new)
+                    release_freed_memory()  # the solver's temporaries, the replaced float weights
         inputs = [((_hidden(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
         del local
-        release_freed_memory()  # the replaced float weights and this block's statistics
+        release_freed_memory()  # the previous block inputs
         if on_block:
             on_block(index + 1, len(blocks))
     return model

@@ -222,16 +222,21 @@ def _load_compressed(path: Path, raw: dict[str, Any], qblock: dict[str, Any], dt
             except AttributeError:
                 raise SlimError(f"{path}: config lists layer '{name}' that the architecture does not have; the folder is corrupt") from None
             replace_module_(model, name, COMPRESSED_MODULES.get(kind)(group, original))
-    state = read_safetensors(path)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    assign_state_(model, read_safetensors(path), path)
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def assign_state_(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Assign a checkpoint's tensors to a skeleton built on meta (no copies), tie weights, and
+    fail with a clear message if any tensor is missing or left over."""
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta or unexpected:
         what = f"missing {still_meta[:3]}" if still_meta else f"unexpected {unexpected[:3]}"
         raise SlimError(f"weights in {path} do not match its config ({what}); the folder is corrupt, re-save it")
-    if dtype is not None:
-        model.to(dtype)
-    return model
 
 
 def compression_block(model: nn.Module) -> dict[str, Any] | None:

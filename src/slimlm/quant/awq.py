@@ -17,7 +17,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import Tensor, nn
 
-from slimlm.core.calibrate import run_blockwise
+from slimlm.core.calibrate import replay_observing, run_blockwise
 from slimlm.core.config import check
 from slimlm.quant import primitives as P
 from slimlm.quant.awq_math import search_clip, search_scales
@@ -103,16 +103,7 @@ class AWQStep:
             log.info("AWQ: no producer can absorb scales for %s; those layers get the clipping search only", ", ".join(orphans))
         modules = dict(block.named_modules(prefix=prefix.rstrip(".")))
         samples = {g.producer: _TokenSample(math.ceil(c.max_tokens / len(inputs)), c.seed) for g in groups}
-        handles = [
-            modules[g.layers[0]].register_forward_hook(lambda m, a, o, key=g.producer: samples[key].add(a[0]))
-            for g in groups
-        ]
-        try:
-            for args, kwargs in inputs:
-                block(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+        replay_observing(block, inputs, {modules[g.layers[0]]: samples[g.producer].add for g in groups})
         for g in groups:
             layers = [modules[n] for n in g.layers]
             for n, m in zip(g.layers, layers):

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.core.errors import SlimError
-from slimlm.core.model_io import FOREIGN_FORMATS, float_dtype, params_on_meta, read_safetensors
+from slimlm.core.model_io import FOREIGN_FORMATS, assign_state_, float_dtype, params_on_meta, read_safetensors
 from slimlm.core.targeting import is_linear, output_head_name, replace_module_
 from slimlm.quant import primitives as P
 from slimlm.quant.linear import QuantizedLinear
@@ -208,12 +208,7 @@ def load_compressed_tensors(path, raw: dict[str, Any], qblock: dict[str, Any], d
         if module.bias is not None:
             layer.bias.copy_(state.pop(f"{name}.bias"))
         replace_module_(model, name, layer)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if still_meta or unexpected:
-        what = f"missing {still_meta[:3]}" if still_meta else f"unexpected {unexpected[:3]}"
-        raise SlimError(f"weights in {path} do not match its config ({what}); the folder is corrupt, re-save it")
+    assign_state_(model, state, path)
     return model
 
 

@@ -146,11 +146,17 @@ def compute_qparams(w: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
     return scale, zero
 
 
-def search_qparams(w: Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.2, norm: float = 2.4) -> tuple[Tensor, Tensor]:
+def search_qparams(
+    w: Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.2, norm: float = 2.4, rows: int = 256
+) -> tuple[Tensor, Tensor]:
     """Like `compute_qparams`, but each group's range is shrunk by the factor in
     {1, 1 - max_shrink/grid, ..., 1 - max_shrink} that minimises Σ|w - ŵ|^norm over the group
     (the clipping search of GPTQ's reference quantizer, `mse=True`, norm 2.4). Trading a few clipped
-    outliers for a finer step usually lowers the layer error at 3-4 bits."""
+    outliers for a finer step usually lowers the layer error at 3-4 bits. Works on `rows` rows at a
+    time, so its temporaries stay small next to the weight."""
+    if w.shape[0] > rows:
+        parts = [search_qparams(w[i : i + rows], scheme, grid, max_shrink, norm, rows) for i in range(0, w.shape[0], rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     n, k = w.shape
     g = group_size_for(k, scheme)
     kp = padded_k(k, scheme)

@@ -21,7 +21,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from slimlm.core.calibrate import run_blockwise
+from slimlm.core.calibrate import replay_observing, run_blockwise
 from slimlm.core.config import Config, check
 from slimlm.core.targeting import select_linear
 from slimlm.quant.calibration import CalibrationFields
@@ -77,14 +77,7 @@ class SmoothQuantStep:
             m = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float()  # (K,)
             absmax[key] = torch.maximum(absmax[key], m) if key in absmax else m
 
-        handles = [modules[g.layers[0]].register_forward_hook(lambda m, a, o, key=g.producer: record(key, a[0]))
-                   for g in groups]
-        try:
-            for args, kwargs in inputs:
-                block(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+        replay_observing(block, inputs, {modules[g.layers[0]]: (lambda x, key=g.producer: record(key, x)) for g in groups})
         for g in groups:
             layers = [modules[n] for n in g.layers]
             for n, m in zip(g.layers, layers):
