@@ -75,7 +75,7 @@ def search_scales(
 
 
 def search_clip(
-    w: Tensor, x: Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.5, chunk_bytes: int = 2**28
+    w: Tensor, x: Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.5, chunk_bytes: int = 2**26
 ) -> tuple[Tensor, Tensor]:
     """Scales and zero points (N, G) of w (N, K) whose range is shrunk per (row, group) to minimise
     the mean over tokens of (x_g · (w_g − ŵ_g))², x (T, K)."""
