@@ -1,7 +1,8 @@
-"""Prefill then token-by-token decode with the model's KV cache.
+"""Prefill then token-by-token decode.
 
-Works with any Hugging Face causal LM (its own forward and cache). The fast parameterised decoder
-for the Llama family lives beside this when it lands; this loop is the fallback and the oracle.
+Llama-family models run on the engine (`engine.py`: slimlm's own decoder and preallocated KV
+cache); any other Hugging Face causal LM runs on its own forward and cache, which is also the
+oracle the engine is tested against.
 """
 
 from __future__ import annotations
@@ -62,19 +63,51 @@ def decode_step(model: nn.Module, tokens: Tensor, cache: object) -> tuple[Tensor
     return forward_with_cache(model, tokens[:, None], cache)
 
 
+def _steps_on_engine(model: nn.Module, ids: Tensor, max_new_tokens: int, kv_dtype: str):
+    """(first logits (B, V), step(tokens) -> logits) on the engine: one slot per row."""
+    from slimlm.engine.engine import Engine
+
+    engine = Engine(model, slots=ids.shape[0], max_len=ids.shape[1] + max_new_tokens + 1, kv_dtype=kv_dtype)
+    logits = torch.stack([engine.prefill(b, ids[b]) for b in range(ids.shape[0])])
+    slots = torch.arange(ids.shape[0])
+    return logits, lambda tokens: engine.decode(slots, tokens)
+
+
+def _steps_on_model(model: nn.Module, ids: Tensor):
+    """(first logits (B, V), step(tokens) -> logits) on the model's own forward and cache."""
+    logits, cache = prefill(model, ids)
+    state = {"cache": cache}
+
+    def step(tokens: Tensor) -> Tensor:
+        out, state["cache"] = decode_step(model, tokens, state["cache"])
+        return out
+
+    return logits, step
+
+
 @torch.no_grad()
 def generate_ids(
-    model: nn.Module, ids: Tensor, params: SamplingParams, on_tokens: Callable[[Tensor], None] | None = None
+    model: nn.Module, ids: Tensor, params: SamplingParams, on_tokens: Callable[[Tensor], None] | None = None,
+    engine: bool | None = None, kv_dtype: str = "auto",
 ) -> Tensor:
     """Generate up to max_new_tokens for prompt ids (B, T); returns new tokens (B, n).
 
     Stops when every sequence has produced a stop id (tokens after a stop are repeats of it).
     `on_tokens` receives each step's tokens (B,) as they are produced, for streaming.
+    engine: run on slimlm's engine (None: whenever it supports the model); kv_dtype 'int8'
+    quantizes its KV cache.
     """
+    from slimlm.engine.engine import Engine
+
     device = next(model.parameters()).device
     ids = ids.to(device)
     generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    logits, cache = prefill(model, ids)
+    if engine is None:
+        engine = Engine.supports(model)
+    if engine:
+        logits, step_fn = _steps_on_engine(model, ids, params.max_new_tokens, kv_dtype)
+    else:
+        logits, step_fn = _steps_on_model(model, ids)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     stop = torch.tensor(params.stop_ids, dtype=torch.long, device=device)
     out: list[Tensor] = []
@@ -90,7 +123,7 @@ def generate_ids(
             if bool(done.all()):
                 break
         if step + 1 < params.max_new_tokens:
-            logits, cache = decode_step(model, tokens, cache)
+            logits = step_fn(tokens)
     return torch.stack(out, 1) if out else ids.new_zeros(ids.shape[0], 0)
 
 

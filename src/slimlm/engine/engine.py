@@ -1,0 +1,73 @@
+"""The engine: a model, a preallocated KV cache of `slots` sequences, prefill and batched decode.
+
+Sequences of different lengths decode together: each slot keeps its own length, a decode step
+feeds one token per active slot at that slot's own position, and attention masks each row to its
+own keys. This is the unit the server's continuous batching schedules (add a sequence to a free
+slot with `prefill`, step all active slots with `decode`, `release` finished ones).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from slimlm.core.errors import SlimError
+from slimlm.engine import decoder
+from slimlm.engine.kv_cache import KVCache
+
+KV_DTYPES = ("auto", "int8")
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+class Engine:
+    """Runs a Llama-family model on its own decoder (see `decoder.py`); `Engine.supports(model)` says
+    whether it can, else callers fall back to the model's forward (`engine.generate`)."""
+
+    def __init__(self, model: nn.Module, slots: int = 1, max_len: int | None = None, kv_dtype: str = "auto") -> None:
+        spec, reason = decoder.decoder_spec(model)
+        if spec is None:
+            raise SlimError(f"the engine cannot run this model: {reason}")
+        if kv_dtype not in KV_DTYPES:
+            raise SlimError(f"kv cache dtype '{kv_dtype}' is not supported; use one of {', '.join(KV_DTYPES)}")
+        self.model, self.spec = model, spec
+        self.max_len = min(max_len or spec.max_positions, spec.max_positions)
+        device = next(model.parameters()).device
+        self.cache = KVCache(spec.n_layers, slots, spec.n_kv_heads, self.max_len, spec.head_dim, _float_dtype(model),
+                             device, quantized=kv_dtype == "int8")
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens held per slot
+        self.device = device
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        return decoder.decoder_spec(model)[0] is not None
+
+    def prefill(self, slot: int, ids: Tensor) -> Tensor:
+        """Start slot `slot` with prompt ids (T,) (replacing what it held); returns the last logits (V,)."""
+        ids = ids.reshape(1, -1).to(self.device)
+        if ids.shape[1] == 0:
+            raise SlimError("the prompt is empty; give at least one token")
+        if ids.shape[1] >= self.max_len:
+            raise SlimError(f"the prompt has {ids.shape[1]} tokens; this engine holds {self.max_len} per sequence")
+        positions = torch.arange(ids.shape[1], device=self.device)[None]
+        rows = torch.tensor([slot], device=self.device)
+        logits = decoder.forward(self.model, self.spec, ids, positions, self.cache, rows, contiguous_rows=slot == 0)
+        self.lengths[slot] = ids.shape[1]
+        return logits[0]
+
+    def decode(self, slots: Tensor, tokens: Tensor) -> Tensor:
+        """Append one token per slot (tokens (B,) for slots (B,)); returns next-token logits (B, V)."""
+        slots, tokens = slots.to(self.device), tokens.to(self.device)
+        positions = self.lengths[slots][:, None]  # (B, 1): each sequence's next position
+        contiguous = bool(torch.equal(slots, torch.arange(len(slots), device=self.device)))
+        logits = decoder.forward(self.model, self.spec, tokens[:, None], positions, self.cache, slots, contiguous)
+        self.lengths[slots] += 1
+        return logits
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0

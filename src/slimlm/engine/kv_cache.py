@@ -1,0 +1,68 @@
+"""A preallocated key/value cache for the engine's decoder: one (slots, kv_heads, max_len, head_dim)
+buffer per layer for keys and one for values, where a slot holds one sequence.
+
+`dtype="int8"` stores keys and values as symmetric int8 with one scale per (slot, head, position),
+the per-token scheme of KIVI-style and vLLM's int8/fp8 KV caches (e.g. Hooper et al., "KVQuant",
+arXiv 2401.18079, and Liu et al., "KIVI", arXiv 2402.02750, which study per-channel keys; per-token
+scales are what a cache that is appended one token at a time can compute without a calibration
+pass). It halves the cache against bfloat16 (quarters it against float32) plus 2/head_dim for the
+float16 scales; `dequantized` reads return the compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from slimlm.core.errors import SlimError
+
+
+def quantize_heads(x: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 codes (..., D) and float16 scales (..., 1) of x (..., D), one scale per vector; the codes
+    are computed with the rounded scale, so codes · scale is the stored value."""
+    scale = (x.float().abs().amax(-1, keepdim=True) / 127).clamp(min=1e-6).to(torch.float16)
+    return torch.round(x.float() / scale.float()).clamp(-127, 127).to(torch.int8), scale
+
+
+class KVCache:
+    def __init__(self, n_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu", quantized: bool = False) -> None:
+        self.n_layers, self.slots, self.max_len, self.dtype, self.quantized = n_layers, slots, max_len, dtype, quantized
+        shape = (slots, kv_heads, max_len, head_dim)
+        store = torch.int8 if quantized else dtype
+        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
+        if quantized:
+            scale_shape = (slots, kv_heads, max_len, 1)
+            self.k_scale = [torch.zeros(scale_shape, dtype=torch.float16, device=device) for _ in range(n_layers)]
+            self.v_scale = [torch.zeros(scale_shape, dtype=torch.float16, device=device) for _ in range(n_layers)]
+
+    def nbytes(self) -> int:
+        tensors = self.k + self.v + (self.k_scale + self.v_scale if self.quantized else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def write(self, layer: int, rows: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store k, v (B, kv_heads, T, D) of slots `rows` (B,) at `positions` (B, T)."""
+        if int(positions.max()) >= self.max_len:
+            raise SlimError(f"sequence longer than the cache ({self.max_len} tokens); raise max_len")
+        b = rows[:, None].expand_as(positions)  # (B, T)
+        for store, scales, x in ((self.k, getattr(self, "k_scale", None), k), (self.v, getattr(self, "v_scale", None), v)):
+            x = x.transpose(1, 2)  # (B, T, H, D): indexed by (slot, position)
+            if self.quantized:
+                codes, scale = quantize_heads(x)
+                store[layer].transpose(1, 2)[b, positions] = codes
+                scales[layer].transpose(1, 2)[b, positions] = scale
+            else:
+                store[layer].transpose(1, 2)[b, positions] = x.to(self.dtype)
+
+    def read(self, layer: int, rows: Tensor, length: int, contiguous_rows: bool) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, kv_heads, length, D) of slots `rows` in the compute dtype."""
+        def take(t: Tensor) -> Tensor:
+            t = t[: len(rows)] if contiguous_rows else t.index_select(0, rows)
+            return t[:, :, :length]
+
+        k, v = take(self.k[layer]), take(self.v[layer])
+        if self.quantized:
+            k = (k.to(torch.float32) * take(self.k_scale[layer]).float()).to(self.dtype)
+            v = (v.to(torch.float32) * take(self.v_scale[layer]).float()).to(self.dtype)
+        return k, v

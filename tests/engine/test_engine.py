@@ -1,0 +1,145 @@
+import pytest
+import torch
+
+import slimlm
+from slimlm.core.errors import SlimError
+from slimlm.engine.decoder import attention_mask
+from slimlm.engine.engine import Engine
+from slimlm.engine.generate import SamplingParams, generate_ids
+from slimlm.engine.kv_cache import KVCache, quantize_heads
+from slimlm.testing import tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "phi3", "qwen3"]
+
+
+def model_for(family, **overrides):
+    if family != "qwen3":
+        return tiny_model(family, **overrides)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         **overrides)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def ids(n, seed=0):
+    return torch.randint(1, 300, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def teacher_forced(engine, slot, prompt, continuation):
+    """Engine logits (T, V) for every position of prompt + continuation."""
+    out = [engine.prefill(slot, prompt)]
+    for token in continuation[:-1]:
+        out.append(engine.decode(torch.tensor([slot]), token[None])[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_logits_equal_the_models_own_forward(family):
+    model = model_for(family)
+    prompt, continuation = ids(7), ids(9, seed=1)
+    engine = Engine(model, slots=2, max_len=64)
+    got = teacher_forced(engine, 1, prompt, continuation)
+    with torch.no_grad():
+        expected = model(torch.cat([prompt, continuation])[None]).logits[0, len(prompt) - 1 : -1]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_output_equals_transformers_generate_on_the_demo_model():
+    model, tok = slimlm.load("demo")
+    prompt = tok("The for statement", return_tensors="pt")["input_ids"]
+    ours = generate_ids(model, prompt, SamplingParams(max_new_tokens=40), engine=True)
+    theirs = model.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours[0], theirs[0, prompt.shape[1]:])
+
+
+def test_sequences_of_different_lengths_decode_together():
+    """A batch of three prompts of different lengths gives each the tokens it gets alone."""
+    model = model_for("qwen2")
+    prompts = [ids(3, 1), ids(11, 2), ids(6, 3)]
+    engine = Engine(model, slots=3, max_len=64)
+    logits = torch.stack([engine.prefill(i, p) for i, p in enumerate(prompts)])
+    together = []
+    for _ in range(8):
+        tokens = logits.argmax(-1)
+        together.append(tokens)
+        logits = engine.decode(torch.arange(3), tokens)
+    together = torch.stack(together, 1)
+    for i, p in enumerate(prompts):
+        alone = generate_ids(model, p[None], SamplingParams(max_new_tokens=8), engine=False)
+        assert torch.equal(together[i], alone[0])
+
+
+def test_slots_can_be_any_subset_and_reused():
+    model = model_for("llama")
+    engine = Engine(model, slots=4, max_len=64)
+    a, b = ids(5, 1), ids(9, 2)
+    la, lb = engine.prefill(3, a), engine.prefill(1, b)
+    out = engine.decode(torch.tensor([3, 1]), torch.stack([la.argmax(), lb.argmax()]))
+    with torch.no_grad():
+        ref_a = model(torch.cat([a, la.argmax()[None]])[None]).logits[0, -1]
+    torch.testing.assert_close(out[0], ref_a, rtol=1e-4, atol=1e-4)
+    engine.release(3)
+    again = engine.prefill(3, b)  # a finished slot takes a new sequence
+    torch.testing.assert_close(again, lb, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_matches_mistral():
+    model = model_for("mistral", sliding_window=4)
+    prompt, continuation = ids(6), ids(8, seed=4)
+    got = teacher_forced(Engine(model, max_len=32), 0, prompt, continuation)
+    with torch.no_grad():
+        expected = model(torch.cat([prompt, continuation])[None]).logits[0, len(prompt) - 1 : -1]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_mask():
+    mask = attention_mask(torch.tensor([[2], [4]]), 5, window=2)[:, 0, 0]
+    assert mask.tolist() == [[False, True, True, False, False], [False, False, False, True, True]]
+
+
+def test_int8_kv_cache_is_close_and_smaller():
+    model = model_for("llama")
+    prompt, continuation = ids(6), ids(20, seed=5)
+    exact = teacher_forced(Engine(model, max_len=64), 0, prompt, continuation)
+    int8_engine = Engine(model, max_len=64, kv_dtype="int8")
+    approx = teacher_forced(int8_engine, 0, prompt, continuation)
+    kl = torch.nn.functional.kl_div(approx.log_softmax(-1), exact.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert kl < 1e-3 and not torch.equal(approx, exact)
+    fp32_bytes = Engine(model, max_len=64).cache.nbytes()
+    assert int8_engine.cache.nbytes() < 0.3 * fp32_bytes
+
+
+def test_kv_quantization_round_trip():
+    x = torch.randn(2, 3, 5, 16)
+    codes, scale = quantize_heads(x)
+    assert codes.dtype == torch.int8 and ((codes.float() * scale.float() - x).abs() <= scale.float() / 2 + 1e-6).all()
+    cache = KVCache(1, 2, 3, 8, 16, torch.float32, quantized=True)
+    cache.write(0, torch.tensor([1]), torch.arange(5)[None], x[:1], x[:1])
+    k, v = cache.read(0, torch.tensor([1]), 5, contiguous_rows=False)
+    assert (k - x[:1]).abs().max() <= scale.float().max() / 2 + 1e-6
+
+
+def test_quantized_models_run_on_the_engine():
+    model = slimlm.quantize(model_for("llama"), "rtn", bits=4, group_size=32)
+    prompt, continuation = ids(5), ids(6, seed=6)
+    got = teacher_forced(Engine(model, max_len=32), 0, prompt, continuation)
+    with torch.no_grad():
+        expected = model(torch.cat([prompt, continuation])[None]).logits[0, len(prompt) - 1 : -1]
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_unsupported_models_fall_back_and_limits_are_checked():
+    gpt2 = tiny_model("gpt2")
+    assert not Engine.supports(gpt2)
+    with pytest.raises(SlimError, match="cannot run this model"):
+        Engine(gpt2)
+    out = generate_ids(gpt2, ids(4)[None], SamplingParams(max_new_tokens=3))  # the model's own forward
+    assert out.shape == (1, 3)
+    engine = Engine(model_for("llama"), max_len=8)
+    with pytest.raises(SlimError, match="holds 8"):
+        engine.prefill(0, ids(9))
+    with pytest.raises(SlimError, match="kv cache dtype"):
+        Engine(model_for("llama"), kv_dtype="int4")
