@@ -128,3 +128,11 @@ def test_calibrated_methods_from_the_cli(method, extra, label, tiny_folder, tmp_
     assert code == 0
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "q", "--json")
     assert json.loads(out)["schemes"][label] == 14
+
+
+def test_bench_on_the_engine_with_a_transformers_baseline(tiny_folder, capsys):
+    code, out, _ = run_cli(capsys, "bench", tiny_folder("llama"), "--prompt-tokens", 8, "--new-tokens", 4,
+                           "--batch-sizes", "1,3", "--repeats", 1, "--baseline", "--kv-dtype", "int8", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["runtime"] == "engine" and result["baseline"]["runtime"] == "transformers"
+    assert result["bandwidth_gbps"] > 0 and set(result["baseline"]["decode_tps"]) == {"1", "3"}

@@ -1,4 +1,6 @@
-"""`slimlm bench MODEL`: time to first token, prefill and decode tokens/s, achieved GB/s, peak memory."""
+"""`slimlm bench MODEL`: time to first token, prefill and decode tokens/s, achieved GB/s and its share
+of the measured memory bandwidth, peak memory; `--baseline` also times the model's own forward
+(transformers) in the same process, for a ratio."""
 
 from __future__ import annotations
 
@@ -14,7 +16,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", type=int_list, default=(1, 4), help="decode batch sizes, e.g. 1,4,8")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the median is reported)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--kv-dtype", default="auto", choices=("auto", "int8"), help="engine KV cache storage")
+    p.add_argument("--no-engine", dest="engine", action="store_false", default=None,
+                   help="time the model's own forward instead of slimlm's engine")
+    p.add_argument("--baseline", action="store_true", help="also time transformers' forward and print the ratio")
     p.add_argument("--json", action="store_true")
+
+
+def _row(name: str, result) -> dict:
+    row = {"runtime": name, "TTFT ms": f"{result.ttft_ms:.1f}", "prefill tok/s": f"{result.prefill_tps:.0f}"}
+    row.update({f"decode b{b} tok/s": f"{t:.1f}" for b, t in result.decode_tps.items()})
+    row.update({"GB/s": f"{result.decode_gbps:.2f}", "% of mem BW": f"{100 * result.bandwidth_share:.0f}%",
+                "peak +MB": f"{result.peak_memory_bytes / 1e6:.1f}"})
+    return row
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,13 +36,20 @@ def run(args: argparse.Namespace) -> int:
     from slimlm.api import bench, load
 
     model, _ = load(args.model)
-    result = bench(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                   batch_sizes=args.batch_sizes, repeats=args.repeats, warmup=args.warmup)
+    common = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch_sizes=args.batch_sizes,
+                  repeats=args.repeats, warmup=args.warmup, kv_dtype=args.kv_dtype)
+    result = bench(model, engine=args.engine, **common)
+    baseline = bench(model, engine=False, **common) if args.baseline and result.runtime == "engine" else None
     if args.json:
-        print_json(result.to_dict())
+        print_json({**result.to_dict(), "baseline": baseline.to_dict() if baseline else None})
         return 0
-    row = {"TTFT ms": f"{result.ttft_ms:.1f}", "prefill tok/s": f"{result.prefill_tps:.0f}"}
-    row.update({f"decode b{b} tok/s": f"{t:.1f}" for b, t in result.decode_tps.items()})
-    row.update({"GB/s": f"{result.decode_gbps:.2f}", "peak +MB": f"{result.peak_memory_bytes / 1e6:.1f}"})
-    print_table([row], title=f"slimlm bench: {args.model} ({args.prompt_tokens} prompt, {args.new_tokens} new tokens)")
+    rows = [_row(result.runtime, result)]
+    if baseline:
+        rows.append(_row("transformers", baseline))
+        ratio = {k: f"{result.decode_tps[b] / baseline.decode_tps[b]:.2f}x" for b in result.decode_tps
+                 for k in [f"decode b{b} tok/s"]}
+        rows.append({"runtime": "engine / transformers", "TTFT ms": f"{baseline.ttft_ms / result.ttft_ms:.2f}x",
+                     "prefill tok/s": f"{result.prefill_tps / baseline.prefill_tps:.2f}x", **ratio})
+    print_table(rows, title=f"slimlm bench: {args.model} ({args.prompt_tokens} prompt, {args.new_tokens} new tokens, "
+                            f"memory bandwidth {result.bandwidth_gbps:.0f} GB/s)")
     return 0

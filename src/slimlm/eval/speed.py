@@ -2,7 +2,9 @@
 
 Each figure is the median of `repeats` timed runs after `warmup` untimed ones. Decode is
 memory-bound: every step reads all weights once, so achieved bandwidth = bytes of weights read
-per step × steps per second; compare it with the machine's memory bandwidth to see the headroom.
+per step × steps per second, reported with its share of the machine's read bandwidth measured in
+the same process (`measure_bandwidth`). Llama-family models run on slimlm's engine; `engine=False`
+times the model's own forward (transformers), the baseline the engine is compared against.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from slimlm.core.errors import SlimError
+from slimlm.engine.engine import Engine
 from slimlm.engine.generate import decode_step, prefill
 from slimlm.eval.memory import PeakMemory
 from slimlm.eval.size import weight_bytes
@@ -28,6 +31,8 @@ class BenchSettings:
     repeats: int = 3
     warmup: int = 1
     seed: int = 0
+    engine: bool | None = None  # None: slimlm's engine when it supports the model
+    kv_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1 or self.new_tokens < 2:
@@ -45,7 +50,14 @@ class SpeedResult:
     decode_tps: dict[int, float] = field(default_factory=dict)  # batch size -> generated tokens/s
     decode_gbps: float = 0.0  # achieved weight-read bandwidth at batch 1
     peak_memory_bytes: int = 0  # peak increase over the loaded model while benchmarking
+    runtime: str = "engine"  # "engine" (slimlm) or "transformers" (the model's own forward)
+    bandwidth_gbps: float = 0.0  # the machine's measured read bandwidth (0: not measured)
     settings: dict = field(default_factory=dict)
+
+    @property
+    def bandwidth_share(self) -> float:
+        """Achieved decode bandwidth as a fraction of the measured machine bandwidth."""
+        return self.decode_gbps / self.bandwidth_gbps if self.bandwidth_gbps else 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -70,30 +82,62 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Runner:
+    """Prefill and decode steps for one batch size, on the engine or on the model's own forward;
+    the engine's cache is allocated once, outside the timed regions."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, engine: bool, kv_dtype: str) -> None:
+        self.model, self.cache = model, None
+        self.engine = Engine(model, slots=batch, max_len=max_len, kv_dtype=kv_dtype) if engine else None
+        self.slots = torch.arange(batch)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.engine is not None:
+            return torch.stack([self.engine.prefill(b, ids[b]) for b in range(ids.shape[0])])
+        logits, self.cache = prefill(self.model, ids)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.engine is not None:
+            return self.engine.decode(self.slots, tokens)
+        logits, self.cache = decode_step(self.model, tokens, self.cache)
+        return logits
+
+
 @torch.no_grad()
-def _time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
+def _time_prefill(runner: _Runner, ids: torch.Tensor) -> float:
     device = ids.device
     _sync(device)
     t0 = time.perf_counter()
-    logits, _ = prefill(model, ids)
-    logits.argmax(-1)
+    runner.prefill(ids).argmax(-1)
     _sync(device)
     return time.perf_counter() - t0
 
 
 @torch.no_grad()
-def _time_decode(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
+def _time_decode(runner: _Runner, ids: torch.Tensor, steps: int) -> float:
     """Seconds for `steps` decode steps after a prefill of ids (B, T) (prefill not timed)."""
     device = ids.device
-    logits, cache = prefill(model, ids)
-    tokens = logits.argmax(-1)
+    tokens = runner.prefill(ids).argmax(-1)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        logits, cache = decode_step(model, tokens, cache)
-        tokens = logits.argmax(-1)
+        tokens = runner.step(tokens).argmax(-1)
     _sync(device)
     return time.perf_counter() - t0
+
+
+def measure_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """The machine's memory read bandwidth in GB/s with torch's current threads: the median time of
+    summing a float32 buffer much larger than the caches."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times) / 1e9
 
 
 def measure_speed(model: nn.Module, settings: BenchSettings = BenchSettings(), vocab_size: int | None = None) -> SpeedResult:
@@ -110,17 +154,23 @@ def measure_speed(model: nn.Module, settings: BenchSettings = BenchSettings(), v
         return torch.randint(0, vocab, (batch, settings.prompt_tokens), generator=gen).to(device)
 
     steps = settings.new_tokens - 1
+    use_engine = Engine.supports(model) if settings.engine is None else settings.engine
+    max_len = settings.prompt_tokens + settings.new_tokens + 1
+
+    def runner(batch: int) -> _Runner:
+        return _Runner(model, batch, max_len, use_engine, settings.kv_dtype)
+
     with PeakMemory(device) as mem:
-        p1 = prompt(1)
+        p1, r1 = prompt(1), runner(1)
         for _ in range(settings.warmup):
-            _time_prefill(model, p1)
-        prefill_s = statistics.median(_time_prefill(model, p1) for _ in range(settings.repeats))
+            _time_prefill(r1, p1)
+        prefill_s = statistics.median(_time_prefill(r1, p1) for _ in range(settings.repeats))
         decode_tps = {}
         for batch in settings.batch_sizes:
-            ids = prompt(batch)
+            ids, rb = prompt(batch), runner(batch)
             for _ in range(settings.warmup):
-                _time_decode(model, ids, min(steps, 8))
-            seconds = statistics.median(_time_decode(model, ids, steps) for _ in range(settings.repeats))
+                _time_decode(rb, ids, min(steps, 8))
+            seconds = statistics.median(_time_decode(rb, ids, steps) for _ in range(settings.repeats))
             decode_tps[batch] = batch * steps / seconds
     first = settings.batch_sizes[0]
     step_rate = decode_tps[first] / first
@@ -130,5 +180,7 @@ def measure_speed(model: nn.Module, settings: BenchSettings = BenchSettings(), v
         decode_tps=decode_tps,
         decode_gbps=decode_bytes_per_step(model) * step_rate / 1e9,
         peak_memory_bytes=mem.peak_bytes,
+        runtime="engine" if use_engine else "transformers",
+        bandwidth_gbps=measure_bandwidth() if device.type == "cpu" else 0.0,
         settings=asdict(settings),
     )
