@@ -143,3 +143,16 @@ def test_unsupported_models_fall_back_and_limits_are_checked():
         engine.prefill(0, ids(9))
     with pytest.raises(SlimError, match="kv cache dtype"):
         Engine(model_for("llama"), kv_dtype="int4")
+
+
+def test_chunked_prefill_equals_one_prefill():
+    model = model_for("qwen3")
+    prompt = ids(12)
+    engine = Engine(model, slots=2, max_len=32)
+    whole = engine.prefill(0, prompt)
+    engine.append(1, prompt[:5])
+    chunks = engine.append(1, prompt[5:], all_logits=True)
+    torch.testing.assert_close(chunks[-1], whole, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        expected = model(prompt[None]).logits[0, 5:]
+    torch.testing.assert_close(chunks, expected, rtol=1e-4, atol=1e-4)

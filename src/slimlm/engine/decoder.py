@@ -122,15 +122,19 @@ def _mlp(spec: DecoderSpec, mlp: nn.Module, x: Tensor) -> Tensor:
 @torch.no_grad()
 def forward(
     model: nn.Module, spec: DecoderSpec, ids: Tensor, positions: Tensor, cache: KVCache, rows: Tensor,
-    contiguous_rows: bool, last_only: bool = True,
+    contiguous_rows: bool, last_only: bool = True, fresh_prompt_fast_path: bool = True,
 ) -> Tensor:
     """Run tokens ids (B, T) at positions (B, T) of cache slots `rows` (B,), appending their keys
-    and values; returns logits (B, V) of each row's last token (or (B, T, V))."""
+    and values; returns logits (B, V) of each row's last token (or (B, T, V)).
+
+    A fresh single prompt attends to its own keys directly (SDPA's causal kernel);
+    `fresh_prompt_fast_path=False` makes it read them back from the cache like every other call
+    (what measuring a quantized cache needs)."""
     base = model.model
     h = base.embed_tokens(ids)  # (B, T, C)
     cos, sin = base.rotary_emb(h, positions)  # (B, T, R)
     length = int(positions.max()) + 1
-    full_causal = ids.shape[0] == 1 and int(positions[0, 0]) == 0  # a fresh prompt: SDPA's causal path
+    full_causal = fresh_prompt_fast_path and ids.shape[0] == 1 and int(positions[0, 0]) == 0
     masks: dict[int | None, Tensor] = {}
     for i, layer in enumerate(base.layers):
         attn = layer.self_attn

@@ -49,15 +49,23 @@ class Engine:
 
     def prefill(self, slot: int, ids: Tensor) -> Tensor:
         """Start slot `slot` with prompt ids (T,) (replacing what it held); returns the last logits (V,)."""
+        self.release(slot)
+        return self.append(slot, ids)
+
+    def append(self, slot: int, ids: Tensor, all_logits: bool = False, read_back: bool = False) -> Tensor:
+        """Feed ids (T,) after what slot `slot` holds (chunked prefill); returns the last logits (V,)
+        or, with all_logits, (T, V). read_back: attend to the cached keys even for a fresh prompt."""
         ids = ids.reshape(1, -1).to(self.device)
+        start = int(self.lengths[slot])
         if ids.shape[1] == 0:
             raise SlimError("the prompt is empty; give at least one token")
-        if ids.shape[1] >= self.max_len:
-            raise SlimError(f"the prompt has {ids.shape[1]} tokens; this engine holds {self.max_len} per sequence")
-        positions = torch.arange(ids.shape[1], device=self.device)[None]
+        if start + ids.shape[1] >= self.max_len:
+            raise SlimError(f"the prompt has {start + ids.shape[1]} tokens; this engine holds {self.max_len} per sequence")
+        positions = torch.arange(start, start + ids.shape[1], device=self.device)[None]
         rows = torch.tensor([slot], device=self.device)
-        logits = decoder.forward(self.model, self.spec, ids, positions, self.cache, rows, contiguous_rows=slot == 0)
-        self.lengths[slot] = ids.shape[1]
+        logits = decoder.forward(self.model, self.spec, ids, positions, self.cache, rows, contiguous_rows=slot == 0,
+                                 last_only=not all_logits, fresh_prompt_fast_path=not read_back)
+        self.lengths[slot] = start + ids.shape[1]
         return logits[0]
 
     def decode(self, slots: Tensor, tokens: Tensor) -> Tensor:
