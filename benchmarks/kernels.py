@@ -48,7 +48,7 @@ def main() -> None:
                    QuantScheme(bits=4, group_size=128), QuantScheme(bits=8, group_size=None, symmetric=True, format="fp8"),
                    QuantScheme(bits=4, group_size=32, symmetric=True, format="log")):
         layer = QuantizedLinear.from_float(lin, scheme)
-        for kernel in ("reference", "cpu_int8", "cpu_int4", "cpu_fp8"):
+        for kernel in ("reference", "cpu_int8", "cpu_int4", "cpu_fp8", "cpu_int4_avx512", "cpu_int4_a8", "cpu_int8_a8"):
             from slimlm.quant.kernels import get_kernel
 
             if get_kernel(kernel).supports(layer, torch.device("cpu")):

@@ -4,6 +4,7 @@ from torch import nn
 
 from slimlm.core.errors import SlimError
 from slimlm.quant.kernels import choose_kernel, kernel_names
+from slimlm.quant.kernels.cpu_avx512 import extension
 from slimlm.quant.linear import QuantizedLinear
 from slimlm.quant.scheme import QuantScheme
 
@@ -19,12 +20,22 @@ def run_with(layer, name, x):
     return layer(x)
 
 
+AVX512 = extension() is not None  # compiled once per machine (about 20 s), then cached by torch
 FAST_CASES = [
     ("cpu_int8", QuantScheme(bits=8, group_size=None, symmetric=True)),
     ("cpu_int8", QuantScheme(bits=8, group_size=None, symmetric=False)),
     ("cpu_int4", QuantScheme(bits=4, group_size=32, symmetric=False)),
     ("cpu_int4", QuantScheme(bits=4, group_size=64, symmetric=True)),
     ("cpu_int4", QuantScheme(bits=4, group_size=128, symmetric=False, scale_dtype="bfloat16")),
+] + ([
+    ("cpu_int4_avx512", QuantScheme(bits=4, group_size=32, symmetric=False)),
+    ("cpu_int4_avx512", QuantScheme(bits=4, group_size=128, symmetric=True)),
+] if AVX512 else [])
+INT8_ACTIVATION_CASES = [
+    ("cpu_int4_a8", QuantScheme(bits=4, group_size=32, symmetric=False)),
+    ("cpu_int4_a8", QuantScheme(bits=4, group_size=128, symmetric=True)),
+    ("cpu_int8_a8", QuantScheme(bits=8, group_size=None, symmetric=True)),
+    ("cpu_int8_a8", QuantScheme(bits=8, group_size=None, symmetric=False)),
 ]
 
 
@@ -55,6 +66,18 @@ def test_fast_kernels_match_reference_bf16(kernel, scheme):
     assert_bf16_close(fast, ref)
 
 
+@pytest.mark.skipif(not AVX512, reason="needs a C++ compiler and an AVX-512 VNNI/BF16 CPU")
+@pytest.mark.parametrize("kernel, scheme", INT8_ACTIVATION_CASES)
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+def test_int8_activation_kernels_stay_within_activation_rounding(kernel, scheme, m):
+    """int8 activations per 32 columns add about 0.5% of the output scale (more with outlier channels)."""
+    layer = make_layer(64, 256, scheme)
+    x = torch.randn(m, 256)
+    ref = run_with(layer, "reference", x)
+    fast = run_with(layer, kernel, x)
+    assert layer.kernel == kernel and (fast - ref).abs().max() <= 3e-2 * ref.abs().max()
+
+
 def test_reference_kernel_is_dequantize_matmul():
     layer = make_layer(24, 40, QuantScheme(bits=3, group_size=32))
     x = torch.randn(2, 40)
@@ -64,7 +87,9 @@ def test_reference_kernel_is_dequantize_matmul():
 
 def test_automatic_choice_and_fallback():
     int4 = make_layer(32, 64, QuantScheme(bits=4, group_size=32))
-    assert choose_kernel(int4, torch.device("cpu")).name == "cpu_int4"
+    assert choose_kernel(int4, torch.device("cpu")).name == ("cpu_int4_avx512" if AVX512 else "cpu_int4")
+    int4_g64 = make_layer(32, 64, QuantScheme(bits=4, group_size=64))  # the AVX-512 kernel has g32/g128 only
+    assert choose_kernel(int4_g64, torch.device("cpu")).name == "cpu_int4"
     odd = make_layer(24, 64, QuantScheme(bits=4, group_size=32))  # N % 16 != 0
     assert choose_kernel(odd, torch.device("cpu")).name == "reference"
     padded = make_layer(32, 100, QuantScheme(bits=4, group_size=32))  # group does not divide K

@@ -188,6 +188,8 @@ def load_compressed_tensors(path, raw: dict[str, Any], qblock: dict[str, Any], d
             raise SlimError(f"{path}: layer {name} has packed weights but no config group targets it; the folder is corrupt")
         _, scheme = found
         scale = state.pop(f"{name}.weight_scale")
+        if scale.dtype != torch.float16 and torch.equal(scale.to(torch.float16).to(scale.dtype), scale):
+            scale = scale.to(torch.float16)  # slimlm's own scale precision, widened on export: take it back
         scale_dtype = str(scale.dtype).removeprefix("torch.")
         if scale_dtype not in SCALE_DTYPES:
             raise SlimError(f"{path}: layer {name} has {scale_dtype} scales; expected one of {', '.join(SCALE_DTYPES)}")

@@ -13,16 +13,16 @@ from slimlm.core.errors import SlimError
 from slimlm.core.registry import Registry
 
 KERNELS: Registry = Registry("kernel")
-PRIORITY = ("cpu_int4", "cpu_int8", "cpu_fp8", "reference")
+PRIORITY = ("cpu_int4_avx512", "cpu_int4", "cpu_int8", "cpu_fp8", "reference")  # cpu_*_a8: on request only
 
 
 def _register_builtin() -> None:
     if KERNELS.names():
         return
-    from slimlm.quant.kernels import cpu_fp8, cpu_int4, cpu_int8, reference
+    from slimlm.quant.kernels import cpu_avx512, cpu_fp8, cpu_int4, cpu_int8, reference
 
-    for module in (reference, cpu_int8, cpu_int4, cpu_fp8):
-        KERNELS.register(module.KERNEL.name)(module.KERNEL)
+    for kernel in (reference.KERNEL, cpu_int8.KERNEL, cpu_int4.KERNEL, cpu_fp8.KERNEL, *cpu_avx512.KERNELS):
+        KERNELS.register(kernel.name)(kernel)
 
 
 def kernel_names() -> list[str]:

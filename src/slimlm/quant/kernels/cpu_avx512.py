@@ -1,0 +1,155 @@
+"""AVX-512 decode kernels for int4/int8 weights, C++ compiled at first use (`csrc/avx512_decode.cpp`,
+through `torch.utils.cpp_extension`), for the few rows of a decode step.
+
+  cpu_int4_avx512  int4 g32/g128 with bfloat16 activations (`_mm512_dpbf16_ps`): the default for
+                   decode; about as accurate as the ATen op (activations rounded to bfloat16) and
+                   1.1-2.2x faster, more at 4-8 rows (benchmarks/kernels.py);
+  cpu_int4_a8      the same layout with activations quantized to int8 per 32 columns
+                   (`vpdpbusd`, what llama.cpp's Q4_0 x Q8_0 does): faster still, but the activation
+                   rounding adds error, so only on request (`layer.set_kernel_("cpu_int4_a8")`);
+  cpu_int8_a8      int8 weights x int8 activations, on request for the same reason.
+From `DENSE_ROWS` rows on (prefill), weights are dequantized to bfloat16 for a dense GEMM.
+
+The extension is built once per CPU feature set (the name carries a hash of the source and the
+flags, since it is compiled with -march=native) and cached by torch. Without a C++ compiler, on a
+CPU without AVX-512 VNNI/BF16, or with SLIMLM_NO_CPP=1, these kernels report that they do not
+support the layer and the ATen kernels run instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from slimlm.quant.kernels.cpu_int4 import COMPUTE
+from slimlm.quant.kernels.cpu_int4 import KERNEL as INT4
+from slimlm.quant.primitives import group_size_for
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).parent / "csrc" / "avx512_decode.cpp"
+NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
+DENSE_ROWS = 16
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def extension():
+    """The compiled module, or None where it cannot be built or run here."""
+    if os.environ.get("SLIMLM_NO_CPP"):
+        return None
+    flags = _cpu_flags()
+    if not all(f in flags for f in NEEDED_FLAGS):
+        return None
+    if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
+        log.info("no C++ compiler found; the AVX-512 decode kernels are off (ATen kernels run instead)")
+        return None
+    source = SOURCE.read_text()
+    digest = hashlib.sha256((source + " ".join(sorted(flags))).encode()).hexdigest()[:12]
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        return load_inline(
+            name=f"slimlm_avx512_decode_{digest}", cpp_sources=[source],
+            functions=["q4a8_mm", "q8a8_mm", "q4bf16_mm", "set_prefetch"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
+        )
+    except Exception as e:  # a broken toolchain must never break inference: fall back to ATen
+        log.warning("could not build the AVX-512 decode kernels (%s); using the ATen kernels", str(e).splitlines()[0])
+        return None
+
+
+def repack_int4(layer) -> tuple[Tensor, Tensor, Tensor]:
+    """qw uint8 (N/16, K/8·64), sc fp16 (N/16, G, 16), zp uint8 (N/16, G, 16): 16-row tiles, each 8-column
+    chunk 64 bytes with byte 4j+i = q[16t+j, 8c+i] | q[16t+j, 8c+4+i] << 4 (see the .cpp header)."""
+    n, k = layer.out_features, layer.in_features
+    q = layer.codes().view(n // 16, 16, k // 8, 2, 4)  # (tile, row, chunk, half, i)
+    qw = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous().view(n // 16, -1)
+    g = layer.scale.shape[1]
+    sc = layer.scale.to(torch.float16).view(n // 16, 16, g).transpose(1, 2).contiguous()
+    zp = layer.zero_points().to(torch.uint8).view(n // 16, 16, g).transpose(1, 2).contiguous()
+    return qw, sc, zp
+
+
+def repack_int8(layer) -> tuple[Tensor, Tensor, Tensor]:
+    """qw uint8 (N/16, K·16) of unsigned codes in 16x4 chunks, per-row scale and zero point fp32 (N,)."""
+    n, k = layer.out_features, layer.in_features
+    codes = layer.qweight.view(torch.uint8) ^ 0x80  # int8 q - 128 -> unsigned q
+    qw = codes.view(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(n // 16, -1)
+    return qw, layer.scale.float().reshape(n).contiguous(), layer.zero_points().float().reshape(n).contiguous()
+
+
+class _Avx512Kernel:
+    bits = 4
+    activations = "bf16"
+    dense_rows = DENSE_ROWS
+
+    def supports(self, layer, device: torch.device) -> bool:
+        s = layer.scheme
+        if device.type != "cpu" or s.format != "int" or s.bits != self.bits:
+            return False
+        n, k = layer.out_features, layer.in_features
+        if n % 16 or k % 32:
+            return False
+        if self.bits == 4 and (group_size_for(k, s) not in (32, 128) or k % group_size_for(k, s)
+                               or s.scale_dtype != "float16"):
+            return False
+        if self.bits == 8 and layer.scale.shape[1] != 1:
+            return False
+        return extension() is not None
+
+    def prepare(self, layer, dtype: torch.dtype):
+        if self.bits == 8:
+            return repack_int8(layer), None
+        group = group_size_for(layer.in_features, layer.scheme)
+        scale = layer.scale.float()  # (N, G)
+        dense = (None, group, None, scale.to(COMPUTE)[..., None], (layer.zero_points() * scale).to(COMPUTE)[..., None])
+        return (*repack_int4(layer), group), dense  # dense: the state `cpu_int4.dense_weight` reads
+
+    def run(self, x: Tensor, layer, state) -> Tensor:
+        packed, dense = state
+        if x.shape[0] >= self.dense_rows:  # prefill: dequantize to bfloat16 once per call, dense GEMM
+            w = INT4.dense_weight(layer, dense) if self.bits == 4 else layer.dequantize(COMPUTE)
+            return F.linear(x.to(COMPUTE), w).to(x.dtype)
+        ext = extension()
+        if self.activations == "bf16":
+            y = ext.q4bf16_mm(x.to(COMPUTE).contiguous(), *packed)
+        elif self.bits == 4:
+            y = ext.q4a8_mm(x.float().contiguous(), *packed)
+        else:
+            y = ext.q8a8_mm(x.float().contiguous(), *packed)
+        return y.to(x.dtype)
+
+
+class CpuInt4Avx512Kernel(_Avx512Kernel):
+    name = "cpu_int4_avx512"
+
+
+class CpuInt4A8Kernel(_Avx512Kernel):
+    name = "cpu_int4_a8"
+    activations = "int8"
+
+
+class CpuInt8A8Kernel(_Avx512Kernel):
+    name = "cpu_int8_a8"
+    bits = 8
+    activations = "int8"
+
+
+KERNELS = (CpuInt4Avx512Kernel(), CpuInt4A8Kernel(), CpuInt8A8Kernel())

@@ -1,0 +1,316 @@
+// Decode (small-M) weight-only matmul kernels for slimlm, AVX-512 VNNI / BF16.
+//
+// y (M, N) fp32 = x (M, K) fp32 @ W^T, W dequantized on the fly.
+//
+// int4 VNNI ("q4a8"): activations quantized on the fly to int8 per 32-column block (scale dx = amax/127,
+//   round to nearest), dot products with _mm512_dpbusd_epi32 (u8 nibble codes x s8 activations).
+//   Layout (tile = 16 output rows):
+//     qw  uint8 [N/16][K/8][64]: chunk (t, c) holds k = 8c..8c+7 of rows 16t..16t+15;
+//         byte 4j+i = q[16t+j][8c+i] | q[16t+j][8c+4+i] << 4   (j < 16, i < 4)
+//     sc  fp16  [N/16][G][16]  scale of row 16t+j, group g
+//     zp  uint8 [N/16][G][16]  zero point of row 16t+j, group g
+//   y[m][n] = sum_g s_ng * (sum_{b in g} dx_mb * dot_mnb  -  z_ng * sum_{b in g} dx_mb * sum_k xq_mk)
+//
+// int8 VNNI ("q8a8"): same activation quantization; weights as unsigned codes u = q + 128 (stored ^ 0x80).
+//     qw  uint8 [N/16][K/4][64]: chunk (t, c): byte 4j+i = u[16t+j][4c+i]
+//     sc  fp32 [N], zp fp32 [N] (128 for symmetric, else the zero point)
+//
+// int4 BF16 ("q4bf16"): activations rounded to bf16 (like ATen's op), weights use the same qw/sc/zp layout as
+//   int4 VNNI (same repack!). Nibble q becomes the bf16 bit pattern 0x4300|q = 128+q exactly (byte unpack with
+//   0x43), dot products with _mm512_dpbf16_ps, and (128 + z) * sum(x_g) is subtracted per group.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int QB = 32;  // activation quantization block
+int g_pf = 8192;          // software prefetch distance in bytes (0: off); 8192 was best in a sweep on EPYC
+
+// x (M, K) fp32 -> xq int8 (M, K), dx (M, K/32), dsum (M, K/32) = dx * sum(xq of block)
+void quant_act(const float* x, int M, int K, int8_t* xq, float* dx, float* dsum) {
+  const int nb = K / QB;
+  const __m512 signmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int m = 0; m < M; ++m) {
+    for (int b = 0; b < nb; ++b) {
+      const float* p = x + (size_t)m * K + b * QB;
+      __m512 a = _mm512_loadu_ps(p), c = _mm512_loadu_ps(p + 16);
+      __m512 am = _mm512_max_ps(_mm512_and_ps(a, signmask), _mm512_and_ps(c, signmask));
+      float amax = _mm512_reduce_max_ps(am);
+      float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+      __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));
+      __m512i qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, _mm512_set1_ps(id)));
+      int8_t* o = xq + (size_t)m * K + b * QB;
+      _mm_storeu_si128((__m128i*)o, _mm512_cvtsepi32_epi8(qa));
+      _mm_storeu_si128((__m128i*)(o + 16), _mm512_cvtsepi32_epi8(qc));
+      int s = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc));
+      dx[m * nb + b] = d;
+      dsum[m * nb + b] = d * (float)s;
+    }
+  }
+}
+
+template <int M, int NBG>  // NBG: 32-blocks per weight group
+void q4a8_tiles(const int8_t* xq, const float* dx, const float* xsg, int K, int G, const uint8_t* qw,
+                const uint16_t* sc, const uint8_t* zp, float* y, int N, int64_t t0, int64_t t1) {
+  const int nb = K / QB;
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* w = qw + (size_t)t * (K / 8) * 64;
+    const uint16_t* s = sc + (size_t)t * G * 16;
+    const uint8_t* z = zp + (size_t)t * G * 16;
+    __m512 yacc[M];
+    for (int m = 0; m < M; ++m) yacc[m] = _mm512_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+      __m512 af[M];
+      for (int bb = 0; bb < NBG; ++bb) {
+        const int kb = g * NBG + bb;
+        const uint8_t* wb = w + (size_t)kb * 256;
+        if (g_pf) {
+          _mm_prefetch((const char*)(wb + g_pf), _MM_HINT_T0);
+          _mm_prefetch((const char*)(wb + g_pf + 64), _MM_HINT_T0);
+          _mm_prefetch((const char*)(wb + g_pf + 128), _MM_HINT_T0);
+          _mm_prefetch((const char*)(wb + g_pf + 192), _MM_HINT_T0);
+        }
+        __m512i ai[M], bi[M];
+        for (int m = 0; m < M; ++m) ai[m] = bi[m] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+          __m512i v = _mm512_loadu_si512(wb + c * 64);
+          __m512i lo = _mm512_and_si512(v, mask);
+          __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+          for (int m = 0; m < M; ++m) {
+            const int8_t* xp = xq + (size_t)m * K + kb * QB + c * 8;
+            ai[m] = _mm512_dpbusd_epi32(ai[m], lo, _mm512_set1_epi32(*(const int32_t*)xp));
+            bi[m] = _mm512_dpbusd_epi32(bi[m], hi, _mm512_set1_epi32(*(const int32_t*)(xp + 4)));
+          }
+        }
+        for (int m = 0; m < M; ++m) {
+          __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(ai[m], bi[m]));
+          __m512 d = _mm512_set1_ps(dx[m * nb + kb]);
+          af[m] = bb == 0 ? _mm512_mul_ps(f, d) : _mm512_fmadd_ps(f, d, af[m]);
+        }
+      }
+      if (g_pf && ((g * 32) & 63) == 0) {  // scales/zeros: same lead in time as the codes (1 line per 2/4 groups)
+        _mm_prefetch((const char*)(s + g * 16) + g_pf / (8 * NBG), _MM_HINT_T0);
+        if (((g * 16) & 63) == 0) _mm_prefetch((const char*)(z + g * 16) + g_pf / (16 * NBG), _MM_HINT_T0);
+      }
+      __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + g * 16)));
+      __m512 zv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + g * 16))));
+      for (int m = 0; m < M; ++m)
+        yacc[m] = _mm512_fmadd_ps(sv, _mm512_fnmadd_ps(zv, _mm512_set1_ps(xsg[m * G + g]), af[m]), yacc[m]);
+    }
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + (size_t)m * N + t * 16, yacc[m]);
+  }
+}
+
+template <int M>
+void q8a8_tiles(const int8_t* xq, const float* dx, const float* xtot, int K, const uint8_t* qw, const float* sc,
+                const float* zp, float* y, int N, int64_t t0, int64_t t1) {
+  const int nb = K / QB;
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* w = qw + (size_t)t * K * 16;
+    __m512 D[M];
+    for (int m = 0; m < M; ++m) D[m] = _mm512_setzero_ps();
+    for (int kb = 0; kb < nb; ++kb) {
+      const uint8_t* wb = w + (size_t)kb * 512;
+      if (g_pf)
+        for (int p = 0; p < 512; p += 64) _mm_prefetch((const char*)(wb + g_pf + p), _MM_HINT_T0);
+      __m512i ai[M], bi[M];
+      for (int m = 0; m < M; ++m) ai[m] = bi[m] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        __m512i v0 = _mm512_loadu_si512(wb + c * 128);
+        __m512i v1 = _mm512_loadu_si512(wb + c * 128 + 64);
+        for (int m = 0; m < M; ++m) {
+          const int8_t* xp = xq + (size_t)m * K + kb * QB + c * 8;
+          ai[m] = _mm512_dpbusd_epi32(ai[m], v0, _mm512_set1_epi32(*(const int32_t*)xp));
+          bi[m] = _mm512_dpbusd_epi32(bi[m], v1, _mm512_set1_epi32(*(const int32_t*)(xp + 4)));
+        }
+      }
+      for (int m = 0; m < M; ++m)
+        D[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ai[m], bi[m])), _mm512_set1_ps(dx[m * nb + kb]),
+                               D[m]);
+    }
+    __m512 sv = _mm512_loadu_ps(sc + t * 16), zv = _mm512_loadu_ps(zp + t * 16);
+    for (int m = 0; m < M; ++m)
+      _mm512_storeu_ps(y + (size_t)m * N + t * 16, _mm512_mul_ps(sv, _mm512_fnmadd_ps(zv, _mm512_set1_ps(xtot[m]), D[m])));
+  }
+}
+
+// bf16 activations against the same int4 layout. xb: (M, K) bf16 bits, xsum: (M, G) sum of bf16(x) per group.
+// After unpacklo/hi_epi8 with 0x43: 32-bit lane p of 128-bit block L holds k-pair (p & 1) of row 4L + (p >> 1)
+// (lo) or 4L + 2 + (p >> 1) (hi); the k-pair alternates, so a 64-bit broadcast of x[k..k+3] feeds every lane.
+template <int M, int GS>
+void q4bf16_tiles(const uint16_t* xb, const float* xsum, int K, int G, const uint8_t* qw, const uint16_t* sc,
+                  const uint8_t* zp, float* y, int N, int64_t t0, int64_t t1) {
+  const __m512i mask = _mm512_set1_epi8(0x0F), c43 = _mm512_set1_epi8(0x43);
+  // lane permutations: row r of the tile -> (lane of lo/hi accumulator); we compute per-lane scale vectors
+  // sA[lane] = s[row_lo(lane)], sB[lane] = s[row_hi(lane)] with idx vectors
+  const __m512i idxA = _mm512_setr_epi32(0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13);
+  const __m512i idxB = _mm512_setr_epi32(2, 2, 3, 3, 6, 6, 7, 7, 10, 10, 11, 11, 14, 14, 15, 15);
+  const __m512 evenmask = _mm512_castsi512_ps(_mm512_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0));
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* w = qw + (size_t)t * (K / 8) * 64;
+    const uint16_t* s = sc + (size_t)t * G * 16;
+    const uint8_t* z = zp + (size_t)t * G * 16;
+    __m512 yA[M], yB[M];
+    for (int m = 0; m < M; ++m) yA[m] = yB[m] = _mm512_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+      __m512 aA[M], aB[M];
+      for (int m = 0; m < M; ++m) aA[m] = aB[m] = _mm512_setzero_ps();
+      const uint8_t* wg = w + (size_t)g * (GS / 8) * 64;
+      if (g_pf)
+        for (int p = 0; p < GS * 8; p += 64) _mm_prefetch((const char*)(wg + g_pf + p), _MM_HINT_T0);
+#pragma GCC unroll 4
+      for (int c = 0; c < GS / 8; ++c) {
+        __m512i v = _mm512_loadu_si512(wg + c * 64);
+        __m512i lo = _mm512_and_si512(v, mask);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+        __m512bh loA = (__m512bh)_mm512_unpacklo_epi8(lo, c43), loB = (__m512bh)_mm512_unpackhi_epi8(lo, c43);
+        __m512bh hiA = (__m512bh)_mm512_unpacklo_epi8(hi, c43), hiB = (__m512bh)_mm512_unpackhi_epi8(hi, c43);
+        for (int m = 0; m < M; ++m) {
+          const uint16_t* xp = xb + (size_t)m * K + g * GS + c * 8;
+          __m512bh x0 = (__m512bh)_mm512_set1_epi64(*(const int64_t*)xp);
+          __m512bh x1 = (__m512bh)_mm512_set1_epi64(*(const int64_t*)(xp + 4));
+          aA[m] = _mm512_dpbf16_ps(aA[m], loA, x0);
+          aB[m] = _mm512_dpbf16_ps(aB[m], loB, x0);
+          aA[m] = _mm512_dpbf16_ps(aA[m], hiA, x1);
+          aB[m] = _mm512_dpbf16_ps(aB[m], hiB, x1);
+        }
+      }
+      __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + g * 16)));
+      __m512 zv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + g * 16))));
+      __m512 szv = _mm512_mul_ps(sv, _mm512_add_ps(zv, _mm512_set1_ps(128.f)));  // s * (128 + z)
+      __m512 sA = _mm512_permutexvar_ps(idxA, sv), sB = _mm512_permutexvar_ps(idxB, sv);
+      __m512 zA = _mm512_and_ps(_mm512_permutexvar_ps(idxA, szv), evenmask);
+      __m512 zB = _mm512_and_ps(_mm512_permutexvar_ps(idxB, szv), evenmask);
+      for (int m = 0; m < M; ++m) {
+        __m512 xs = _mm512_set1_ps(xsum[m * G + g]);
+        yA[m] = _mm512_fnmadd_ps(zA, xs, _mm512_fmadd_ps(sA, aA[m], yA[m]));
+        yB[m] = _mm512_fnmadd_ps(zB, xs, _mm512_fmadd_ps(sB, aB[m], yB[m]));
+      }
+    }
+    // pair-sum lanes (2i, 2i+1) and scatter back to row order
+    for (int m = 0; m < M; ++m) {
+      // pairsum: lanes 2i+1 added into 2i
+      __m512 pa = _mm512_add_ps(yA[m], _mm512_permute_ps(yA[m], 0xB1));  // swap adjacent
+      __m512 pb = _mm512_add_ps(yB[m], _mm512_permute_ps(yB[m], 0xB1));
+      // even lanes of pa: rows 4L + {0,1} at lanes 4L + {0,2}; of pb: rows 4L+{2,3} at lanes 4L+{0,2}
+      // row r = 4L+q: q<2 -> pa lane 4L+2q, q>=2 -> pb lane 4L+2(q-2) (index 16+ in permutex2var)
+      const __m512i idx = _mm512_setr_epi32(0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, 12, 14, 28, 30);
+      _mm512_storeu_ps(y + (size_t)m * N + t * 16, _mm512_permutex2var_ps(pa, idx, pb));
+    }
+  }
+}
+
+template <typename F>
+void par(int64_t ntiles, F f) {
+  at::parallel_for(0, ntiles, 1, [&](int64_t a, int64_t b) { f(a, b); });
+}
+
+}  // namespace
+
+// x (M, K) fp32 contiguous. Returns (M, N) fp32.
+torch::Tensor q4a8_mm(torch::Tensor x, torch::Tensor qw, torch::Tensor sc, torch::Tensor zp, int64_t group) {
+  const int M = x.size(0), K = x.size(1);
+  const int N = qw.size(0) * 16, G = K / group, nb = K / QB;
+  TORCH_CHECK(K % 128 == 0 || K % group == 0, "K");
+  auto y = torch::empty({M, N}, x.options());
+  std::vector<int8_t> xq((size_t)M * K);
+  std::vector<float> dx((size_t)M * nb), ds((size_t)M * nb), xsg((size_t)M * G);
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* w = qw.data_ptr<uint8_t>();
+  const uint16_t* s = (const uint16_t*)sc.data_ptr<at::Half>();
+  const uint8_t* z = zp.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t ntiles = N / 16;
+  for (int m0 = 0; m0 < M; m0 += 8) {
+    const int mm = std::min(8, M - m0);
+    quant_act(xp + (size_t)m0 * K, mm, K, xq.data(), dx.data(), ds.data());
+    const int nbg = group / QB;
+    for (int m = 0; m < mm; ++m)
+      for (int g = 0; g < G; ++g) {
+        float a = 0;
+        for (int b = 0; b < nbg; ++b) a += ds[m * nb + g * nbg + b];
+        xsg[m * G + g] = a;
+      }
+    float* yo = yp + (size_t)m0 * N;
+#define Q4CASE(MM, NBG)                                                                                              \
+  case MM:                                                                                                            \
+    par(ntiles, [&](int64_t a, int64_t b) { q4a8_tiles<MM, NBG>(xq.data(), dx.data(), xsg.data(), K, G, w, s, z, yo, N, a, b); }); \
+    break;
+    if (nbg == 1) {
+      switch (mm) { Q4CASE(1, 1) Q4CASE(2, 1) Q4CASE(3, 1) Q4CASE(4, 1) Q4CASE(5, 1) Q4CASE(6, 1) Q4CASE(7, 1) Q4CASE(8, 1) }
+    } else if (nbg == 4) {
+      switch (mm) { Q4CASE(1, 4) Q4CASE(2, 4) Q4CASE(3, 4) Q4CASE(4, 4) Q4CASE(5, 4) Q4CASE(6, 4) Q4CASE(7, 4) Q4CASE(8, 4) }
+    } else {
+      TORCH_CHECK(false, "group must be 32 or 128");
+    }
+  }
+  return y;
+}
+
+torch::Tensor q8a8_mm(torch::Tensor x, torch::Tensor qw, torch::Tensor sc, torch::Tensor zp) {
+  const int M = x.size(0), K = x.size(1);
+  const int N = qw.size(0) * 16, nb = K / QB;
+  auto y = torch::empty({M, N}, x.options());
+  std::vector<int8_t> xq((size_t)M * K);
+  std::vector<float> dx((size_t)M * nb), ds((size_t)M * nb), xt(8);
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* w = qw.data_ptr<uint8_t>();
+  const float* s = sc.data_ptr<float>();
+  const float* z = zp.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t ntiles = N / 16;
+  for (int m0 = 0; m0 < M; m0 += 8) {
+    const int mm = std::min(8, M - m0);
+    quant_act(xp + (size_t)m0 * K, mm, K, xq.data(), dx.data(), ds.data());
+    for (int m = 0; m < mm; ++m) {
+      float a = 0;
+      for (int b = 0; b < nb; ++b) a += ds[m * nb + b];
+      xt[m] = a;
+    }
+    float* yo = yp + (size_t)m0 * N;
+#define Q8CASE(MM) \
+  case MM: par(ntiles, [&](int64_t a, int64_t b) { q8a8_tiles<MM>(xq.data(), dx.data(), xt.data(), K, w, s, z, yo, N, a, b); }); break;
+    switch (mm) { Q8CASE(1) Q8CASE(2) Q8CASE(3) Q8CASE(4) Q8CASE(5) Q8CASE(6) Q8CASE(7) Q8CASE(8) }
+  }
+  return y;
+}
+
+// x (M, K) bf16 contiguous. Returns (M, N) fp32.
+torch::Tensor q4bf16_mm(torch::Tensor x, torch::Tensor qw, torch::Tensor sc, torch::Tensor zp, int64_t group) {
+  const int M = x.size(0), K = x.size(1);
+  const int N = qw.size(0) * 16, G = K / group;
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  auto xsum = x.view({M, G, group}).sum(-1, false, torch::kFloat32).contiguous();  // (M, G)
+  const uint16_t* xb = (const uint16_t*)x.data_ptr<at::BFloat16>();
+  const float* xs = xsum.data_ptr<float>();
+  const uint8_t* w = qw.data_ptr<uint8_t>();
+  const uint16_t* s = (const uint16_t*)sc.data_ptr<at::Half>();
+  const uint8_t* z = zp.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t ntiles = N / 16;
+  for (int m0 = 0; m0 < M; m0 += 8) {
+    const int mm = std::min(8, M - m0);
+    const uint16_t* xo = xb + (size_t)m0 * K;
+    const float* xso = xs + (size_t)m0 * G;
+    float* yo = yp + (size_t)m0 * N;
+#define QBCASE(MM, GS) \
+  case MM: par(ntiles, [&](int64_t a, int64_t b) { q4bf16_tiles<MM, GS>(xo, xso, K, G, w, s, z, yo, N, a, b); }); break;
+    if (group == 32) {
+      switch (mm) { QBCASE(1, 32) QBCASE(2, 32) QBCASE(3, 32) QBCASE(4, 32) QBCASE(5, 32) QBCASE(6, 32) QBCASE(7, 32) QBCASE(8, 32) }
+    } else if (group == 128) {
+      switch (mm) { QBCASE(1, 128) QBCASE(2, 128) QBCASE(3, 128) QBCASE(4, 128) QBCASE(5, 128) QBCASE(6, 128) QBCASE(7, 128) QBCASE(8, 128) }
+    } else {
+      TORCH_CHECK(false, "group must be 32 or 128");
+    }
+  }
+  return y;
+}
+
+void set_prefetch(int64_t d) { g_pf = (int)d; }
+
