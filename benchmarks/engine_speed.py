@@ -1,6 +1,7 @@
 """Decode and prefill speed of slimlm's engine against transformers' own forward, on a
 TinyLlama-1.1B-shaped random model built locally (hidden 2048, intermediate 5632, 22 layers,
-32/4 heads, vocab 32000), for fp32, bf16, int8 and int4 g32/g128 weights.
+32/4 heads, vocab 32000), for fp32, bf16, int8 and int4 g32/g128 weights (default kernels) and the
+opt-in int8-activation kernels ("a8").
 
     python benchmarks/engine_speed.py [--threads 2 --new-tokens 64 --repeats 3 --batch-sizes 1,4,8,16]
 
@@ -25,6 +26,9 @@ VARIANTS = {
     "int8": [("cast", {"dtype": "bfloat16"}), ("rtn", {"bits": 8, "group_size": None, "symmetric": True})],
     "int4 g32": [("cast", {"dtype": "bfloat16"}), ("rtn", {"bits": 4, "group_size": 32})],
     "int4 g128": [("cast", {"dtype": "bfloat16"}), ("rtn", {"bits": 4, "group_size": 128})],
+    "int4 g32 a8": [("cast", {"dtype": "bfloat16"}), ("rtn", {"bits": 4, "group_size": 32}), ("kernel", "cpu_int4_a8")],
+    "int8 a8": [("cast", {"dtype": "bfloat16"}), ("rtn", {"bits": 8, "group_size": None, "symmetric": True}),
+                ("kernel", "cpu_int8_a8")],
 }
 
 
@@ -83,7 +87,12 @@ def main() -> None:
     for name in args.variants.split(","):
         model = build(args.layers)
         for method, settings in VARIANTS[name]:
-            slimlm.quantize(model, method, **settings)
+            if method == "kernel":  # opt-in kernels (int8 activations) are forced per layer
+                for module in model.modules():
+                    if hasattr(module, "set_kernel_") and hasattr(module, "scheme"):
+                        module.set_kernel_(settings)
+            else:
+                slimlm.quantize(model, method, **settings)
         step_bytes = decode_bytes_per_step(model)
         gen = torch.Generator().manual_seed(0)
         for batch in batches:

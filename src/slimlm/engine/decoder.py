@@ -97,6 +97,18 @@ def attention_mask(positions: Tensor, length: int, window: int | None) -> Tensor
     return mask[:, None]
 
 
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Attention of one query per row: q (B, H, 1, D) against k, v (B, Hkv, L, D) with mask
+    (B, 1, 1, L), as two small matmuls with a float32 softmax. At one query CPU SDPA spends ~0.2 ms
+    per call in setup (measured on a 1.1B model, 22 layers: 4.6 ms of a 30 ms step)."""
+    b, h, _, d = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    qg = q.reshape(b, kv_heads, h // kv_heads, d).float()  # (B, Hkv, G, D): query heads sharing a kv head
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (B, Hkv, G, L); float32 (CPU bf16 bmm is slow)
+    scores = scores.masked_fill(~mask.reshape(b, 1, 1, length), float("-inf"))
+    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype).reshape(b, h, 1, d)  # (B, H, 1, D)
+
+
 def _project_qkv(spec: DecoderSpec, attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     b, t, _ = x.shape
     d = spec.head_dim
@@ -150,8 +162,11 @@ def forward(
             keys, values = cache.read(i, rows, length, contiguous_rows)
             if window not in masks:
                 masks[window] = attention_mask(positions, length, window)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[window], scale=spec.scaling,
-                                                 enable_gqa=spec.n_kv_heads != spec.n_heads)
+            if ids.shape[1] == 1:
+                out = decode_attention(q, keys, values, masks[window], spec.scaling)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[window], scale=spec.scaling,
+                                                     enable_gqa=spec.n_kv_heads != spec.n_heads)
         h = h + attn.o_proj(out.transpose(1, 2).reshape(*ids.shape, -1))
         h = h + _mlp(spec, layer.mlp, layer.post_attention_layernorm(h))
     h = base.norm(h[:, -1:] if last_only else h)
