@@ -36,7 +36,7 @@ from slimlm.quant.primitives import group_size_for
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "avx512_decode.cpp"
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
-DENSE_ROWS = 16
+DENSE_ROWS = 128  # the kernel beats dequantize + bf16 GEMM up to ~64-128 rows (benchmarks/kernels.py)
 
 
 def _cpu_flags() -> set[str]:
