@@ -31,6 +31,7 @@ from torch import Tensor
 
 from slimlm.quant.kernels.cpu_int4 import COMPUTE
 from slimlm.quant.kernels.cpu_int4 import KERNEL as INT4
+from slimlm.quant.kernels.cpu_int8 import KERNEL as INT8
 from slimlm.quant.primitives import group_size_for
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class _Avx512Kernel:
 
     def prepare(self, layer, dtype: torch.dtype):
         if self.bits == 8:
-            return repack_int8(layer), None
+            return repack_int8(layer), INT8.prepare(layer, dtype)  # dense: the state `cpu_int8.dense_weight` reads
         group = group_size_for(layer.in_features, layer.scheme)
         scale = layer.scale.float()  # (N, G)
         dense = (None, group, None, scale.to(COMPUTE)[..., None], (layer.zero_points() * scale).to(COMPUTE)[..., None])
@@ -125,7 +126,7 @@ class _Avx512Kernel:
     def run(self, x: Tensor, layer, state) -> Tensor:
         packed, dense = state
         if x.shape[0] >= self.dense_rows:  # prefill: dequantize to bfloat16 once per call, dense GEMM
-            w = INT4.dense_weight(layer, dense) if self.bits == 4 else layer.dequantize(COMPUTE)
+            w = (INT4 if self.bits == 4 else INT8).dense_weight(layer, dense)
             return F.linear(x.to(COMPUTE), w).to(x.dtype)
         ext = extension()
         if self.activations == "bf16":
