@@ -36,15 +36,18 @@ def teacher_forced(engine, slot, prompt, continuation):
     return torch.stack(out)
 
 
+def assert_matches_forward(model, engine, prompt, continuation, tol=1e-4, slot=0):
+    """The engine's teacher-forced logits equal the model's own forward over the same tokens."""
+    got = teacher_forced(engine, slot, prompt, continuation)
+    with torch.no_grad():
+        expected = model(torch.cat([prompt, continuation])[None]).logits[0, len(prompt) - 1 : -1]
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_engine_logits_equal_the_models_own_forward(family):
     model = model_for(family)
-    prompt, continuation = ids(7), ids(9, seed=1)
-    engine = Engine(model, slots=2, max_len=64)
-    got = teacher_forced(engine, 1, prompt, continuation)
-    with torch.no_grad():
-        expected = model(torch.cat([prompt, continuation])[None]).logits[0, len(prompt) - 1 : -1]
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert_matches_forward(model, Engine(model, slots=2, max_len=64), ids(7), ids(9, seed=1), slot=1)
 
 
 def test_greedy_output_equals_transformers_generate_on_the_demo_model():
@@ -88,11 +91,7 @@ def test_slots_can_be_any_subset_and_reused():
 
 def test_sliding_window_matches_mistral():
     model = model_for("mistral", sliding_window=4)
-    prompt, continuation = ids(6), ids(8, seed=4)
-    got = teacher_forced(Engine(model, max_len=32), 0, prompt, continuation)
-    with torch.no_grad():
-        expected = model(torch.cat([prompt, continuation])[None]).logits[0, len(prompt) - 1 : -1]
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert_matches_forward(model, Engine(model, max_len=32), ids(6), ids(8, seed=4))
 
 
 def test_attention_mask():
@@ -124,11 +123,7 @@ def test_kv_quantization_round_trip():
 
 def test_quantized_models_run_on_the_engine():
     model = slimlm.quantize(model_for("llama"), "rtn", bits=4, group_size=32)
-    prompt, continuation = ids(5), ids(6, seed=6)
-    got = teacher_forced(Engine(model, max_len=32), 0, prompt, continuation)
-    with torch.no_grad():
-        expected = model(torch.cat([prompt, continuation])[None]).logits[0, len(prompt) - 1 : -1]
-    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    assert_matches_forward(model, Engine(model, max_len=32), ids(5), ids(6, seed=6), tol=1e-3)
 
 
 def test_unsupported_models_fall_back_and_limits_are_checked():
