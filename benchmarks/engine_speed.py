@@ -26,6 +26,7 @@ VARIANTS = {
     "int8": [("cast", {"dtype": "bfloat16"}), ("rtn", {"bits": 8, "group_size": None, "symmetric": True})],
     "int4 g32": [("cast", {"dtype": "bfloat16"}), ("rtn", {"bits": 4, "group_size": 32})],
     "int4 g128": [("cast", {"dtype": "bfloat16"}), ("rtn", {"bits": 4, "group_size": 128})],
+    "int4 g32 +head": [("cast", {"dtype": "bfloat16"}), ("rtn", {"bits": 4, "group_size": 32, "include": ["*", "lm_head"]})],
     "int4 g32 a8": [("cast", {"dtype": "bfloat16"}), ("rtn", {"bits": 4, "group_size": 32}), ("kernel", "cpu_int4_a8")],
     "int8 a8": [("cast", {"dtype": "bfloat16"}), ("rtn", {"bits": 8, "group_size": None, "symmetric": True}),
                 ("kernel", "cpu_int8_a8")],

@@ -60,3 +60,14 @@ def test_report_markdown_and_json():
     md = r.to_markdown()
     assert "| int4 | rtn | 11.000 | +10.00% | 0.01000 | 90.00% |" in md and "2.00x" in md
     assert json.loads(r.to_json())["variants"][1]["quality"]["top1"] == 0.9
+
+
+def test_speed_with_a_quantized_output_head():
+    import slimlm
+    from slimlm.eval.speed import BenchSettings, decode_bytes_per_step, measure_speed
+    from slimlm.testing import tiny_model
+
+    model = slimlm.quantize(tiny_model("mistral"), "rtn", bits=8, group_size=None, include=["*", "lm_head"])
+    assert decode_bytes_per_step(model) > 0
+    result = measure_speed(model, BenchSettings(prompt_tokens=4, new_tokens=3, batch_sizes=(1,), repeats=1, warmup=0))
+    assert result.decode_tps[1] > 0

@@ -72,7 +72,8 @@ def decode_bytes_per_step(model: nn.Module) -> int:
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
     emb = get_in() if callable(get_in) else None
     head = get_out() if callable(get_out) else None
-    if emb is not None and (head is None or head.weight.data_ptr() != emb.weight.data_ptr()):
+    head_weight = getattr(head, "weight", None)  # None when the head is quantized (never tied then)
+    if emb is not None and (head_weight is None or head_weight.data_ptr() != emb.weight.data_ptr()):
         total -= emb.weight.numel() * emb.weight.element_size()
     return total
 
