@@ -18,7 +18,7 @@ import time
 import torch
 
 import slimlm
-from slimlm.eval.speed import _Runner, decode_bytes_per_step, measure_bandwidth
+from slimlm.eval.speed import _Runner, _sync, decode_bytes_per_step, measure_bandwidth
 
 VARIANTS = {
     "fp32": [],
@@ -36,20 +36,24 @@ VARIANTS = {
 @torch.no_grad()
 def decode_seconds(runner: _Runner, ids: torch.Tensor, steps: int) -> float:
     tokens = runner.prefill(ids).argmax(-1)
+    _sync(ids.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         tokens = runner.step(tokens).argmax(-1)
+    _sync(ids.device)
     return time.perf_counter() - t0
 
 
 @torch.no_grad()
 def prefill_seconds(runner: _Runner, ids: torch.Tensor) -> float:
+    _sync(ids.device)
     t0 = time.perf_counter()
     runner.prefill(ids).argmax(-1)
+    _sync(ids.device)
     return time.perf_counter() - t0
 
 
-def build(layers: int):
+def build(layers: int, device: str = "cpu"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
@@ -57,10 +61,11 @@ def build(layers: int):
     torch.manual_seed(0)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     for name, p in model.named_parameters():  # random weights at a realistic scale, fast
         p.data.normal_(0, 0.02) if p.dim() > 1 else p.data.fill_(1.0)
     model.model.rotary_emb.__init__(config)  # its buffers were on meta
+    model.model.rotary_emb.to(device)
     return model.eval()
 
 
@@ -77,16 +82,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-sizes", default="1")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the a8 variants are CPU-only)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    bandwidth = f"memory read bandwidth {measure_bandwidth():.0f} GB/s" if args.device == "cpu" else args.device
     print(f"threads {args.threads}, {args.layers} layers, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
-          f"memory read bandwidth {measure_bandwidth():.0f} GB/s")
+          f"{bandwidth}")
     print(f"{'variant':<10} {'batch':>5} {'engine tok/s (min-max)':>26} {'transformers tok/s':>26} {'ratio':>6} "
           f"{'GB/s':>6} {'prefill eng/hf tok/s':>22}")
     max_len = args.prompt_tokens + args.new_tokens + 1
     for name in args.variants.split(","):
-        model = build(args.layers)
+        model = build(args.layers, args.device)
         for method, settings in VARIANTS[name]:
             if method == "kernel":  # opt-in kernels (int8 activations) are forced per layer
                 for module in model.modules():
@@ -97,7 +104,7 @@ def main() -> None:
         step_bytes = decode_bytes_per_step(model)
         gen = torch.Generator().manual_seed(0)
         for batch in batches:
-            ids = torch.randint(0, 32000, (batch, args.prompt_tokens), generator=gen)
+            ids = torch.randint(0, 32000, (batch, args.prompt_tokens), generator=gen).to(args.device)
             engine, baseline = _Runner(model, batch, max_len, True, "auto"), _Runner(model, batch, max_len, False, "auto")
             decode_seconds(engine, ids, 4), decode_seconds(baseline, ids, 4)  # warm-up (kernels repack once)
             ours, theirs, pre_ours, pre_theirs = [], [], [], []

@@ -90,7 +90,7 @@ class _Runner:
     def __init__(self, model: nn.Module, batch: int, max_len: int, engine: bool, kv_dtype: str) -> None:
         self.model, self.cache = model, None
         self.engine = Engine(model, slots=batch, max_len=max_len, kv_dtype=kv_dtype) if engine else None
-        self.slots = torch.arange(batch)
+        self.slots = torch.arange(batch, device=next(model.parameters()).device)
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         if self.engine is not None:

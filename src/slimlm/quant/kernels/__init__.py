@@ -13,15 +13,15 @@ from slimlm.core.errors import SlimError
 from slimlm.core.registry import Registry
 
 KERNELS: Registry = Registry("kernel")
-PRIORITY = ("cpu_int4_avx512", "cpu_int4", "cpu_int8", "cpu_fp8", "reference")  # cpu_*_a8: on request only
+PRIORITY = ("cuda_int4", "cuda_int8", "cpu_int4_avx512", "cpu_int4", "cpu_int8", "cpu_fp8", "reference")  # cpu_*_a8: on request only
 
 
 def _register_builtin() -> None:
     if KERNELS.names():
         return
-    from slimlm.quant.kernels import cpu_avx512, cpu_fp8, cpu_int4, cpu_int8, reference
+    from slimlm.quant.kernels import cpu_avx512, cpu_fp8, cpu_int4, cpu_int8, cuda, reference
 
-    for kernel in (reference.KERNEL, cpu_int8.KERNEL, cpu_int4.KERNEL, cpu_fp8.KERNEL, *cpu_avx512.KERNELS):
+    for kernel in (reference.KERNEL, cpu_int8.KERNEL, cpu_int4.KERNEL, cpu_fp8.KERNEL, *cpu_avx512.KERNELS, *cuda.KERNELS):
         KERNELS.register(kernel.name)(kernel)
 
 
