@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.core.errors import SlimError
-from slimlm.engine import decoder
+from slimlm.engine import decoder, fused
 from slimlm.engine.kv_cache import KVCache
 
 KV_DTYPES = ("auto", "int8")
@@ -29,7 +29,9 @@ class Engine:
     """Runs a Llama-family model on its own decoder (see `decoder.py`); `Engine.supports(model)` says
     whether it can, else callers fall back to the model's forward (`engine.generate`)."""
 
-    def __init__(self, model: nn.Module, slots: int = 1, max_len: int | None = None, kv_dtype: str = "auto") -> None:
+    def __init__(self, model: nn.Module, slots: int = 1, max_len: int | None = None, kv_dtype: str = "auto",
+                 fused_step: bool | None = None) -> None:
+        """fused_step: decode with the fused C++ step (`fused.py`); None: whenever it can run the model."""
         spec, reason = decoder.decoder_spec(model)
         if spec is None:
             raise SlimError(f"the engine cannot run this model: {reason}")
@@ -42,6 +44,9 @@ class Engine:
                              device, quantized=kv_dtype == "int8")
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens held per slot
         self.device = device
+        self.fused, self.fused_reason = fused.fused_plan(model, spec, self.cache) if fused_step is not False else (None, "off")
+        if fused_step and self.fused is None:
+            raise SlimError(f"the fused decode step cannot run here: {self.fused_reason}")
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -71,6 +76,10 @@ class Engine:
     def decode(self, slots: Tensor, tokens: Tensor) -> Tensor:
         """Append one token per slot (tokens (B,) for slots (B,)); returns next-token logits (B, V)."""
         slots, tokens = slots.to(self.device), tokens.to(self.device)
+        if self.fused is not None:
+            logits = fused.decode_step(self.model, self.spec, self.fused, tokens, self.lengths[slots], self.cache, slots)
+            self.lengths[slots] += 1
+            return logits
         positions = self.lengths[slots][:, None]  # (B, 1): each sequence's next position
         contiguous = bool(torch.equal(slots, torch.arange(len(slots), device=self.device)))
         logits = decoder.forward(self.model, self.spec, tokens[:, None], positions, self.cache, slots, contiguous)

@@ -108,7 +108,8 @@ class QuantizedLinear(nn.Module):
         self.kernel_name, self._kernel_cache = name, None
         return self
 
-    def _kernel_for(self, x: Tensor) -> tuple[Any, Any]:
+    def kernel_state(self, x: Tensor) -> tuple[Any, Any]:
+        """(kernel, its prepared state) for inputs like x: chosen and repacked on first use."""
         from slimlm.quant.kernels import choose_kernel
 
         key = (x.device, x.dtype, self.kernel_name)
@@ -133,7 +134,7 @@ class QuantizedLinear(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        kernel, state = self._kernel_for(x)
+        kernel, state = self.kernel_state(x)
         y = kernel.run(x.reshape(-1, self.in_features), self, state)  # (M, N)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
@@ -155,3 +156,4 @@ def _skeleton(group: dict[str, Any], original: nn.Module) -> QuantizedLinear:
     w = original.weight
     k, n = (w.shape[0], w.shape[1]) if is_conv1d(original) else (w.shape[1], w.shape[0])
     return QuantizedLinear(k, n, scheme, bias=getattr(original, "bias", None) is not None, dtype=w.dtype, device="meta")
+

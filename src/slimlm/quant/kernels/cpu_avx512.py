@@ -18,62 +18,27 @@ support the layer and the ATen kernels run instead.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slimlm.core.cpp_ext import load_cpp
 from slimlm.quant.kernels.cpu_int4 import COMPUTE
 from slimlm.quant.kernels.cpu_int4 import KERNEL as INT4
 from slimlm.quant.kernels.cpu_int8 import KERNEL as INT8
 from slimlm.quant.primitives import group_size_for
 
-log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "avx512_decode.cpp"
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
+FUNCTIONS = ("q4a8_mm", "q8a8_mm", "q4bf16_mm", "q4bf16_mm_many", "set_prefetch")
 DENSE_ROWS = 128  # the kernel beats dequantize + bf16 GEMM up to ~64-128 rows (benchmarks/kernels.py)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-@functools.cache
 def extension():
     """The compiled module, or None where it cannot be built or run here."""
-    if os.environ.get("SLIMLM_NO_CPP"):
-        return None
-    flags = _cpu_flags()
-    if not all(f in flags for f in NEEDED_FLAGS):
-        return None
-    if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
-        log.info("no C++ compiler found; the AVX-512 decode kernels are off (ATen kernels run instead)")
-        return None
-    source = SOURCE.read_text()
-    digest = hashlib.sha256((source + " ".join(sorted(flags))).encode()).hexdigest()[:12]
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        return load_inline(
-            name=f"slimlm_avx512_decode_{digest}", cpp_sources=[source],
-            functions=["q4a8_mm", "q8a8_mm", "q4bf16_mm", "set_prefetch"],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
-        )
-    except Exception as e:  # a broken toolchain must never break inference: fall back to ATen
-        log.warning("could not build the AVX-512 decode kernels (%s); using the ATen kernels", str(e).splitlines()[0])
-        return None
+    return load_cpp("slimlm_avx512_decode", SOURCE, FUNCTIONS, NEEDED_FLAGS)
 
 
 def repack_int4(layer) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,7 +95,8 @@ class _Avx512Kernel:
             return F.linear(x.to(COMPUTE), w).to(x.dtype)
         ext = extension()
         if self.activations == "bf16":
-            y = ext.q4bf16_mm(x.to(COMPUTE).contiguous(), *packed)
+            qw, sc, zp, group = packed
+            y = ext.q4bf16_mm_many(x.to(COMPUTE).contiguous(), [qw], [sc], [zp], group, x.dtype == COMPUTE)[0]
         elif self.bits == 4:
             y = ext.q4a8_mm(x.float().contiguous(), *packed)
         else:
@@ -140,6 +106,17 @@ class _Avx512Kernel:
 
 class CpuInt4Avx512Kernel(_Avx512Kernel):
     name = "cpu_int4_avx512"
+
+    def run_many(self, x: Tensor, layers: list, states: list) -> list[Tensor] | None:
+        """x (M, K) against several layers at once (q/k/v, gate/up) in one parallel region; None when
+        they cannot share a call (different group sizes, or enough rows for the dense path)."""
+        groups = {state[0][3] for state in states}
+        if len(groups) != 1 or x.shape[0] >= self.dense_rows:
+            return None
+        packed = [state[0] for state in states]
+        ys = extension().q4bf16_mm_many(x.to(COMPUTE).contiguous(), [p[0] for p in packed], [p[1] for p in packed],
+                                        [p[2] for p in packed], groups.pop(), x.dtype == COMPUTE)
+        return [y.to(x.dtype) for y in ys]
 
 
 class CpuInt4A8Kernel(_Avx512Kernel):

@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstdint>
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -143,9 +144,9 @@ void q8a8_tiles(const int8_t* xq, const float* dx, const float* xtot, int K, con
 // bf16 activations against the same int4 layout. xb: (M, K) bf16 bits, xsum: (M, G) sum of bf16(x) per group.
 // After unpacklo/hi_epi8 with 0x43: 32-bit lane p of 128-bit block L holds k-pair (p & 1) of row 4L + (p >> 1)
 // (lo) or 4L + 2 + (p >> 1) (hi); the k-pair alternates, so a 64-bit broadcast of x[k..k+3] feeds every lane.
-template <int M, int GS>
+template <int M, int GS, bool BF16OUT>
 void q4bf16_tiles(const uint16_t* xb, const float* xsum, int K, int G, const uint8_t* qw, const uint16_t* sc,
-                  const uint8_t* zp, float* y, int N, int64_t t0, int64_t t1) {
+                  const uint8_t* zp, void* y, int N, int64_t t0, int64_t t1) {
   const __m512i mask = _mm512_set1_epi8(0x0F), c43 = _mm512_set1_epi8(0x43);
   // lane permutations: row r of the tile -> (lane of lo/hi accumulator); we compute per-lane scale vectors
   // sA[lane] = s[row_lo(lane)], sB[lane] = s[row_hi(lane)] with idx vectors
@@ -201,7 +202,11 @@ void q4bf16_tiles(const uint16_t* xb, const float* xsum, int K, int G, const uin
       // even lanes of pa: rows 4L + {0,1} at lanes 4L + {0,2}; of pb: rows 4L+{2,3} at lanes 4L+{0,2}
       // row r = 4L+q: q<2 -> pa lane 4L+2q, q>=2 -> pb lane 4L+2(q-2) (index 16+ in permutex2var)
       const __m512i idx = _mm512_setr_epi32(0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, 12, 14, 28, 30);
-      _mm512_storeu_ps(y + (size_t)m * N + t * 16, _mm512_permutex2var_ps(pa, idx, pb));
+      __m512 out = _mm512_permutex2var_ps(pa, idx, pb);
+      if constexpr (BF16OUT)  // round to nearest even, as torch's float -> bfloat16 cast
+        _mm256_storeu_si256((__m256i*)((uint16_t*)y + (size_t)m * N + t * 16), (__m256i)_mm512_cvtneps_pbh(out));
+      else
+        _mm512_storeu_ps((float*)y + (size_t)m * N + t * 16, out);
     }
   }
 }
@@ -281,35 +286,76 @@ torch::Tensor q8a8_mm(torch::Tensor x, torch::Tensor qw, torch::Tensor sc, torch
   return y;
 }
 
-// x (M, K) bf16 contiguous. Returns (M, N) fp32.
-torch::Tensor q4bf16_mm(torch::Tensor x, torch::Tensor qw, torch::Tensor sc, torch::Tensor zp, int64_t group) {
-  const int M = x.size(0), K = x.size(1);
-  const int N = qw.size(0) * 16, G = K / group;
-  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
-  auto xsum = x.view({M, G, group}).sum(-1, false, torch::kFloat32).contiguous();  // (M, G)
+// Sum of each row's bf16 values per weight group: xsum (M, G) fp32.
+static std::vector<float> group_sums(const uint16_t* xb, int M, int K, int group) {
+  const int G = K / group;
+  std::vector<float> xsum((size_t)M * G);
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < G; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int k = 0; k < group; k += 16) {
+        __m256i v = _mm256_loadu_si256((const __m256i*)(xb + (size_t)m * K + g * group + k));
+        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+      }
+      xsum[(size_t)m * G + g] = _mm512_reduce_add_ps(acc);
+    }
+  return xsum;
+}
+
+template <int MM, int GS, bool BF16OUT>
+static void q4bf16_segments(const uint16_t* xo, const float* xso, int K, int G, const std::vector<torch::Tensor>& qws,
+                            const std::vector<torch::Tensor>& scs, const std::vector<torch::Tensor>& zps,
+                            const std::vector<void*>& ys, const std::vector<int64_t>& first, int64_t a, int64_t b) {
+  // tiles [a, b) of the concatenation of all weights: run each weight's share
+  for (size_t j = 0; j < qws.size(); ++j) {
+    const int64_t lo = std::max(a, first[j]), hi = std::min(b, first[j + 1]);
+    if (lo >= hi) continue;
+    const int N = (int)(first[j + 1] - first[j]) * 16;
+    q4bf16_tiles<MM, GS, BF16OUT>(xo, xso, K, G, qws[j].data_ptr<uint8_t>(), (const uint16_t*)scs[j].data_ptr<at::Half>(),
+                                  zps[j].data_ptr<uint8_t>(), ys[j], N, lo - first[j], hi - first[j]);
+  }
+}
+
+// x (M, K) bf16 contiguous against several int4 weights of the same group size (e.g. q, k and v) in one
+// parallel region. Returns one (M, N_j) tensor per weight, bf16 if out_bf16 else fp32.
+std::vector<torch::Tensor> q4bf16_mm_many(torch::Tensor x, std::vector<torch::Tensor> qws, std::vector<torch::Tensor> scs,
+                                          std::vector<torch::Tensor> zps, int64_t group, bool out_bf16) {
+  const int M = x.size(0), K = x.size(1), G = K / group;
+  TORCH_CHECK(group == 32 || group == 128, "group must be 32 or 128");
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16");
   const uint16_t* xb = (const uint16_t*)x.data_ptr<at::BFloat16>();
-  const float* xs = xsum.data_ptr<float>();
-  const uint8_t* w = qw.data_ptr<uint8_t>();
-  const uint16_t* s = (const uint16_t*)sc.data_ptr<at::Half>();
-  const uint8_t* z = zp.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  const int64_t ntiles = N / 16;
+  std::vector<float> xsum = group_sums(xb, M, K, group);
+  std::vector<torch::Tensor> out;
+  std::vector<int64_t> first{0};
+  for (auto& qw : qws) {
+    out.push_back(torch::empty({M, qw.size(0) * 16}, x.options().dtype(out_bf16 ? torch::kBFloat16 : torch::kFloat32)));
+    first.push_back(first.back() + qw.size(0));
+  }
   for (int m0 = 0; m0 < M; m0 += 8) {
     const int mm = std::min(8, M - m0);
     const uint16_t* xo = xb + (size_t)m0 * K;
-    const float* xso = xs + (size_t)m0 * G;
-    float* yo = yp + (size_t)m0 * N;
-#define QBCASE(MM, GS) \
-  case MM: par(ntiles, [&](int64_t a, int64_t b) { q4bf16_tiles<MM, GS>(xo, xso, K, G, w, s, z, yo, N, a, b); }); break;
+    const float* xso = xsum.data() + (size_t)m0 * G;
+    std::vector<void*> ys;
+    for (auto& y : out) ys.push_back((char*)y.data_ptr() + (size_t)m0 * y.size(1) * y.element_size());
+#define QBCASE(MM, GS)                                                                                                 \
+  case MM:                                                                                                            \
+    if (out_bf16)                                                                                                     \
+      par(first.back(), [&](int64_t a, int64_t b) { q4bf16_segments<MM, GS, true>(xo, xso, K, G, qws, scs, zps, ys, first, a, b); }); \
+    else                                                                                                              \
+      par(first.back(), [&](int64_t a, int64_t b) { q4bf16_segments<MM, GS, false>(xo, xso, K, G, qws, scs, zps, ys, first, a, b); }); \
+    break;
     if (group == 32) {
       switch (mm) { QBCASE(1, 32) QBCASE(2, 32) QBCASE(3, 32) QBCASE(4, 32) QBCASE(5, 32) QBCASE(6, 32) QBCASE(7, 32) QBCASE(8, 32) }
-    } else if (group == 128) {
-      switch (mm) { QBCASE(1, 128) QBCASE(2, 128) QBCASE(3, 128) QBCASE(4, 128) QBCASE(5, 128) QBCASE(6, 128) QBCASE(7, 128) QBCASE(8, 128) }
     } else {
-      TORCH_CHECK(false, "group must be 32 or 128");
+      switch (mm) { QBCASE(1, 128) QBCASE(2, 128) QBCASE(3, 128) QBCASE(4, 128) QBCASE(5, 128) QBCASE(6, 128) QBCASE(7, 128) QBCASE(8, 128) }
     }
   }
-  return y;
+  return out;
+}
+
+// x (M, K) bf16 contiguous. Returns (M, N) fp32.
+torch::Tensor q4bf16_mm(torch::Tensor x, torch::Tensor qw, torch::Tensor sc, torch::Tensor zp, int64_t group) {
+  return q4bf16_mm_many(x, {qw}, {sc}, {zp}, group, false)[0];
 }
 
 void set_prefetch(int64_t d) { g_pf = (int)d; }
