@@ -180,3 +180,16 @@ def test_run_many_falls_back_for_mixed_group_sizes():
     x = torch.randn(2, 256)
     for layer, y in zip(layers, linear_many(x, layers)):
         assert torch.equal(y, layer(x))
+
+
+@pytest.mark.skipif(not AVX512, reason="needs a C++ compiler and an AVX-512 VNNI/BF16 CPU")
+@pytest.mark.parametrize("group, symmetric", [(32, False), (128, True), (64, False)])
+def test_prefill_dequantization_is_the_reference_weight_rounded_once(group, symmetric):
+    from slimlm.quant.kernels import get_kernel
+
+    layer = make_layer(48, 256, QuantScheme(bits=4, group_size=group, symmetric=symmetric))
+    kernel = get_kernel("cpu_int4_avx512")
+    if not kernel.supports(layer, torch.device("cpu")):
+        pytest.skip("group size not run by this kernel")
+    dense = kernel.dense_weight(layer, kernel.prepare(layer, torch.float32))
+    assert torch.equal(dense, layer.dequantize(torch.float32).bfloat16())

@@ -39,7 +39,9 @@ class RTNConfig(QuantScheme):
                 object.__setattr__(self, field, (value,))
             elif isinstance(value, list):
                 object.__setattr__(self, field, tuple(value))
-            check(all(isinstance(g, str) for g in getattr(self, field)), f"{field} must be a list of name globs")
+            value = getattr(self, field)
+            check(isinstance(value, tuple) and all(isinstance(g, str) for g in value),
+                  f"{field} must be a list of name globs, not {value!r}")
         check(isinstance(self.overrides, dict), "overrides must map name globs to scheme settings or 'skip'")
         fields = set(QuantScheme.field_names())
         for glob, value in self.overrides.items():

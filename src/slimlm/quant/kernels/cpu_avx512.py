@@ -26,13 +26,12 @@ from torch import Tensor
 
 from slimlm.core.cpp_ext import load_cpp
 from slimlm.quant.kernels.cpu_int4 import COMPUTE
-from slimlm.quant.kernels.cpu_int4 import KERNEL as INT4
 from slimlm.quant.kernels.cpu_int8 import KERNEL as INT8
 from slimlm.quant.primitives import group_size_for
 
 SOURCE = Path(__file__).parent / "csrc" / "avx512_decode.cpp"
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
-FUNCTIONS = ("q4a8_mm", "q8a8_mm", "q4bf16_mm", "q4bf16_mm_many", "set_prefetch")
+FUNCTIONS = ("q4a8_mm", "q8a8_mm", "q4bf16_mm", "q4bf16_mm_many", "q4_dequant_bf16", "set_prefetch")
 DENSE_ROWS = 128  # the kernel beats dequantize + bf16 GEMM up to ~64-128 rows (benchmarks/kernels.py)
 
 
@@ -84,15 +83,20 @@ class _Avx512Kernel:
         if self.bits == 8:
             return repack_int8(layer), INT8.prepare(layer, dtype)  # dense: the state `cpu_int8.dense_weight` reads
         group = group_size_for(layer.in_features, layer.scheme)
-        scale = layer.scale.float()  # (N, G)
-        dense = (None, group, None, scale.to(COMPUTE)[..., None], (layer.zero_points() * scale).to(COMPUTE)[..., None])
-        return (*repack_int4(layer), group), dense  # dense: the state `cpu_int4.dense_weight` reads
+        return (*repack_int4(layer), group), group
+
+    def dense_weight(self, layer, state) -> Tensor:
+        """The weight (N, K) in bfloat16 for prefill's dense GEMM (int4: in C++ from the portable codes)."""
+        packed, dense = state
+        if self.bits == 8:
+            return INT8.dense_weight(layer, dense)
+        zero = layer.zero if layer.zero is not None else torch.empty(0, dtype=torch.uint8)
+        return extension().q4_dequant_bf16(layer.qweight, layer.scale, zero, dense)
 
     def run(self, x: Tensor, layer, state) -> Tensor:
-        packed, dense = state
+        packed = state[0]
         if x.shape[0] >= self.dense_rows:  # prefill: dequantize to bfloat16 once per call, dense GEMM
-            w = (INT4 if self.bits == 4 else INT8).dense_weight(layer, dense)
-            return F.linear(x.to(COMPUTE), w).to(x.dtype)
+            return F.linear(x.to(COMPUTE), self.dense_weight(layer, state)).to(x.dtype)
         ext = extension()
         if self.activations == "bf16":
             qw, sc, zp, group = packed

@@ -358,5 +358,39 @@ torch::Tensor q4bf16_mm(torch::Tensor x, torch::Tensor qw, torch::Tensor sc, tor
   return q4bf16_mm_many(x, {qw}, {sc}, {zp}, group, false)[0];
 }
 
+// Dequantize portable int4 codes to bf16 for prefill's dense GEMM: qweight (N, K/2) uint8 with the even
+// column in the low nibble, scale (N, G) fp16, zero (N, G) uint8 (empty: symmetric, zero point 8).
+// w[n][k] = bf16((q - z) * s): the float32 dequantized weight rounded once. Returns (N, K) bf16.
+torch::Tensor q4_dequant_bf16(torch::Tensor qweight, torch::Tensor scale, torch::Tensor zero, int64_t group) {
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = K / group;
+  TORCH_CHECK(group % 32 == 0 && K % group == 0 && qweight.is_contiguous() && scale.is_contiguous(), "q4_dequant_bf16");
+  TORCH_CHECK(scale.scalar_type() == torch::kHalf && (zero.numel() == 0 || zero.is_contiguous()), "q4_dequant_bf16: scales");
+  auto w = torch::empty({N, K}, qweight.options().dtype(torch::kBFloat16));
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  const uint16_t* sc = (const uint16_t*)scale.data_ptr<at::Half>();
+  const uint8_t* zp = zero.numel() ? zero.data_ptr<uint8_t>() : nullptr;
+  uint16_t* out = (uint16_t*)w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    const __m512i low4 = _mm512_set1_epi32(0x0F);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = _cvtsh_ss(sc[n * G + g]);
+        const __m512i vz = _mm512_set1_epi32(zp ? zp[n * G + g] : 8);
+        const __m512 vs = _mm512_set1_ps(s);
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {  // 16 bytes -> 32 weights
+          __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + n * (K / 2) + k / 2)));
+          __m512 even = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, low4), vz));
+          __m512 odd = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), vz));
+          __m256i eb = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(even, vs));
+          __m256i ob = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(odd, vs));
+          __m512i pair = _mm512_or_si512(_mm512_cvtepu16_epi32(eb), _mm512_slli_epi32(_mm512_cvtepu16_epi32(ob), 16));
+          _mm512_storeu_si512((void*)(out + n * K + k), pair);
+        }
+      }
+    }
+  });
+  return w;
+}
+
 void set_prefetch(int64_t d) { g_pf = (int)d; }
 
