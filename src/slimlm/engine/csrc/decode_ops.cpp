@@ -4,7 +4,7 @@
 //
 //   add_rms_norm(h, delta, w, eps)   h += delta (in place, if delta is given); returns
 //                                    w * to_dtype(h * rsqrt(mean(h^2) + eps))     (HF's RMSNorm)
-//   silu_mul(gate, up)               to_dtype(silu(gate)) * up
+//   silu_mul(gate, up)               silu(gate) * up (ATen's ops, called from C++)
 //   rope_attend(q, k, v, cos, sin, kc, vc, rows, pos, window, scale)
 //       q (B, H*D), k/v (B, Hkv*D): rotate the first R dims of q and k (half-split, as Llama), write
 //       k, v into the cache kc/vc (S, Hkv, L, D) at slot rows[b], position pos[b], then attend (q and k
@@ -13,13 +13,58 @@
 //       Returns (B, H*D).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
 
 template <typename T> inline float f(T v) { return static_cast<float>(v); }
-template <typename T> inline T cast(float v) { return static_cast<T>(v); }  // bf16: round to nearest even
+template <typename T> inline T cast(float v) { return static_cast<T>(v); }
+
+// bfloat16 <-> float as branch-free bit operations the compiler vectorises (c10's conversion does not):
+// round to nearest even, NaN kept a quiet NaN, as torch's cast
+template <> inline float f(at::BFloat16 v) {
+  const uint32_t u = (uint32_t)v.x << 16;
+  float out;
+  std::memcpy(&out, &u, 4);
+  return out;
+}
+template <> inline at::BFloat16 cast(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return at::BFloat16((uint16_t)(nan ? 0x7FC0u : rounded), at::BFloat16::from_bits());
+}
+
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = f(src[i]);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max), vectorisable: 2^(x log2 e) split into an integer
+// power (exponent bits) and a degree-6 polynomial; relative error ~2e-7.
+inline float exp_nonpos(float x) {
+  x = std::max(x, -87.f);
+  const float t = x * 1.44269504088896341f;
+  const float n = std::nearbyint(t), r = (t - n) * 0.693147180559945f;
+  float p = 1.f + r * (1.f + r * (0.5f + r * (0.166666672f + r * (0.0416666418f + r * (0.00833336823f + r * 0.00138887f)))));
+  int32_t bits;
+  std::memcpy(&bits, &p, 4);
+  bits += (int32_t)n << 23;
+  std::memcpy(&p, &bits, 4);
+  return p;
+}
 
 template <typename T>
 void add_rms_norm_impl(T* h, const T* delta, const T* w, T* out, int64_t rows, int64_t c, float eps) {
@@ -27,21 +72,16 @@ void add_rms_norm_impl(T* h, const T* delta, const T* w, T* out, int64_t rows, i
     T* hr = h + r * c;
     if (delta) {
       const T* dr = delta + r * c;
+#pragma omp simd
       for (int64_t i = 0; i < c; ++i) hr[i] = cast<T>(f(hr[i]) + f(dr[i]));
     }
     float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < c; ++i) ss += f(hr[i]) * f(hr[i]);
     const float inv = 1.f / std::sqrt(ss / (float)c + eps);
     T* o = out + r * c;
+#pragma omp simd
     for (int64_t i = 0; i < c; ++i) o[i] = cast<T>(f(w[i]) * f(cast<T>(f(hr[i]) * inv)));
-  }
-}
-
-template <typename T>
-void silu_mul_impl(const T* g, const T* u, T* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = f(g[i]);
-    out[i] = cast<T>(f(cast<T>(x / (1.f + std::exp(-x)))) * f(u[i]));
   }
 }
 
@@ -50,11 +90,13 @@ template <typename T>
 inline void rope(T* x, const T* cs, const T* sn, int r) {
   const int half = r / 2;
   float tmp[512];
-  for (int i = 0; i < r; ++i) tmp[i] = f(x[i]);
-  for (int i = 0; i < r; ++i) {
-    const float rot = i < half ? -tmp[i + half] : tmp[i - half];
-    x[i] = cast<T>(f(cast<T>(tmp[i] * f(cs[i]))) + f(cast<T>(rot * f(sn[i]))));
-  }
+  to_float(x, tmp, r);
+#pragma omp simd
+  for (int i = 0; i < half; ++i)
+    x[i] = cast<T>(f(cast<T>(tmp[i] * f(cs[i]))) + f(cast<T>(-tmp[i + half] * f(sn[i]))));
+#pragma omp simd
+  for (int i = half; i < r; ++i)
+    x[i] = cast<T>(f(cast<T>(tmp[i] * f(cs[i]))) + f(cast<T>(tmp[i - half] * f(sn[i]))));
 }
 
 template <typename T>
@@ -62,49 +104,62 @@ void rope_attend_impl(T* q, T* k, const T* v, const T* cs, const T* sn, int r, T
                       const int64_t* pos, int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t D, int64_t window,
                       float scale, T* out) {
   const int64_t G = H / Hkv;
-  // rope on q and k, then write k and v into the cache
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < H; ++h) rope(q + (b * H + h) * D, cs + b * r, sn + b * r, r);
-    for (int64_t h = 0; h < Hkv; ++h) {
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t a, int64_t e) {
+    std::vector<float> scores, kt, acc(G * D), qf(G * D), row(D);
+    for (int64_t task = a; task < e; ++task) {
+      const int64_t b = task / Hkv, h = task % Hkv;
+      // this task owns kv head h of row b and its G query heads: rotate them, write k and v to the cache
       T* kh = k + (b * Hkv + h) * D;
       rope(kh, cs + b * r, sn + b * r, r);
       T* kdst = kc + ((rows[b] * Hkv + h) * L + pos[b]) * D;
       T* vdst = vc + ((rows[b] * Hkv + h) * L + pos[b]) * D;
       const T* vh = v + (b * Hkv + h) * D;
       for (int64_t i = 0; i < D; ++i) { kdst[i] = kh[i]; vdst[i] = vh[i]; }
-    }
-  }
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t a, int64_t e) {
-    std::vector<float> scores, acc(D), qf(D);
-    for (int64_t task = a; task < e; ++task) {
-      const int64_t b = task / Hkv, h = task % Hkv;
+      for (int64_t g = 0; g < G; ++g) rope(q + (b * H + h * G + g) * D, cs + b * r, sn + b * r, r);
       const int64_t last = pos[b], first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
       const int64_t n = last - first + 1;
-      scores.resize(n);
-      const T* kbase = kc + ((rows[b] * Hkv + h) * L) * D;
-      const T* vbase = vc + ((rows[b] * Hkv + h) * L) * D;
+      scores.assign(G * n, 0.f);
+      kt.resize(D * n);
+      const T* kbase = kc + ((rows[b] * Hkv + h) * L + first) * D;
+      const T* vbase = vc + ((rows[b] * Hkv + h) * L + first) * D;
+      to_float(q + (b * H + h * G) * D, qf.data(), G * D);  // the G query heads sharing kv head h
+      for (int64_t j = 0; j < n; ++j)  // keys transposed to (D, n) in float: the score loops run along keys
+        for (int64_t i = 0; i < D; ++i) kt[i * n + j] = f(kbase[j * D + i]);
       for (int64_t g = 0; g < G; ++g) {
-        const int64_t head = h * G + g;
-        const T* qh = q + (b * H + head) * D;
-        for (int64_t i = 0; i < D; ++i) qf[i] = f(qh[i]);
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) {
-          const T* kj = kbase + (first + j) * D;
-          float s = 0.f;
-          for (int64_t i = 0; i < D; ++i) s += qf[i] * f(kj[i]);
-          scores[j] = s * scale;
-          mx = std::max(mx, scores[j]);
+        float* sg = scores.data() + g * n;
+        for (int64_t i = 0; i < D; ++i) {
+          const float qi = qf[g * D + i] * scale;
+          const float* ki = kt.data() + i * n;
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) sg[j] += qi * ki[j];
         }
-        float total = 0.f;
-        for (int64_t j = 0; j < n; ++j) { scores[j] = std::exp(scores[j] - mx); total += scores[j]; }
-        std::fill(acc.begin(), acc.end(), 0.f);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = scores.data() + g * n;
+        float mx = -INFINITY, total = 0.f;
+        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sg[j]);
+#pragma omp simd reduction(+ : total)
         for (int64_t j = 0; j < n; ++j) {
-          const T* vj = vbase + (first + j) * D;
-          const float p = scores[j] / total;
-          for (int64_t i = 0; i < D; ++i) acc[i] += p * f(vj[i]);
+          sg[j] = exp_nonpos(sg[j] - mx);
+          total += sg[j];
         }
-        T* o = out + (b * H + head) * D;
-        for (int64_t i = 0; i < D; ++i) o[i] = cast<T>(acc[i]);
+        const float inv = 1.f / total;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        to_float(vbase + j * D, row.data(), D);
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[g * n + j];
+          float* ag = acc.data() + g * D;
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) ag[i] += p * row[i];
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        T* o = out + (b * H + h * G + g) * D;
+        for (int64_t i = 0; i < D; ++i) o[i] = cast<T>(acc[g * D + i]);
       }
     }
   });
@@ -133,11 +188,7 @@ torch::Tensor add_rms_norm(torch::Tensor h, c10::optional<torch::Tensor> delta, 
 }
 
 torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
-  gate = gate.contiguous(), up = up.contiguous();
-  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(), "silu_mul: shapes");
-  auto out = torch::empty_like(gate);
-  DISPATCH(gate, "silu_mul", silu_mul_impl<T>(gate.data_ptr<T>(), up.data_ptr<T>(), out.data_ptr<T>(), gate.numel()));
-  return out;
+  return at::mul(at::silu(gate), up);  // ATen's own vectorised silu: bit-identical to the PyTorch path
 }
 
 torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
