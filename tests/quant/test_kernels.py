@@ -30,6 +30,8 @@ FAST_CASES = [
 ] + ([
     ("cpu_int4_avx512", QuantScheme(bits=4, group_size=32, symmetric=False)),
     ("cpu_int4_avx512", QuantScheme(bits=4, group_size=128, symmetric=True)),
+    ("cpu_int8_avx512", QuantScheme(bits=8, group_size=None, symmetric=True)),
+    ("cpu_int8_avx512", QuantScheme(bits=8, group_size=None, symmetric=False)),
 ] if AVX512 else [])
 INT8_ACTIVATION_CASES = [
     ("cpu_int4_a8", QuantScheme(bits=4, group_size=32, symmetric=False)),

@@ -13,7 +13,7 @@ from slimlm.core.errors import SlimError
 from slimlm.core.registry import Registry
 
 KERNELS: Registry = Registry("kernel")
-PRIORITY = ("cuda_int4", "cuda_int8", "cpu_int4_avx512", "cpu_int4", "cpu_int8", "cpu_fp8", "reference")  # cpu_*_a8: on request only
+PRIORITY = ("cuda_int4", "cuda_int8", "cpu_int4_avx512", "cpu_int4", "cpu_int8_avx512", "cpu_int8", "cpu_fp8", "reference")  # cpu_*_a8: on request only
 
 
 def _register_builtin() -> None:

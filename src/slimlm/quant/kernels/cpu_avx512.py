@@ -31,7 +31,7 @@ from slimlm.quant.primitives import group_size_for
 
 SOURCE = Path(__file__).parent / "csrc" / "avx512_decode.cpp"
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
-FUNCTIONS = ("q4a8_mm", "q8a8_mm", "q4bf16_mm", "q4bf16_mm_many", "q4_dequant_bf16", "set_prefetch")
+FUNCTIONS = ("q4a8_mm", "q8a8_mm", "q4bf16_mm", "q4bf16_mm_many", "q8bf16_mm", "q4_dequant_bf16", "set_prefetch")
 DENSE_ROWS = 128  # the kernel beats dequantize + bf16 GEMM up to ~64-128 rows (benchmarks/kernels.py)
 
 
@@ -98,7 +98,9 @@ class _Avx512Kernel:
         if x.shape[0] >= self.dense_rows:  # prefill: dequantize to bfloat16 once per call, dense GEMM
             return F.linear(x.to(COMPUTE), self.dense_weight(layer, state)).to(x.dtype)
         ext = extension()
-        if self.activations == "bf16":
+        if self.activations == "bf16" and self.bits == 8:
+            y = ext.q8bf16_mm(x.to(COMPUTE).contiguous(), *packed, x.dtype == COMPUTE)
+        elif self.activations == "bf16":
             qw, sc, zp, group = packed
             y = ext.q4bf16_mm_many(x.to(COMPUTE).contiguous(), [qw], [sc], [zp], group, x.dtype == COMPUTE)[0]
         elif self.bits == 4:
@@ -128,10 +130,15 @@ class CpuInt4A8Kernel(_Avx512Kernel):
     activations = "int8"
 
 
+class CpuInt8Avx512Kernel(_Avx512Kernel):
+    name = "cpu_int8_avx512"
+    bits = 8
+
+
 class CpuInt8A8Kernel(_Avx512Kernel):
     name = "cpu_int8_a8"
     bits = 8
     activations = "int8"
 
 
-KERNELS = (CpuInt4Avx512Kernel(), CpuInt4A8Kernel(), CpuInt8A8Kernel())
+KERNELS = (CpuInt4Avx512Kernel(), CpuInt4A8Kernel(), CpuInt8Avx512Kernel(), CpuInt8A8Kernel())

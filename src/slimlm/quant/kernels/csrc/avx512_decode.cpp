@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstdint>
+#include <cstring>
 #include <algorithm>
 #include <vector>
 
@@ -211,6 +212,51 @@ void q4bf16_tiles(const uint16_t* xb, const float* xsum, int K, int G, const uin
   }
 }
 
+// int8 weights (unsigned codes u = 16h + l, the q8a8 layout) against bf16 activations: each nibble plane becomes
+// bf16 128 + nibble exactly (byte unpack with 0x43, as q4bf16), the high plane is dotted with 16·x (exact in
+// bf16) and the low plane with x into the same accumulators, so acc = sum x·u + 2176·sum(x) per row.
+template <int M>
+void q8bf16_tiles(const uint16_t* xb, const uint16_t* x16, const float* xtot, int K, const uint8_t* qw,
+                  const float* sc, const float* zp, void* y, bool bf16out, int N, int64_t t0, int64_t t1) {
+  const __m512i mask = _mm512_set1_epi8(0x0F), c43 = _mm512_set1_epi8(0x43);
+  const __m512i idx = _mm512_setr_epi32(0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, 12, 14, 28, 30);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* w = qw + (size_t)t * K * 16;
+    __m512 aA[M], aB[M], hA[M], hB[M];  // four independent chains: dpbf16's latency, not its throughput, binds
+    for (int m = 0; m < M; ++m) aA[m] = aB[m] = hA[m] = hB[m] = _mm512_setzero_ps();
+    for (int c = 0; c < K / 4; ++c) {
+      const uint8_t* wc = w + (size_t)c * 64;
+      if (g_pf && (c & 3) == 0)
+        for (int p = 0; p < 256; p += 64) _mm_prefetch((const char*)(wc + g_pf + p), _MM_HINT_T0);
+      __m512i v = _mm512_loadu_si512(wc);
+      __m512i lo = _mm512_and_si512(v, mask);
+      __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+      __m512bh loA = (__m512bh)_mm512_unpacklo_epi8(lo, c43), loB = (__m512bh)_mm512_unpackhi_epi8(lo, c43);
+      __m512bh hiA = (__m512bh)_mm512_unpacklo_epi8(hi, c43), hiB = (__m512bh)_mm512_unpackhi_epi8(hi, c43);
+      for (int m = 0; m < M; ++m) {
+        __m512bh x1 = (__m512bh)_mm512_set1_epi64(*(const int64_t*)(xb + (size_t)m * K + 4 * c));
+        __m512bh xh = (__m512bh)_mm512_set1_epi64(*(const int64_t*)(x16 + (size_t)m * K + 4 * c));
+        aA[m] = _mm512_dpbf16_ps(aA[m], loA, x1);
+        aB[m] = _mm512_dpbf16_ps(aB[m], loB, x1);
+        hA[m] = _mm512_dpbf16_ps(hA[m], hiA, xh);
+        hB[m] = _mm512_dpbf16_ps(hB[m], hiB, xh);
+      }
+    }
+    for (int m = 0; m < M; ++m) aA[m] = _mm512_add_ps(aA[m], hA[m]), aB[m] = _mm512_add_ps(aB[m], hB[m]);
+    __m512 sv = _mm512_loadu_ps(sc + t * 16), zv = _mm512_add_ps(_mm512_loadu_ps(zp + t * 16), _mm512_set1_ps(2176.f));
+    for (int m = 0; m < M; ++m) {
+      __m512 pa = _mm512_add_ps(aA[m], _mm512_permute_ps(aA[m], 0xB1));
+      __m512 pb = _mm512_add_ps(aB[m], _mm512_permute_ps(aB[m], 0xB1));
+      __m512 acc = _mm512_permutex2var_ps(pa, idx, pb);  // rows in order (see q4bf16_tiles)
+      __m512 out = _mm512_mul_ps(sv, _mm512_fnmadd_ps(zv, _mm512_set1_ps(xtot[m]), acc));
+      if (bf16out)
+        _mm256_storeu_si256((__m256i*)((uint16_t*)y + (size_t)m * N + t * 16), (__m256i)_mm512_cvtneps_pbh(out));
+      else
+        _mm512_storeu_ps((float*)y + (size_t)m * N + t * 16, out);
+    }
+  }
+}
+
 template <typename F>
 void par(int64_t ntiles, F f) {
   at::parallel_for(0, ntiles, 1, [&](int64_t a, int64_t b) { f(a, b); });
@@ -390,6 +436,45 @@ torch::Tensor q4_dequant_bf16(torch::Tensor qweight, torch::Tensor scale, torch:
     }
   });
   return w;
+}
+
+// x (M, K) bf16 contiguous against int8 weights in the q8a8 layout. Returns (M, N), bf16 if out_bf16 else fp32.
+torch::Tensor q8bf16_mm(torch::Tensor x, torch::Tensor qw, torch::Tensor sc, torch::Tensor zp, bool out_bf16) {
+  const int M = x.size(0), K = x.size(1);
+  const int N = qw.size(0) * 16;
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && K % 4 == 0, "q8bf16_mm: x");
+  auto y = torch::empty({M, N}, x.options().dtype(out_bf16 ? torch::kBFloat16 : torch::kFloat32));
+  const uint16_t* xb = (const uint16_t*)x.data_ptr<at::BFloat16>();
+  std::vector<uint16_t> x16((size_t)M * K);  // 16·x: exponent + 4, exact (zero and tiny values stay as they are)
+  std::vector<float> xt(M);
+  for (int m = 0; m < M; ++m) {
+    float tot = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const uint16_t b = xb[(size_t)m * K + k];
+      uint32_t u = (uint32_t)b << 16;
+      float v;
+      std::memcpy(&v, &u, 4);
+      tot += v;
+      v *= 16.f;
+      std::memcpy(&u, &v, 4);
+      x16[(size_t)m * K + k] = (uint16_t)(u >> 16);
+    }
+    xt[m] = tot;
+  }
+  const uint8_t* w = qw.data_ptr<uint8_t>();
+  const float* s = sc.data_ptr<float>();
+  const float* z = zp.data_ptr<float>();
+  const int64_t ntiles = N / 16;
+  for (int m0 = 0; m0 < M; m0 += 8) {
+    const int mm = std::min(8, M - m0);
+    const uint16_t* xo = xb + (size_t)m0 * K;
+    const uint16_t* x16o = x16.data() + (size_t)m0 * K;
+    void* yo = (char*)y.data_ptr() + (size_t)m0 * N * y.element_size();
+#define Q8BCASE(MM) \
+  case MM: par(ntiles, [&](int64_t a, int64_t b) { q8bf16_tiles<MM>(xo, x16o, xt.data() + m0, K, w, s, z, yo, out_bf16, N, a, b); }); break;
+    switch (mm) { Q8BCASE(1) Q8BCASE(2) Q8BCASE(3) Q8BCASE(4) Q8BCASE(5) Q8BCASE(6) Q8BCASE(7) Q8BCASE(8) }
+  }
+  return y;
 }
 
 void set_prefetch(int64_t d) { g_pf = (int)d; }
