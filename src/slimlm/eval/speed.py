@@ -87,9 +87,10 @@ class _Runner:
     """Prefill and decode steps for one batch size, on the engine or on the model's own forward;
     the engine's cache is allocated once, outside the timed regions."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, engine: bool, kv_dtype: str) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, engine: bool, kv_dtype: str,
+                 fused_step: bool | None = None) -> None:
         self.model, self.cache = model, None
-        self.engine = Engine(model, slots=batch, max_len=max_len, kv_dtype=kv_dtype) if engine else None
+        self.engine = Engine(model, slots=batch, max_len=max_len, kv_dtype=kv_dtype, fused_step=fused_step) if engine else None
         self.slots = torch.arange(batch, device=next(model.parameters()).device)
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
