@@ -10,8 +10,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "slimlm"
 ALLOWED = {
     "core": {"core"},
     "quant": {"core", "quant"},
-    "prune": {"core", "quant", "prune"},
-    "distill": {"core", "quant", "prune", "distill"},
+    "pruning": {"core", "quant", "pruning"},  # not "prune": that name is the public verb slimlm.prune
+    "distill": {"core", "quant", "pruning", "distill"},
     "engine": {"core", "engine"},
     "parallel": {"core", "engine", "parallel"},
     "testing": {"core", "testing"},

@@ -81,28 +81,63 @@ def quantize(model: nn.Module, method: str = "rtn", tokenizer=None, calibration:
     Calibrated methods (gptq) read `calib` (a text file or 'demo') with `tokenizer`, or take
     `calibration`, token ids (n, T) or (T,) from which `n_samples` windows are drawn.
     """
-    from slimlm.core.calibrate import sample_windows
-    from slimlm.core.data import load_tokens
     from slimlm.quant.methods import get_method
 
     m = get_method(method)
     config = m.config_cls.from_dict(settings)
     if m.calibrated:
-        if calibration is None:
-            if tokenizer is None:
-                raise SlimError(f"{method} needs calibration data: pass tokenizer= (to read calib='{config.calib}') "
-                                "or calibration= token ids")
-            calibration = load_tokens(config.calib, tokenizer)
-        context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-        seq_len = min(config.seq_len, context) if context else config.seq_len  # never past the model's context
-        samples = calibration if calibration.dim() == 2 else sample_windows(
-            calibration, config.n_samples, seq_len, config.seed)
-        m.apply(model, config, samples, on_block)
+        m.apply(model, config, _calibration_samples(model, method, config, tokenizer, calibration), on_block)
     else:
         m.apply(model, config)
+    _record_step(model, method, config)
+    return model
+
+
+def _calibration_samples(model: nn.Module, method: str, config: Any, tokenizer, calibration: torch.Tensor | None):
+    """Token windows (n, T) for a calibrated method: given ids (n, T) as they are, a stream (T,) cut
+    into `n_samples` windows, or the `calib` text read with `tokenizer`."""
+    from slimlm.core.calibrate import sample_windows
+    from slimlm.core.data import load_tokens
+
+    if calibration is None:
+        if tokenizer is None:
+            raise SlimError(f"{method} needs calibration data: pass tokenizer= (to read calib='{config.calib}') "
+                            "or calibration= token ids")
+        calibration = load_tokens(config.calib, tokenizer)
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    seq_len = min(config.seq_len, context) if context else config.seq_len  # never past the model's context
+    return calibration if calibration.dim() == 2 else sample_windows(calibration, config.n_samples, seq_len, config.seed)
+
+
+def _record_step(model: nn.Module, method: str, config: Any) -> None:
     recipe = list(getattr(model, "slimlm_recipe", []))
     recipe.append({"method": method, **config.to_dict()})
     model.slimlm_recipe = recipe
+
+
+def prune(model: nn.Module, method: str = "magnitude", tokenizer=None, calibration: torch.Tensor | None = None,
+          on_block: Callable[[int, int], None] | None = None, **settings: Any) -> nn.Module:
+    """Prune `model` in place with a registered method and return it.
+
+    Unstructured and n:m methods ('random', 'magnitude', 'taylor', 'wanda', 'sparsegpt') zero weights:
+    `slimlm.prune(model, "wanda", sparsity=0.5, tokenizer=tok)` or `pattern="2:4"`. The record of what
+    was pruned goes to `model.config.slimlm_sparsity` (and so to config.json when saved); pruned
+    weights are exact zeros, which later quantization (RTN, GPTQ, AWQ) keeps.
+    Structured methods ('heads', 'channels', 'blocks') remove that fraction of units and shrink the
+    model: `slimlm.prune(model, "channels", sparsity=0.25, importance="activation", tokenizer=tok)`."""
+    from slimlm.pruning.methods import get_pruner, needs_samples
+    from slimlm.pruning.unstructured import sparsity_record
+
+    p = get_pruner(method)
+    config = p.config_cls.from_dict(settings)
+    layers = config.targets(model) if not p.structured else None
+    samples = _calibration_samples(model, method, config, tokenizer, calibration) if needs_samples(p, config) else None
+    p.apply(model, config, samples, on_block)
+    if layers is not None:
+        model.config.slimlm_sparsity = sparsity_record(model, method, config, layers)
+    else:  # the new shapes are in the config itself; this says how they were chosen
+        model.config.slimlm_structured = {"method": method, "sparsity": config.sparsity, "importance": config.importance}
+    _record_step(model, method, config)
     return model
 
 
@@ -112,9 +147,14 @@ def apply_recipe(model: nn.Module, recipe: list[dict[str, Any]] | str | os.PathL
     Calibrated steps read their `calib` data with `tokenizer`."""
     from slimlm.core.recipe import load_recipe, validate_recipe
 
+    from slimlm.pruning.methods import PRUNERS, get_pruner
+
+    get_pruner("magnitude")  # fills the registry
     steps = validate_recipe(recipe) if isinstance(recipe, list) else load_recipe(recipe)
     for step in steps:
-        quantize(model, step.pop("method"), tokenizer=tokenizer, on_block=on_block, **step)
+        method = step.pop("method")
+        verb = prune if method in PRUNERS.names() else quantize
+        verb(model, method, tokenizer=tokenizer, on_block=on_block, **step)
     return model
 
 

@@ -46,6 +46,9 @@ def describe(recipe: Recipe) -> str:
             parts.append(step.get("dtype", "bfloat16"))
         elif step["method"] == "smoothquant":
             parts.append(f"smoothquant w8a8 α={step.get('alpha', 0.5)}")
+        elif "sparsity" in step:
+            amount = step.get("pattern") or f"{step['sparsity']:.0%}"
+            parts.append(f"{step['method']} {amount}")
         elif "bits" in step:
             group = f"g{step['group_size']}" if step.get("group_size") else "per-channel"
             sym = "sym" if step.get("symmetric") else "asym"

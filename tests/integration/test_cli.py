@@ -136,3 +136,23 @@ def test_bench_on_the_engine_with_a_transformers_baseline(tiny_folder, capsys):
     result = json.loads(out)
     assert code == 0 and result["runtime"] == "engine" and result["baseline"]["runtime"] == "transformers"
     assert result["bandwidth_gbps"] > 0 and set(result["baseline"]["decode_tps"]) == {"1", "3"}
+
+
+@pytest.mark.parametrize("method, extra", [("magnitude", ["--sparsity", 0.5]),
+                                           ("wanda", ["--pattern", "2:4", "--n-samples", 4, "--seq-len", 32]),
+                                           ("sparsegpt", ["--sparsity", 0.5, "--n-samples", 4, "--seq-len", 32])])
+def test_prune_saves_a_sparse_model_with_a_report(tiny_folder, tmp_path, capsys, method, extra):
+    src = tiny_folder("llama")
+    code, out, _ = run_cli(capsys, "prune", src, "-o", tmp_path / "p", "-m", method, *extra, "--eval-tokens", 200, "--json")
+    result = json.loads(out)
+    assert code == 0 and result["sparsity"]["method"] == method
+    assert all(abs(v - 0.5) < 0.02 for v in result["sparsity"]["measured"].values())
+    original, pruned = result["report"]["variants"]
+    assert pruned["quality"]["kl"] > 0
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["slimlm_sparsity"]["method"] == method
+
+
+def test_prune_bad_sparsity_is_a_one_line_error(tiny_folder, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "prune", tiny_folder("llama"), "-o", tmp_path / "p", "--sparsity", 1.2)
+    assert code == 2 and "sparsity 1.2" in err and "Traceback" not in err and not (tmp_path / "p").exists()

@@ -195,3 +195,14 @@ def test_prefill_dequantization_is_the_reference_weight_rounded_once(group, symm
         pytest.skip("group size not run by this kernel")
     dense = kernel.dense_weight(layer, kernel.prepare(layer, torch.float32))
     assert torch.equal(dense, layer.dequantize(torch.float32).bfloat16())
+
+
+@pytest.mark.skipif(not AVX512, reason="needs a C++ compiler and an AVX-512 VNNI/BF16 CPU")
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_prefill_dequantization_is_the_reference_weight_rounded_once(symmetric):
+    from slimlm.quant.kernels import get_kernel
+
+    layer = make_layer(48, 256, QuantScheme(bits=8, group_size=None, symmetric=symmetric))
+    kernel = get_kernel("cpu_int8_avx512")
+    dense = kernel.dense_weight(layer, kernel.prepare(layer, torch.float32))
+    assert torch.equal(dense, layer.dequantize(torch.float32).bfloat16())

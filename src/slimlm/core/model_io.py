@@ -81,13 +81,34 @@ def _causal_lm_config(path: Path, raw: dict[str, Any]):
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, KeyError) as e:
-        raise SlimError(f"model type '{raw['model_type']}' in {path} is not supported by this transformers ({e})") from None
+    except Exception as e:  # ValueError, KeyError, huggingface_hub's StrictDataclassClassValidationError
+        config = _pruned_heads_config(raw)
+        if config is None:
+            raise SlimError(f"model type '{raw['model_type']}' in {path} is not supported by this transformers ({e})") from None
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise SlimError(
             f"model type '{raw['model_type']}' in {path} is not a causal language model; "
             "slimlm compresses decoder LMs such as llama, mistral, qwen2, gpt2, opt, phi3"
         )
+    return config
+
+
+def _pruned_heads_config(raw: dict[str, Any]):
+    """The config of a model whose attention heads were pruned to a count that does not divide the
+    hidden size (head_dim is explicit). transformers' Llama config refuses such counts at creation
+    although its modules run them, so create it with one head and set the counts afterwards."""
+    from transformers import AutoConfig
+
+    heads, kv, hidden = raw.get("num_attention_heads"), raw.get("num_key_value_heads"), raw.get("hidden_size")
+    if not (raw.get("head_dim") and isinstance(heads, int) and isinstance(hidden, int) and hidden % heads):
+        return None
+    values = {k: v for k, v in raw.items() if k != "model_type"}
+    values["num_attention_heads"] = values["num_key_value_heads"] = 1
+    try:
+        config = AutoConfig.for_model(raw["model_type"], **values)
+    except Exception:  # noqa: BLE001 - not a config we can repair: the caller reports the original error
+        return None
+    config.num_attention_heads, config.num_key_value_heads = heads, kv or heads
     return config
 
 
@@ -108,11 +129,11 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, config: Any = None):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, **({"config": config} if config else {}))
     except (OSError, ValueError, TypeError) as e:
         raise SlimError(f"no usable tokenizer in {path} ({str(e).splitlines()[0]}); add tokenizer.json") from None
 
@@ -140,16 +161,16 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     model.eval()
     if device != "cpu":
         model.to(device)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, model.config)
     return model, tokenizer
 
 
 def _load_plain(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    _causal_lm_config(path, raw)
+    config = _causal_lm_config(path, raw)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or "auto")
+        return AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=dtype or "auto")
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         raise SlimError(f"could not load the weights in {path}: {_first_line(e)}; re-save or re-download the model") from None
     except Exception as e:  # safetensors raises its own SafetensorError for corrupt files

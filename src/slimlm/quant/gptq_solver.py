@@ -17,6 +17,8 @@ order with contiguous groups and need no reordering or group index at run time.
 Every format of `QuantScheme` works: a column is quantized to the nearest level of its group's
 scale (uniform integers, or the log/fp8 codebook), by the same `primitives.encode` as RTN.
 Oracle: with H = I no error is propagated and the result equals round-to-nearest.
+Pruned weights (exact zeros of w, e.g. from Wanda or SparseGPT) stay zero: they are quantized to the
+code of 0 and their (zero) error is not spread back into them, so a sparsity pattern survives.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def gptq_quantize(
     qparams = P.search_qparams if clip_search else P.compute_qparams
     n, k = w.shape
     w = w.to(torch.float32).clone()
+    pruned = w == 0  # (N, K): kept at zero
+    any_pruned = bool(pruned.any())
     h = h.to(torch.float32).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
@@ -69,7 +73,7 @@ def gptq_quantize(
         block_size = max(g, block_size // g * g)
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
     if act_order:
-        w, h = w[:, perm], h.index_select(0, perm).index_select(1, perm)
+        w, h, pruned = w[:, perm], h.index_select(0, perm).index_select(1, perm), pruned[:, perm]
     hinv = inverse_hessian_factor_(h, damp)  # (K, K) upper triangular
     del h
     codes = torch.empty(n, k, dtype=torch.uint8)
@@ -86,6 +90,10 @@ def gptq_quantize(
                 scale[:, group], zero[:, group] = s[:, 0], z[:, 0]
             s, z = scale[:, group].float(), zero[:, group].float()
             c, q = _quantize_column(w1[:, i], s, z, scheme)
+            if any_pruned:
+                keep_zero = pruned[:, col]
+                zero_code, _ = _quantize_column(torch.zeros_like(q), s, z, scheme)
+                c, q = torch.where(keep_zero, zero_code, c), torch.where(keep_zero, torch.zeros_like(q), q)
             codes[:, col] = c
             e = (w1[:, i] - q) / hinv1[i, i]  # (N,)
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]

@@ -26,12 +26,12 @@ from torch import Tensor
 
 from slimlm.core.cpp_ext import load_cpp
 from slimlm.quant.kernels.cpu_int4 import COMPUTE
-from slimlm.quant.kernels.cpu_int8 import KERNEL as INT8
 from slimlm.quant.primitives import group_size_for
 
 SOURCE = Path(__file__).parent / "csrc" / "avx512_decode.cpp"
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
-FUNCTIONS = ("q4a8_mm", "q8a8_mm", "q4bf16_mm", "q4bf16_mm_many", "q8bf16_mm", "q4_dequant_bf16", "set_prefetch")
+FUNCTIONS = ("q4a8_mm", "q8a8_mm", "q4bf16_mm", "q4bf16_mm_many", "q8bf16_mm", "q4_dequant_bf16", "q8_dequant_bf16",
+             "set_prefetch")
 DENSE_ROWS = 128  # the kernel beats dequantize + bf16 GEMM up to ~64-128 rows (benchmarks/kernels.py)
 
 
@@ -81,7 +81,7 @@ class _Avx512Kernel:
 
     def prepare(self, layer, dtype: torch.dtype):
         if self.bits == 8:
-            return repack_int8(layer), INT8.prepare(layer, dtype)  # dense: the state `cpu_int8.dense_weight` reads
+            return repack_int8(layer), None
         group = group_size_for(layer.in_features, layer.scheme)
         return (*repack_int4(layer), group), group
 
@@ -89,7 +89,8 @@ class _Avx512Kernel:
         """The weight (N, K) in bfloat16 for prefill's dense GEMM (int4: in C++ from the portable codes)."""
         packed, dense = state
         if self.bits == 8:
-            return INT8.dense_weight(layer, dense)
+            _, scale, zero = packed  # fp32 (N,) each
+            return extension().q8_dequant_bf16(layer.qweight, scale, zero)
         zero = layer.zero if layer.zero is not None else torch.empty(0, dtype=torch.uint8)
         return extension().q4_dequant_bf16(layer.qweight, layer.scale, zero, dense)
 

@@ -477,5 +477,29 @@ torch::Tensor q8bf16_mm(torch::Tensor x, torch::Tensor qw, torch::Tensor sc, tor
   return y;
 }
 
+// Dequantize int8 codes to bf16 for prefill: qweight (N, K) int8 (q = u - 128), scale (N,) fp32, zero (N,) fp32
+// zero points of the unsigned codes (128 when symmetric). w = bf16((q + 128 - z) * s). Returns (N, K) bf16.
+torch::Tensor q8_dequant_bf16(torch::Tensor qweight, torch::Tensor scale, torch::Tensor zero) {
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  TORCH_CHECK(K % 16 == 0 && qweight.is_contiguous() && scale.scalar_type() == torch::kFloat32 &&
+              zero.scalar_type() == torch::kFloat32, "q8_dequant_bf16");
+  auto w = torch::empty({N, K}, qweight.options().dtype(torch::kBFloat16));
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  const float* sc = scale.data_ptr<float>();
+  const float* zp = zero.data_ptr<float>();
+  uint16_t* out = (uint16_t*)w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const __m512i shift = _mm512_set1_epi32((int)zp[n] - 128);
+      const __m512 s = _mm512_set1_ps(sc[n]);
+      for (int64_t k = 0; k < K; k += 16) {
+        __m512i v = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + n * K + k))), shift);
+        _mm256_storeu_si256((__m256i*)(out + n * K + k), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s)));
+      }
+    }
+  });
+  return w;
+}
+
 void set_prefetch(int64_t d) { g_pf = (int)d; }
 

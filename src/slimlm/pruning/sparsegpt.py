@@ -1,0 +1,41 @@
+"""SparseGPT as a calibrated step: each layer's Hessian from its calibration inputs (shared with
+GPTQ, `quant/hessian.py`), then `sparsegpt_solver.sparsegpt_prune` (arXiv 2301.00774)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from slimlm.core.calibrate import run_blockwise
+from slimlm.pruning.config import PruneConfig
+from slimlm.pruning.methods import PRUNERS, Pruner
+from slimlm.pruning.sparsegpt_solver import sparsegpt_prune
+from slimlm.pruning.unstructured import layer_weight
+from slimlm.quant.hessian import accumulate_hessian
+
+
+class SparseGPTStep:
+    def __init__(self, config: PruneConfig) -> None:
+        self.config = config
+        self.stats: dict[str, tuple[Tensor, int]] = {}
+
+    def observe(self, name: str, module: nn.Module, inputs: Tensor) -> None:
+        k = inputs.shape[-1]
+        h, count = self.stats.get(name, (torch.zeros(k, k, device=inputs.device), 0))
+        self.stats[name] = accumulate_hessian(h, count, inputs)
+
+    @torch.no_grad()
+    def compress(self, name: str, module: nn.Module) -> None:
+        h, _ = self.stats.pop(name)
+        w = layer_weight(module)
+        c = self.config
+        pruned = sparsegpt_prune(w.cpu(), h.cpu(), c.target_sparsity, c.nm, c.block_size, c.damp)
+        w.copy_(pruned.to(w.dtype))
+        return None
+
+
+def sparsegpt_prune_(model: nn.Module, config: PruneConfig, samples: Tensor, on_block=None) -> nn.Module:
+    return run_blockwise(model, samples, config.targets(model), SparseGPTStep(config), config.batch_size, on_block)
+
+
+PRUNERS.register("sparsegpt")(Pruner(PruneConfig, sparsegpt_prune_, calibrated=True))

@@ -1,0 +1,283 @@
+"""Structured pruning that changes shapes: attention heads, MLP channels, whole blocks. The result is
+a smaller dense model whose config.json says the new sizes, so it loads in plain transformers and
+runs faster with no sparse kernel.
+
+Every layer loses the same number of units, so one config describes the model:
+  - heads: with grouped-query attention (G query heads per key/value head) each group loses the
+    same number of query heads (K/V projections and the KV cache stay); without it (G = 1) whole
+    heads go, keys and values with them;
+  - channels: MLP intermediate channels (rows of gate/up, columns of down);
+  - blocks: whole transformer blocks, those whose output is most similar to their input (Block
+    Influence BI = 1 - E[cos(x_in, x_out)], Men et al., "ShortGPT", arXiv 2403.03853; Gromov et al.,
+    arXiv 2403.17887, prune by the same angular-distance idea).
+Importance of a head or channel:
+  - magnitude: the L2 norms of the weights that read and write the unit (channels:
+    ‖gate_c‖·‖up_c‖·‖down_:,c‖; heads: ‖q rows‖·‖o columns‖);
+  - activation: the mean L2 norm of the unit's output on calibration text times the norm of the
+    weights that write it back (Wanda's |W|·‖X‖ at the granularity of a unit);
+  - gradient: |Σ w·∂L/∂w| over the unit's weights (first-order Taylor of removing it, LLM-Pruner,
+    arXiv 2305.11627), summed over calibration batches.
+Llama-family layouts with separate projections (Llama, Mistral, Qwen2/3); fused projections (Phi-3)
+and other layouts are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from slimlm.core.calibrate import find_blocks
+from slimlm.core.config import Config, check
+from slimlm.core.errors import SlimError
+from slimlm.pruning.methods import PRUNERS, Pruner
+from slimlm.quant.calibration import CalibrationFields
+
+IMPORTANCE = ("magnitude", "activation", "gradient")
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredConfig(CalibrationFields, Config):
+    """sparsity: the fraction of heads / channels / blocks removed (rounded to whole units)."""
+
+    name = "structured"
+    sparsity: float = 0.25
+    importance: str = "magnitude"
+
+    def __post_init__(self) -> None:
+        CalibrationFields.__post_init__(self)
+        check(isinstance(self.sparsity, (int, float)) and 0 < self.sparsity < 1,
+              f"sparsity {self.sparsity!r} must be in (0, 1), e.g. 0.25")
+        check(self.importance in IMPORTANCE, f"importance '{self.importance}' must be one of {', '.join(IMPORTANCE)}")
+
+
+def _layout(model: nn.Module) -> nn.ModuleList:
+    _, blocks = find_blocks(model)
+    block = blocks[0]
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    if not (all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj"))):
+        raise SlimError(f"structured pruning supports Llama-style blocks with separate q/k/v/o and gate/up/down "
+                        f"projections; {type(model).__name__} has another layout (use unstructured pruning)")
+    return blocks
+
+
+def _linear(old: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = None) -> nn.Linear:
+    """A copy of `old` keeping output rows `rows` and input columns `cols` (index tensors)."""
+    w = old.weight.data
+    w = w[rows] if rows is not None else w
+    w = w[:, cols] if cols is not None else w
+    new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if old.bias is not None:
+        new.bias.data.copy_(old.bias.data[rows] if rows is not None else old.bias.data)
+    return new
+
+
+def _keep(scores: Tensor, remove: int) -> Tensor:
+    """Sorted indices of the units kept: all but the `remove` lowest scores (ties: the later goes)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    return torch.sort(order[: scores.numel() - remove]).values
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, samples: Tensor, modules: dict[str, nn.Module], batch_size: int,
+             fn) -> dict[str, Tensor]:
+    """Run the samples through the model and fold fn(input (M, K)) -> (units,) over every call of each
+    module (e.g. the down projection's input: the MLP's channel activations); means over batches."""
+    sums: dict[str, Tensor] = {}
+    hooks = []
+    for name, module in modules.items():
+        def hook(mod, args, _name=name):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[_name] = sums.get(_name, 0) + fn(x)
+        hooks.append(module.register_forward_pre_hook(hook))
+    device = next(model.parameters()).device
+    try:
+        for batch in samples.split(batch_size):
+            model(batch.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums
+
+
+def _gradients(model: nn.Module, samples: Tensor, params: list[nn.Parameter], batch_size: int) -> list[Tensor]:
+    """Σ_batches w ⊙ ∂L/∂w for each of `params` (signed; callers sum over a unit, then take |.|)."""
+    was = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    totals = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    device = next(model.parameters()).device
+    try:
+        for batch in samples.split(batch_size):
+            batch = batch.to(device)
+            with torch.enable_grad():
+                model(input_ids=batch, labels=batch).loss.backward()
+            with torch.no_grad():
+                for total, p in zip(totals, params):
+                    total += p.detach().float() * p.grad.float()
+                    p.grad = None
+    finally:
+        for p, flag in was.items():
+            p.requires_grad_(flag)
+    return totals
+
+
+def channel_scores(model: nn.Module, config: StructuredConfig, samples: Tensor | None) -> list[Tensor]:
+    blocks = _layout(model)
+    mlps = [b.mlp for b in blocks]
+    if config.importance == "magnitude":
+        return [m.gate_proj.weight.float().norm(dim=1) * m.up_proj.weight.float().norm(dim=1)
+                * m.down_proj.weight.float().norm(dim=0) for m in mlps]
+    if config.importance == "activation":
+        norms = _capture(model, samples, {str(i): m.down_proj for i, m in enumerate(mlps)}, config.batch_size,
+                         lambda x: x.norm(dim=0))  # (I,): ‖h_c‖ over the batch's tokens
+        return [norms[str(i)] * m.down_proj.weight.float().norm(dim=0) for i, m in enumerate(mlps)]
+    params = [p for m in mlps for p in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)]
+    g = _gradients(model, samples, params, config.batch_size)
+    return [(g[3 * i].sum(1) + g[3 * i + 1].sum(1) + g[3 * i + 2].sum(0)).abs() for i in range(len(mlps))]
+
+
+@torch.no_grad()
+def prune_channels_(model: nn.Module, config: StructuredConfig, samples: Tensor | None = None, on_block=None) -> nn.Module:
+    blocks = _layout(model)
+    scores = channel_scores(model, config, samples)
+    size = blocks[0].mlp.gate_proj.out_features
+    remove = int(round(size * config.sparsity))
+    check(0 < remove < size, f"removing {config.sparsity:.0%} of {size} channels leaves none or removes none")
+    for block, s in zip(blocks, scores):
+        keep = _keep(s, remove).to(block.mlp.gate_proj.weight.device)
+        mlp = block.mlp
+        mlp.gate_proj, mlp.up_proj = _linear(mlp.gate_proj, rows=keep), _linear(mlp.up_proj, rows=keep)
+        mlp.down_proj = _linear(mlp.down_proj, cols=keep)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = size - remove
+    model.config.intermediate_size = size - remove
+    return model
+
+
+def _head_geometry(model: nn.Module) -> tuple[int, int, int]:
+    c = model.config
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(_layout(model)[0].self_attn, "head_dim", None) or c.hidden_size // heads
+    return heads, kv, head_dim
+
+
+def head_scores(model: nn.Module, config: StructuredConfig, samples: Tensor | None) -> list[Tensor]:
+    """Per layer, one score per query head (H,)."""
+    heads, _, d = _head_geometry(model)
+    attns = [b.self_attn for b in _layout(model)]
+
+    def per_head_rows(w: Tensor) -> Tensor:  # (H*D, C) -> (H,)
+        return w.float().view(heads, d, -1).pow(2).sum((1, 2)).sqrt()
+
+    def per_head_cols(w: Tensor) -> Tensor:  # (C, H*D) -> (H,)
+        return w.float().view(w.shape[0], heads, d).pow(2).sum((0, 2)).sqrt()
+
+    if config.importance == "magnitude":
+        return [per_head_rows(a.q_proj.weight) * per_head_cols(a.o_proj.weight) for a in attns]
+    if config.importance == "activation":
+        norms = _capture(model, samples, {str(i): a.o_proj for i, a in enumerate(attns)}, config.batch_size,
+                         lambda x: x.view(x.shape[0], heads, d).pow(2).sum((0, 2)).sqrt())
+        return [norms[str(i)] * per_head_cols(a.o_proj.weight) for i, a in enumerate(attns)]
+    params = [p for a in attns for p in (a.q_proj.weight, a.o_proj.weight)]
+    g = _gradients(model, samples, params, config.batch_size)
+    return [(g[2 * i].view(heads, d, -1).sum((1, 2)) + g[2 * i + 1].view(-1, heads, d).sum((0, 2))).abs()
+            for i in range(len(attns))]
+
+
+@torch.no_grad()
+def prune_heads_(model: nn.Module, config: StructuredConfig, samples: Tensor | None = None, on_block=None) -> nn.Module:
+    heads, kv, d = _head_geometry(model)
+    group = heads // kv
+    scores = head_scores(model, config, samples)
+    if group > 1:  # the same number of query heads from every group; K/V stay
+        remove = int(round(group * config.sparsity))
+        check(0 < remove < group, f"removing {config.sparsity:.0%} of the {group} query heads per key/value head "
+                                  "removes none or all; change the sparsity")
+    else:
+        remove = int(round(heads * config.sparsity))
+        check(0 < remove < heads, f"removing {config.sparsity:.0%} of {heads} heads removes none or all")
+    for block, s in zip(_layout(model), scores):
+        attn = block.self_attn
+        dev = attn.q_proj.weight.device
+        if group > 1:
+            kept = torch.cat([g * group + _keep(s[g * group:(g + 1) * group], remove) for g in range(kv)])
+            kept_kv = torch.arange(kv)
+        else:
+            kept = kept_kv = _keep(s, remove)
+        rows = (kept[:, None] * d + torch.arange(d)).reshape(-1).to(dev)  # the heads' rows in q (and o's columns)
+        kv_rows = (kept_kv[:, None] * d + torch.arange(d)).reshape(-1).to(dev)
+        attn.q_proj, attn.o_proj = _linear(attn.q_proj, rows=rows), _linear(attn.o_proj, cols=rows)
+        if group == 1:
+            attn.k_proj, attn.v_proj = _linear(attn.k_proj, rows=kv_rows), _linear(attn.v_proj, rows=kv_rows)
+        new_heads, new_kv = len(kept), len(kept_kv)
+        attn.num_key_value_groups = new_heads // new_kv
+        for name, value in (("num_heads", new_heads), ("num_key_value_heads", new_kv)):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+    model.config.head_dim = d  # no longer hidden_size / heads
+    model.config.num_attention_heads = len(kept)
+    model.config.num_key_value_heads = len(kept_kv)
+    return model
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, samples: Tensor, batch_size: int = 1) -> Tensor:
+    """BI per block (L,): 1 - mean over tokens of cos(block input, block output)."""
+    _, blocks = find_blocks(model)
+    sums = torch.zeros(len(blocks))
+    counts = torch.zeros(len(blocks))
+    hooks = []
+    for i, block in enumerate(blocks):
+        def hook(mod, args, kwargs, output, _i=i):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(x.float().flatten(0, -2), y.float().flatten(0, -2), dim=-1)
+            sums[_i] += float(cos.sum())
+            counts[_i] += cos.numel()
+        hooks.append(block.register_forward_hook(hook, with_kwargs=True))
+    device = next(model.parameters()).device
+    try:
+        for batch in samples.split(batch_size):
+            model(batch.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return 1 - sums / counts
+
+
+@torch.no_grad()
+def prune_blocks_(model: nn.Module, config: StructuredConfig, samples: Tensor | None = None, on_block=None) -> nn.Module:
+    path, blocks = find_blocks(model)
+    remove = int(round(len(blocks) * config.sparsity))
+    check(0 < remove < len(blocks), f"removing {config.sparsity:.0%} of {len(blocks)} blocks removes none or all")
+    check(config.importance in ("magnitude", "activation"),
+          "blocks are ranked by how much they change their input (Block Influence); importance 'gradient' does not apply")
+    kept = _keep(block_influence(model, samples, config.batch_size), remove).tolist()
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.ModuleList([blocks[i] for i in kept]))
+    for new_index, block in enumerate(getattr(parent, child)):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index  # the KV cache is indexed by it
+    c = model.config
+    c.num_hidden_layers = len(kept)
+    if getattr(c, "layer_types", None):
+        c.layer_types = [c.layer_types[i] for i in kept]
+    return model
+
+
+def _needs_data(config: StructuredConfig) -> bool:
+    return config.importance != "magnitude"
+
+
+PRUNERS.register("channels")(Pruner(StructuredConfig, prune_channels_, calibrated=_needs_data, structured=True))
+PRUNERS.register("heads")(Pruner(StructuredConfig, prune_heads_, calibrated=_needs_data, structured=True))
+PRUNERS.register("blocks")(Pruner(StructuredConfig, prune_blocks_, calibrated=True, structured=True))
