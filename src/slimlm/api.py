@@ -26,6 +26,7 @@ def load(path: str | os.PathLike = "demo", dtype: torch.dtype | str | None = Non
     import slimlm.quant.linear  # noqa: F401  (registers the compressed layer kinds the loader builds)
     import slimlm.quant.compressed_tensors_io  # noqa: F401
     import slimlm.quant.w8a8  # noqa: F401
+    import slimlm.pruning.storage  # noqa: F401  (registers the bitmask storage of pruned weights)
     from slimlm.core.model_io import load_model
 
     if isinstance(dtype, str):
@@ -70,7 +71,10 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: b
     if report is not None:
         extra["report.md"] = report.to_markdown()
         extra["report.json"] = report.to_json() + "\n"
-    return save_model(model, path, tokenizer, extra_files=extra, overwrite=overwrite, exporter=exporter)
+    encoder = None
+    if getattr(model.config, "slimlm_sparsity", None):
+        from slimlm.pruning.storage import encode_sparse_ as encoder
+    return save_model(model, path, tokenizer, extra_files=extra, overwrite=overwrite, exporter=exporter, encoder=encoder)
 
 
 def quantize(model: nn.Module, method: str = "rtn", tokenizer=None, calibration: torch.Tensor | None = None,

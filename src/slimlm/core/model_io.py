@@ -44,6 +44,9 @@ COMPRESSED_MODULES: Registry[Callable[[dict[str, Any], nn.Module], nn.Module]] =
 # quantization_config, dtype) returning the model (slimlm.quant.compressed_tensors_io registers
 # "compressed-tensors").
 FOREIGN_FORMATS: Registry[Callable[..., nn.Module]] = Registry("checkpoint format")
+# config.json's slimlm_sparsity.storage.format -> decoder(raw config, state) that restores dense
+# tensors in place (slimlm.pruning.storage registers "bitmask")
+STATE_DECODERS: Registry[Callable[[dict, dict], None]] = Registry("sparse storage format")
 
 
 def demo_path() -> Path:
@@ -151,6 +154,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     method = qblock.get("quant_method") if isinstance(qblock, dict) else None
     if method == FORMAT:
         model = _load_compressed(path, raw, qblock, dtype)
+    elif _sparse_storage(raw):
+        model = _load_skeleton(path, raw, dtype)
     elif method in FOREIGN_FORMATS:
         _causal_lm_config(path, raw)
         model = FOREIGN_FORMATS.get(method)(path, raw, qblock, dtype)
@@ -163,6 +168,37 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
         model.to(device)
     tokenizer = load_tokenizer(path, model.config)
     return model, tokenizer
+
+
+def _sparse_storage(raw: dict[str, Any]) -> str | None:
+    record = raw.get("slimlm_sparsity")
+    storage = record.get("storage") if isinstance(record, dict) else None
+    return storage.get("format") if isinstance(storage, dict) else None
+
+
+def read_state(path: Path, raw: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, with sparse-stored weights restored to dense."""
+    state = read_safetensors(path)
+    fmt = _sparse_storage(raw)
+    if fmt:
+        STATE_DECODERS.get(fmt)(raw, state)
+    return state
+
+
+def _load_skeleton(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
+    """Build the model on meta from its config and assign the (decoded) checkpoint tensors."""
+    from transformers import AutoModelForCausalLM
+
+    config = _causal_lm_config(path, raw)
+    float_dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(float_dtype, str):
+        float_dtype = getattr(torch, float_dtype)
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=float_dtype)
+    assign_state_(model, read_state(path, raw), path)
+    if dtype is not None:
+        model.to(dtype)
+    return model
 
 
 def _load_plain(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
@@ -243,7 +279,7 @@ def _load_compressed(path: Path, raw: dict[str, Any], qblock: dict[str, Any], dt
             except AttributeError:
                 raise SlimError(f"{path}: config lists layer '{name}' that the architecture does not have; the folder is corrupt") from None
             replace_module_(model, name, COMPRESSED_MODULES.get(kind)(group, original))
-    assign_state_(model, read_safetensors(path), path)
+    assign_state_(model, read_state(path, raw), path)
     if dtype is not None:
         model.to(dtype)
     return model
@@ -352,15 +388,19 @@ def save_model(
     overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     exporter: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, Any]] | None = None,
+    encoder: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None,
 ) -> Path:
     """Write `model` (and tokenizer and extra text files) as an HF folder at `path`, atomically.
 
     `exporter(model, state)` writes another tool's format: it rewrites the state dict in place and
-    returns the config.json `quantization_config` (default: slimlm's own format)."""
+    returns the config.json `quantization_config` (default: slimlm's own format). `encoder(model, state)`
+    rewrites tensors for compact storage (before the exporter) and notes it in model.config."""
     with atomic_folder(path, overwrite) as tmp:
+        state, aliases = _dedup_state(model)
+        if encoder is not None:
+            encoder(model, state)
         config = model.config.to_dict()
         config["dtype"] = str(float_dtype(model)).removeprefix("torch.")
-        state, aliases = _dedup_state(model)
         block = exporter(model, state) if exporter else compression_block(model)
         if block is not None:
             config["quantization_config"] = block

@@ -11,22 +11,17 @@ from slimlm.pruning.config import PruneConfig
 from slimlm.pruning.methods import PRUNERS, Pruner
 from slimlm.pruning.sparsegpt_solver import sparsegpt_prune
 from slimlm.pruning.unstructured import layer_weight
-from slimlm.quant.hessian import accumulate_hessian
+from slimlm.quant.hessian import HessianObserver
 
 
-class SparseGPTStep:
+class SparseGPTStep(HessianObserver):
     def __init__(self, config: PruneConfig) -> None:
+        super().__init__()
         self.config = config
-        self.stats: dict[str, tuple[Tensor, int]] = {}
-
-    def observe(self, name: str, module: nn.Module, inputs: Tensor) -> None:
-        k = inputs.shape[-1]
-        h, count = self.stats.get(name, (torch.zeros(k, k, device=inputs.device), 0))
-        self.stats[name] = accumulate_hessian(h, count, inputs)
 
     @torch.no_grad()
     def compress(self, name: str, module: nn.Module) -> None:
-        h, _ = self.stats.pop(name)
+        h = self.pop_hessian(name)
         w = layer_weight(module)
         c = self.config
         pruned = sparsegpt_prune(w.cpu(), h.cpu(), c.target_sparsity, c.nm, c.block_size, c.damp)

@@ -4,8 +4,8 @@ runs faster with no sparse kernel.
 
 Every layer loses the same number of units, so one config describes the model:
   - heads: with grouped-query attention (G query heads per key/value head) each group loses the
-    same number of query heads (K/V projections and the KV cache stay); without it (G = 1) whole
-    heads go, keys and values with them;
+    same number of query heads (K/V projections and the KV cache stay); when that rounds to none
+    or all of a group (G = 1, or G = 2 at 25%), whole groups go, keys and values with them;
   - channels: MLP intermediate channels (rows of gate/up, columns of down);
   - blocks: whole transformer blocks, those whose output is most similar to their input (Block
     Influence BI = 1 - E[cos(x_in, x_out)], Men et al., "ShortGPT", arXiv 2403.03853; Gromov et al.,
@@ -93,6 +93,13 @@ def _capture(model: nn.Module, samples: Tensor, modules: dict[str, nn.Module], b
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             sums[_name] = sums.get(_name, 0) + fn(x)
         hooks.append(module.register_forward_pre_hook(hook))
+    _run_with_hooks(model, samples, batch_size, hooks)
+    return sums
+
+
+@torch.no_grad()
+def _run_with_hooks(model: nn.Module, samples: Tensor, batch_size: int, hooks: list) -> None:
+    """Run the samples through the model, then remove the hooks (even on error)."""
     device = next(model.parameters()).device
     try:
         for batch in samples.split(batch_size):
@@ -100,7 +107,6 @@ def _capture(model: nn.Module, samples: Tensor, modules: dict[str, nn.Module], b
     finally:
         for h in hooks:
             h.remove()
-    return sums
 
 
 def _gradients(model: nn.Module, samples: Tensor, params: list[nn.Parameter], batch_size: int) -> list[Tensor]:
@@ -196,25 +202,28 @@ def prune_heads_(model: nn.Module, config: StructuredConfig, samples: Tensor | N
     heads, kv, d = _head_geometry(model)
     group = heads // kv
     scores = head_scores(model, config, samples)
-    if group > 1:  # the same number of query heads from every group; K/V stay
-        remove = int(round(group * config.sparsity))
-        check(0 < remove < group, f"removing {config.sparsity:.0%} of the {group} query heads per key/value head "
-                                  "removes none or all; change the sparsity")
+    per_group = int(round(group * config.sparsity))
+    whole = int(round(kv * config.sparsity))  # whole key/value groups (with their query heads)
+    if group > 1 and 0 < per_group < group:
+        mode = "query"  # the same number of query heads from every group; K/V and the cache stay
+    elif 0 < whole < kv:
+        mode = "group"
     else:
-        remove = int(round(heads * config.sparsity))
-        check(0 < remove < heads, f"removing {config.sparsity:.0%} of {heads} heads removes none or all")
+        raise SlimError(f"removing {config.sparsity:.0%} of {heads} heads ({kv} key/value heads, groups of {group}) "
+                        "removes none or all of a group; change the sparsity")
     for block, s in zip(_layout(model), scores):
         attn = block.self_attn
         dev = attn.q_proj.weight.device
-        if group > 1:
-            kept = torch.cat([g * group + _keep(s[g * group:(g + 1) * group], remove) for g in range(kv)])
+        if mode == "query":
+            kept = torch.cat([g * group + _keep(s[g * group:(g + 1) * group], per_group) for g in range(kv)])
             kept_kv = torch.arange(kv)
         else:
-            kept = kept_kv = _keep(s, remove)
+            kept_kv = _keep(s.view(kv, group).sum(1), whole)
+            kept = (kept_kv[:, None] * group + torch.arange(group)).reshape(-1)
         rows = (kept[:, None] * d + torch.arange(d)).reshape(-1).to(dev)  # the heads' rows in q (and o's columns)
         kv_rows = (kept_kv[:, None] * d + torch.arange(d)).reshape(-1).to(dev)
         attn.q_proj, attn.o_proj = _linear(attn.q_proj, rows=rows), _linear(attn.o_proj, cols=rows)
-        if group == 1:
+        if mode == "group":
             attn.k_proj, attn.v_proj = _linear(attn.k_proj, rows=kv_rows), _linear(attn.v_proj, rows=kv_rows)
         new_heads, new_kv = len(kept), len(kept_kv)
         attn.num_key_value_groups = new_heads // new_kv
@@ -242,13 +251,7 @@ def block_influence(model: nn.Module, samples: Tensor, batch_size: int = 1) -> T
             sums[_i] += float(cos.sum())
             counts[_i] += cos.numel()
         hooks.append(block.register_forward_hook(hook, with_kwargs=True))
-    device = next(model.parameters()).device
-    try:
-        for batch in samples.split(batch_size):
-            model(batch.to(device))
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_with_hooks(model, samples, batch_size, hooks)
     return 1 - sums / counts
 
 

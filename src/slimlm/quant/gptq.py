@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import Tensor, nn
 
 from slimlm.core.calibrate import run_blockwise
@@ -13,7 +12,7 @@ from slimlm.core.config import check
 from slimlm.core.targeting import is_conv1d
 from slimlm.quant.calibration import CalibrationFields
 from slimlm.quant.gptq_solver import gptq_quantize
-from slimlm.quant.hessian import accumulate_hessian
+from slimlm.quant.hessian import HessianObserver
 from slimlm.quant.linear import QuantizedLinear, check_finite_weight
 from slimlm.quant.methods import METHODS, Method
 from slimlm.quant.rtn import RTNConfig
@@ -50,18 +49,13 @@ def layer_weight(module: nn.Module) -> Tensor:
     return w.t() if is_conv1d(module) else w
 
 
-class GPTQStep:
+class GPTQStep(HessianObserver):
     def __init__(self, config: GPTQConfig) -> None:
+        super().__init__()
         self.config = config
-        self.stats: dict[str, tuple[Tensor, int]] = {}
-
-    def observe(self, name: str, module: nn.Module, inputs: Tensor) -> None:
-        k = inputs.shape[-1]
-        h, count = self.stats.get(name, (torch.zeros(k, k, device=inputs.device), 0))
-        self.stats[name] = accumulate_hessian(h, count, inputs)
 
     def compress(self, name: str, module: nn.Module) -> QuantizedLinear:
-        h, _ = self.stats.pop(name)
+        h = self.pop_hessian(name)
         check_finite_weight(name, module.weight)
         c = self.config
         scheme = c.scheme_for(name)

@@ -7,7 +7,7 @@ Hessian with respect to a row of W is H = 2 X Xᵀ over the calibration inputs X
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def accumulate_hessian(h: Tensor, count: int, x: Tensor) -> tuple[Tensor, int]:
@@ -17,3 +17,18 @@ def accumulate_hessian(h: Tensor, count: int, x: Tensor) -> tuple[Tensor, int]:
     total = count + x.shape[0]
     h.mul_(count / total).addmm_(x.t(), x, alpha=2.0 / total)
     return h, total
+
+
+class HessianObserver:
+    """The `observe` half of a calibrated step that needs each layer's H (GPTQ, SparseGPT)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, tuple[Tensor, int]] = {}
+
+    def observe(self, name: str, module: nn.Module, inputs: Tensor) -> None:
+        k = inputs.shape[-1]
+        h, count = self.stats.get(name, (torch.zeros(k, k, device=inputs.device), 0))
+        self.stats[name] = accumulate_hessian(h, count, inputs)
+
+    def pop_hessian(self, name: str) -> Tensor:
+        return self.stats.pop(name)[0]

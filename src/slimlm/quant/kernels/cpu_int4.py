@@ -47,16 +47,12 @@ class CpuInt4Kernel:
         offset = (8 - zero) * scale
         scale_and_zero = torch.stack([scale, offset], -1).transpose(0, 1).contiguous().to(COMPUTE)  # (G, N, 2)
         group = group_size_for(layer.in_features, layer.scheme)
-        # for the dense path: w = q * s - z * s per group, both (N, G, 1) in bfloat16
-        return packed, group, scale_and_zero, scale.to(COMPUTE)[..., None], (zero * scale).to(COMPUTE)[..., None]
+        # for the dense path: scale and zero point per group, (N, G, 1) each in bfloat16
+        return packed, group, scale_and_zero, scale.to(COMPUTE)[..., None], zero.to(COMPUTE)[..., None]
 
     def dense_weight(self, layer, state) -> Tensor:
-        """The weight (N, K) in bfloat16, unpacked from the portable nibbles."""
-        _, group, _, scale, zero_scale = state
-        n, k = layer.out_features, layer.in_features
-        low, high = layer.qweight & 0x0F, layer.qweight >> 4  # (N, K/2) each: even and odd columns
-        q = torch.stack([low, high], -1).view(n, k // group, group).to(COMPUTE)  # (N, G, g)
-        return (q * scale - zero_scale).view(n, k)
+        _, group, _, scale, zero = state
+        return dense_from_nibbles(layer, group, scale, zero)
 
     def run(self, x: Tensor, layer, state) -> Tensor:
         packed, group, scale_and_zero = state[:3]
@@ -64,6 +60,15 @@ class CpuInt4Kernel:
         if xin.shape[0] >= self.dense_rows:
             return F.linear(xin, self.dense_weight(layer, state)).to(x.dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(xin, packed, group, scale_and_zero).to(x.dtype)
+
+
+def dense_from_nibbles(layer, group: int, scale: Tensor, zero: Tensor) -> Tensor:
+    """The weight (N, K) in bfloat16 from the portable nibbles: (q - z) * s with scale and zero (N, G, 1)
+    in bfloat16 (q - z is exact in bfloat16, so the product is rounded once)."""
+    n, k = layer.out_features, layer.in_features
+    low, high = layer.qweight & 0x0F, layer.qweight >> 4  # (N, K/2) each: even and odd columns
+    q = torch.stack([low, high], -1).view(n, k // group, group).to(COMPUTE)  # (N, G, g)
+    return ((q - zero) * scale).view(n, k)
 
 
 KERNEL = CpuInt4Kernel()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slimlm.quant.kernels.cpu_int4 import dense_from_nibbles
 from slimlm.quant.primitives import group_size_for
 
 COMPUTE = torch.bfloat16
@@ -59,11 +60,8 @@ class CudaInt4Kernel:
         return packed, group, scale_and_zero, scale.to(COMPUTE)[..., None], zero.to(COMPUTE)[..., None]
 
     def dense_weight(self, layer, state) -> Tensor:
-        _, group, _, scale, zero = state  # (N, G, 1) each; q - z is exact in bfloat16
-        n, k = layer.out_features, layer.in_features
-        low, high = layer.qweight & 0x0F, layer.qweight >> 4  # (N, K/2) each
-        q = torch.stack([low, high], -1).view(n, k // group, group).to(COMPUTE)  # (N, G, g)
-        return ((q - zero) * scale).view(n, k)
+        _, group, _, scale, zero = state
+        return dense_from_nibbles(layer, group, scale, zero)
 
     def run(self, x: Tensor, layer, state) -> Tensor:
         packed, group, scale_and_zero = state[:3]
