@@ -133,3 +133,18 @@ def test_pruned_model_saves_and_reloads(tmp_path):
     assert again.config.slimlm_sparsity["method"] == "magnitude"
     for (name, a), b in zip(targets(model).items(), targets(again).values()):
         assert torch.equal(layer_weight(a), layer_weight(b)), name
+
+
+def test_a_recipe_prunes_then_quantizes(tmp_path):
+    """One flow: 2:4 Wanda, then int4 GPTQ, from a YAML recipe; the pattern survives quantization."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("steps:\n- method: wanda\n  pattern: '2:4'\n  n_samples: 4\n  seq_len: 32\n"
+                      "- method: gptq\n  bits: 4\n  group_size: 32\n  n_samples: 4\n  seq_len: 32\n")
+    model = tiny_model("llama")
+    from slimlm.api import apply_recipe
+    from slimlm.testing.tiny import tiny_tokenizer
+
+    apply_recipe(model, recipe, tiny_tokenizer())
+    quantized = [m for m in model.modules() if hasattr(m, "scheme")]
+    assert quantized and all(M.is_nm_sparse(m.dequantize(torch.float32), 2, 4) for m in quantized)
+    assert [step["method"] for step in model.slimlm_recipe] == ["wanda", "gptq"]

@@ -90,14 +90,17 @@ def recipe_from_args(args: argparse.Namespace) -> list[dict]:
 def dry_run(model, recipe: list[dict], as_json: bool) -> int:
     """Resolve each step's config (all defaults filled in) and list the layers it would touch."""
     from slimlm.core.targeting import select_linear
+    from slimlm.pruning.methods import PRUNERS, get_pruner
     from slimlm.quant.methods import get_method
 
+    get_pruner("magnitude")  # fills the registry
     plan = []
     for step in recipe:
         settings = {k: v for k, v in step.items() if k != "method"}
-        config = get_method(step["method"]).config_cls.from_dict(settings)
+        find = get_pruner if step["method"] in PRUNERS.names() else get_method
+        config = find(step["method"]).config_cls.from_dict(settings)
         resolved = {"method": step["method"], **config.to_dict()}
-        if hasattr(config, "targets"):  # per-layer schemes (overrides resolved)
+        if hasattr(config, "scheme_for"):  # per-layer schemes (overrides resolved)
             layers = {name: config.scheme_for(name).label() for name in config.targets(model)}
         elif hasattr(config, "include"):
             layers = {name: step["method"] for name in select_linear(model, config.include, config.exclude)}
