@@ -86,6 +86,27 @@ def _():
         assert agree >= 0.75, (i, agree)  # bf16: batched and single GEMMs may round differently
 
 
+@check("CUDA-graph decode == the dynamic step (fp32 logits; llama, mistral window 4, qwen2, phi3)")
+def _():
+    worst = 0.0
+    for family, extra in (("llama", {}), ("mistral", {"sliding_window": 4}), ("qwen2", {}), ("phi3", {})):
+        m = model(family, **extra).to(DEV)
+        graphed = Engine(m, 2, 64, cuda_graphs=DEV.type == "cuda")
+        plain = Engine(m, 2, 64, cuda_graphs=False)
+        slots = torch.arange(2, device=DEV)
+        for e in (graphed, plain):
+            e.prefill(0, ids(5, seed=1)[0])
+            e.prefill(1, ids(11, seed=2)[0])
+        tokens = torch.tensor([3, 7], device=DEV)
+        for _ in range(12):
+            a, b = graphed.decode(slots, tokens), plain.decode(slots, tokens)
+            worst = max(worst, float((a - b).abs().max()))
+            tokens = b.argmax(-1)
+        assert DEV.type == "cpu" or graphed._graphs, "no graph was captured"
+    assert worst < 1e-3, worst
+    return f"max |diff| {worst:.1e}"
+
+
 @check("int8 KV cache: logits close to the bf16 cache")
 def _():
     m = model().to(DEV)

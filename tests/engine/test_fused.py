@@ -131,3 +131,30 @@ def test_rope_attend_matches_pytorch(rotary, window):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kc, kc2)
     torch.testing.assert_close(vc, vc2)
+
+
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("mistral", {"sliding_window": 4}), ("phi3", {}),
+                                               ("qwen3", {})])
+def test_static_decode_for_cuda_graphs_equals_the_dynamic_step(family, overrides):
+    """The graph-capturable step (whole-cache attention, device-side indices) gives the same logits;
+    run on CPU here, captured on GPUs (benchmarks/cuda_check.py)."""
+    from slimlm.engine.graphs import static_decode
+
+    model = model_for(family, **overrides)
+    dynamic, static = (Engine(model, slots=2, max_len=40, fused_step=False) for _ in range(2))
+    prompts = [ids(5, seed=1), ids(9, seed=2)]
+    for e in (dynamic, static):
+        for i, p in enumerate(prompts):
+            e.prefill(i, p)
+    tokens = torch.tensor([3, 7])
+    for _ in range(8):
+        want = dynamic.decode(torch.arange(2), tokens)
+        got = static_decode(model, static.spec, tokens, static.lengths.clone(), static.cache)
+        static.lengths += 1
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        tokens = want.argmax(-1)
+
+
+def test_cuda_graphs_need_cuda():
+    with pytest.raises(SlimError, match="CUDA graphs"):
+        Engine(model_for("llama"), slots=1, max_len=16, cuda_graphs=True)

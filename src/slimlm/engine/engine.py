@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.core.errors import SlimError
-from slimlm.engine import decoder, fused
+from slimlm.engine import decoder, fused, graphs
 from slimlm.engine.kv_cache import KVCache
 
 KV_DTYPES = ("auto", "int8")
@@ -30,8 +30,9 @@ class Engine:
     whether it can, else callers fall back to the model's forward (`engine.generate`)."""
 
     def __init__(self, model: nn.Module, slots: int = 1, max_len: int | None = None, kv_dtype: str = "auto",
-                 fused_step: bool | None = None) -> None:
-        """fused_step: decode with the fused C++ step (`fused.py`); None: whenever it can run the model."""
+                 fused_step: bool | None = None, cuda_graphs: bool | None = None) -> None:
+        """fused_step: decode with the fused C++ step on CPU (`fused.py`); cuda_graphs: replay decode
+        steps of slots 0..B-1 from CUDA graphs (`graphs.py`). None: whenever they can run."""
         spec, reason = decoder.decoder_spec(model)
         if spec is None:
             raise SlimError(f"the engine cannot run this model: {reason}")
@@ -47,6 +48,11 @@ class Engine:
         self.fused, self.fused_reason = fused.fused_plan(model, spec, self.cache) if fused_step is not False else (None, "off")
         if fused_step and self.fused is None:
             raise SlimError(f"the fused decode step cannot run here: {self.fused_reason}")
+        can_graph = device.type == "cuda" and not self.cache.quantized
+        if cuda_graphs and not can_graph:
+            raise SlimError("CUDA graphs need a CUDA device and an unquantized KV cache")
+        self.cuda_graphs = can_graph if cuda_graphs is None else cuda_graphs
+        self._graphs: dict[int, graphs.GraphedDecode] = {}
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -76,6 +82,15 @@ class Engine:
     def decode(self, slots: Tensor, tokens: Tensor) -> Tensor:
         """Append one token per slot (tokens (B,) for slots (B,)); returns next-token logits (B, V)."""
         slots, tokens = slots.to(self.device), tokens.to(self.device)
+        b = len(slots)
+        if self.cuda_graphs and torch.equal(slots, torch.arange(b, device=self.device)):
+            if int(self.lengths[:b].max()) >= self.max_len:
+                raise SlimError(f"sequence longer than the cache ({self.max_len} tokens); raise max_len")
+            if b not in self._graphs:
+                self._graphs[b] = graphs.GraphedDecode(self.model, self.spec, self.cache, b)
+            logits = self._graphs[b](tokens, self.lengths[:b])
+            self.lengths[:b] += 1
+            return logits
         if self.fused is not None:
             logits = fused.decode_step(self.model, self.spec, self.fused, tokens, self.lengths[slots], self.cache, slots)
             self.lengths[slots] += 1
