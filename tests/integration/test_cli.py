@@ -156,3 +156,14 @@ def test_prune_saves_a_sparse_model_with_a_report(tiny_folder, tmp_path, capsys,
 def test_prune_bad_sparsity_is_a_one_line_error(tiny_folder, tmp_path, capsys):
     code, _, err = run_cli(capsys, "prune", tiny_folder("llama"), "-o", tmp_path / "p", "--sparsity", 1.2)
     assert code == 2 and "sparsity 1.2" in err and "Traceback" not in err and not (tmp_path / "p").exists()
+
+
+def test_prune_channels_shrinks_the_saved_model(tiny_folder, tmp_path, capsys):
+    src = tiny_folder("llama")
+    code, out, _ = run_cli(capsys, "prune", src, "-o", tmp_path / "p", "-m", "channels", "--sparsity", 0.25,
+                           "--importance", "activation", "--n-samples", 4, "--seq-len", 32, "--eval-tokens", 200, "--json")
+    assert code == 0
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["intermediate_size"] == 96 and config["slimlm_structured"]["importance"] == "activation"
+    original, pruned = json.loads(out)["report"]["variants"]
+    assert pruned["size"]["parameters"] < original["size"]["parameters"]

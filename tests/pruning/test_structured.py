@@ -96,3 +96,21 @@ def test_structured_errors():
         slimlm.prune(tiny_model("llama"), "channels", sparsity=0.25, importance="nope")
     with pytest.raises(SlimError, match="calibration"):
         slimlm.prune(tiny_model("llama"), "channels", sparsity=0.25, importance="activation")
+
+
+def test_global_channel_pruning_leaves_layers_of_different_sizes_that_reload(tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():  # layer 0's MLP matters far more: a global ranking keeps more of it
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            getattr(model.model.layers[0].mlp, proj).weight.mul_(5)
+    slimlm.prune(model, "channels", sparsity=0.25, scope="global")
+    sizes = [b.mlp.up_proj.out_features for b in model.model.layers]
+    assert sizes[0] > sizes[1] and sum(sizes) == 2 * 96
+    slimlm.save(model, tmp_path / "g", tiny_tokenizer())
+    again, _ = slimlm.load(tmp_path / "g")
+    assert [b.mlp.up_proj.out_features for b in again.model.layers] == sizes
+    same_logits(model, again)
+    prompt = CALIB[:1, :8]
+    ours = generate_ids(again, prompt, SamplingParams(max_new_tokens=6), engine=True)
+    theirs = again.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours[0], theirs[0, 8:])

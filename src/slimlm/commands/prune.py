@@ -7,17 +7,21 @@ import argparse
 
 from slimlm.commands._common import print_json, print_table, progress_bar, quiet_libraries
 
-METHODS = ("magnitude", "random", "taylor", "wanda", "sparsegpt")
+METHODS = ("magnitude", "random", "taylor", "wanda", "sparsegpt", "heads", "channels", "blocks")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face model folder, or 'demo'")
     p.add_argument("-o", "--out", required=True, help="output folder (written atomically)")
     p.add_argument("-m", "--method", default="magnitude", help=f"one of {', '.join(METHODS)} (default magnitude)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each layer's weights set to zero (default 0.5)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of each layer's weights set to zero (default 0.5), or of the heads / channels / "
+                        "blocks removed (default 0.25)")
     p.add_argument("--pattern", default=None, help="n:m sparsity instead, e.g. 2:4 (keep 2 of every 4 inputs)")
     p.add_argument("--scope", default=None, choices=("row", "layer", "global"),
                    help="which weights compete: each output row, each layer, or all layers (default: the method's)")
+    p.add_argument("--importance", default=None, choices=("magnitude", "activation", "gradient"),
+                   help="heads/channels: how units are ranked (default magnitude; blocks use Block Influence)")
     p.add_argument("--include", action="append", default=None, help="name glob of layers to prune (repeatable)")
     p.add_argument("--exclude", action="append", default=None, help="name glob of layers to leave alone (repeatable)")
     cal = p.add_argument_group("calibrated methods (taylor, wanda, sparsegpt)")
@@ -33,8 +37,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> dict:
-    settings = {"sparsity": args.sparsity}
-    for key in ("pattern", "scope", "include", "exclude", "calib", "n_samples", "seq_len", "damp", "block_size"):
+    settings = {}
+    for key in ("sparsity", "pattern", "scope", "importance", "include", "exclude", "calib", "n_samples", "seq_len",
+                "damp", "block_size"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     return settings
@@ -65,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
                                                    progress=update))
     save(model, args.out, tokenizer, report=report)
     if args.json:
-        print_json({"out": args.out, "settings": settings, "sparsity": model.config.slimlm_sparsity,
+        record = getattr(model.config, "slimlm_sparsity", None) or getattr(model.config, "slimlm_structured", None)
+        print_json({"out": args.out, "settings": settings, "sparsity": record,
                     "report": report.to_dict() if report else None})
     elif report:
         print_table(report.rows(), title=f"saved {args.out}")

@@ -154,7 +154,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     method = qblock.get("quant_method") if isinstance(qblock, dict) else None
     if method == FORMAT:
         model = _load_compressed(path, raw, qblock, dtype)
-    elif _sparse_storage(raw):
+    elif _sparse_storage(raw) or raw.get("slimlm_module_shapes"):
         model = _load_skeleton(path, raw, dtype)
     elif method in FOREIGN_FORMATS:
         _causal_lm_config(path, raw)
@@ -195,10 +195,26 @@ def _load_skeleton(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -
         float_dtype = getattr(torch, float_dtype)
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=float_dtype)
+    _reshape_linears_(model, raw.get("slimlm_module_shapes") or {}, path)
     assign_state_(model, read_state(path, raw), path)
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+def _reshape_linears_(model: nn.Module, shapes: dict[str, list[int]], path: Path) -> None:
+    """Give linear layers the (out, in) shapes config.json records per layer (structured pruning that
+    left layers of different sizes, which one config value cannot describe)."""
+    from slimlm.core.targeting import replace_module_
+
+    for name, shape in shapes.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise SlimError(f"{path}: config lists layer '{name}' that the architecture does not have; the folder is corrupt") from None
+        new = nn.Linear(shape[1], shape[0], bias=getattr(old, "bias", None) is not None, device="meta",
+                        dtype=old.weight.dtype)
+        replace_module_(model, name, new)
 
 
 def _load_plain(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:

@@ -2,11 +2,13 @@
 a smaller dense model whose config.json says the new sizes, so it loads in plain transformers and
 runs faster with no sparse kernel.
 
-Every layer loses the same number of units, so one config describes the model:
+By default every layer loses the same number of units, so one config describes the model:
   - heads: with grouped-query attention (G query heads per key/value head) each group loses the
     same number of query heads (K/V projections and the KV cache stay); when that rounds to none
     or all of a group (G = 1, or G = 2 at 25%), whole groups go, keys and values with them;
-  - channels: MLP intermediate channels (rows of gate/up, columns of down);
+  - channels: MLP intermediate channels (rows of gate/up, columns of down); with scope 'global' the
+    channels of all layers are ranked together, so layers keep different numbers, recorded per layer
+    in config.json (`slimlm_module_shapes`) for `slimlm.load`;
   - blocks: whole transformer blocks, those whose output is most similar to their input (Block
     Influence BI = 1 - E[cos(x_in, x_out)], Men et al., "ShortGPT", arXiv 2403.03853; Gromov et al.,
     arXiv 2403.17887, prune by the same angular-distance idea).
@@ -44,9 +46,11 @@ class StructuredConfig(CalibrationFields, Config):
     name = "structured"
     sparsity: float = 0.25
     importance: str = "magnitude"
+    scope: str = "layer"  # channels: 'global' ranks all layers' channels together (layers end up different sizes)
 
     def __post_init__(self) -> None:
         CalibrationFields.__post_init__(self)
+        check(self.scope in ("layer", "global"), f"scope '{self.scope}' must be layer or global")
         check(isinstance(self.sparsity, (int, float)) and 0 < self.sparsity < 1,
               f"sparsity {self.sparsity!r} must be in (0, 1), e.g. 0.25")
         check(self.importance in IMPORTANCE, f"importance '{self.importance}' must be one of {', '.join(IMPORTANCE)}")
@@ -155,14 +159,27 @@ def prune_channels_(model: nn.Module, config: StructuredConfig, samples: Tensor 
     size = blocks[0].mlp.gate_proj.out_features
     remove = int(round(size * config.sparsity))
     check(0 < remove < size, f"removing {config.sparsity:.0%} of {size} channels leaves none or removes none")
-    for block, s in zip(blocks, scores):
-        keep = _keep(s, remove).to(block.mlp.gate_proj.weight.device)
+    if config.scope == "global":  # one threshold over all layers' channels; every layer keeps at least one
+        flat = torch.cat(scores)
+        threshold = torch.sort(flat).values[remove * len(blocks) - 1]
+        removals = [min(int((s <= threshold).sum()), size - 1) for s in scores]
+    else:
+        removals = [remove] * len(blocks)
+    for block, s, r in zip(blocks, scores, removals):
+        keep = _keep(s, r).to(block.mlp.gate_proj.weight.device)
         mlp = block.mlp
         mlp.gate_proj, mlp.up_proj = _linear(mlp.gate_proj, rows=keep), _linear(mlp.up_proj, rows=keep)
         mlp.down_proj = _linear(mlp.down_proj, cols=keep)
         if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = size - remove
-    model.config.intermediate_size = size - remove
+            mlp.intermediate_size = size - r
+    sizes = {size - r for r in removals}
+    if len(sizes) == 1:
+        model.config.intermediate_size = sizes.pop()
+    else:  # one config cannot say it: record each layer's shapes, which slimlm.load restores
+        path, _ = find_blocks(model)
+        model.config.slimlm_module_shapes = {
+            f"{path}.{i}.mlp.{proj}": list(getattr(b.mlp, proj).weight.shape)
+            for i, b in enumerate(blocks) for proj in ("gate_proj", "up_proj", "down_proj")}
     return model
 
 
@@ -199,6 +216,7 @@ def head_scores(model: nn.Module, config: StructuredConfig, samples: Tensor | No
 
 @torch.no_grad()
 def prune_heads_(model: nn.Module, config: StructuredConfig, samples: Tensor | None = None, on_block=None) -> nn.Module:
+    check(config.scope == "layer", "heads are removed evenly from every layer; scope 'global' applies to channels")
     heads, kv, d = _head_geometry(model)
     group = heads // kv
     scores = head_scores(model, config, samples)
@@ -257,6 +275,7 @@ def block_influence(model: nn.Module, samples: Tensor, batch_size: int = 1) -> T
 
 @torch.no_grad()
 def prune_blocks_(model: nn.Module, config: StructuredConfig, samples: Tensor | None = None, on_block=None) -> nn.Module:
+    check(config.scope == "layer", "scope 'global' applies to channels, not blocks")
     path, blocks = find_blocks(model)
     remove = int(round(len(blocks) * config.sparsity))
     check(0 < remove < len(blocks), f"removing {config.sparsity:.0%} of {len(blocks)} blocks removes none or all")
