@@ -36,6 +36,7 @@ VARIANTS = [
     ("channels 25% magnitude", "channels", dict(sparsity=0.25, importance="magnitude")),
     ("channels 25% activation", "channels", dict(sparsity=0.25, importance="activation")),
     ("channels 25% gradient", "channels", dict(sparsity=0.25, importance="gradient")),
+    ("channels 25% activation global", "channels", dict(sparsity=0.25, importance="activation", scope="global")),
     ("heads 25% magnitude", "heads", dict(sparsity=0.25, importance="magnitude")),
     ("heads 25% activation", "heads", dict(sparsity=0.25, importance="activation")),
     ("blocks 1 of 5", "blocks", dict(sparsity=0.2)),
