@@ -362,10 +362,23 @@ static void q4bf16_segments(const uint16_t* xo, const float* xso, int K, int G, 
   }
 }
 
+// rows m0..m0+mm-1 (mm <= 8) of x against tiles [a, b) of all weights
+template <int GS, bool BF16OUT>
+static void q4bf16_rows(int mm, const uint16_t* xo, const float* xso, int K, int G, const std::vector<torch::Tensor>& qws,
+                        const std::vector<torch::Tensor>& scs, const std::vector<torch::Tensor>& zps,
+                        const std::vector<void*>& ys, const std::vector<int64_t>& first, int64_t a, int64_t b) {
+#define QBROW(MM) case MM: q4bf16_segments<MM, GS, BF16OUT>(xo, xso, K, G, qws, scs, zps, ys, first, a, b); break;
+  switch (mm) { QBROW(1) QBROW(2) QBROW(3) QBROW(4) QBROW(5) QBROW(6) QBROW(7) QBROW(8) }
+#undef QBROW
+}
+
 // x (M, K) bf16 contiguous against several int4 weights of the same group size (e.g. q, k and v) in one
-// parallel region. Returns one (M, N_j) tensor per weight, bf16 if out_bf16 else fp32.
+// parallel region. Returns one (M, N_j) tensor per weight, bf16 if out_bf16 else fp32. Rows go 8 at a time
+// (the accumulators fill the registers), but each block of TB tiles serves all row chunks while it is
+// in cache, so the weights are read from memory once whatever M is.
 std::vector<torch::Tensor> q4bf16_mm_many(torch::Tensor x, std::vector<torch::Tensor> qws, std::vector<torch::Tensor> scs,
                                           std::vector<torch::Tensor> zps, int64_t group, bool out_bf16) {
+  constexpr int64_t TB = 4;  // 64 output rows: 64 KB of int4 g32 codes at K = 2048
   const int M = x.size(0), K = x.size(1), G = K / group;
   TORCH_CHECK(group == 32 || group == 128, "group must be 32 or 128");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16");
@@ -377,25 +390,25 @@ std::vector<torch::Tensor> q4bf16_mm_many(torch::Tensor x, std::vector<torch::Te
     out.push_back(torch::empty({M, qw.size(0) * 16}, x.options().dtype(out_bf16 ? torch::kBFloat16 : torch::kFloat32)));
     first.push_back(first.back() + qw.size(0));
   }
+  std::vector<std::vector<void*>> ys;  // per chunk of 8 rows: where each weight's output rows start
   for (int m0 = 0; m0 < M; m0 += 8) {
-    const int mm = std::min(8, M - m0);
-    const uint16_t* xo = xb + (size_t)m0 * K;
-    const float* xso = xsum.data() + (size_t)m0 * G;
-    std::vector<void*> ys;
-    for (auto& y : out) ys.push_back((char*)y.data_ptr() + (size_t)m0 * y.size(1) * y.element_size());
-#define QBCASE(MM, GS)                                                                                                 \
-  case MM:                                                                                                            \
-    if (out_bf16)                                                                                                     \
-      par(first.back(), [&](int64_t a, int64_t b) { q4bf16_segments<MM, GS, true>(xo, xso, K, G, qws, scs, zps, ys, first, a, b); }); \
-    else                                                                                                              \
-      par(first.back(), [&](int64_t a, int64_t b) { q4bf16_segments<MM, GS, false>(xo, xso, K, G, qws, scs, zps, ys, first, a, b); }); \
-    break;
-    if (group == 32) {
-      switch (mm) { QBCASE(1, 32) QBCASE(2, 32) QBCASE(3, 32) QBCASE(4, 32) QBCASE(5, 32) QBCASE(6, 32) QBCASE(7, 32) QBCASE(8, 32) }
-    } else {
-      switch (mm) { QBCASE(1, 128) QBCASE(2, 128) QBCASE(3, 128) QBCASE(4, 128) QBCASE(5, 128) QBCASE(6, 128) QBCASE(7, 128) QBCASE(8, 128) }
-    }
+    ys.emplace_back();
+    for (auto& y : out) ys.back().push_back((char*)y.data_ptr() + (size_t)m0 * y.size(1) * y.element_size());
   }
+  auto body = [&](auto rows) {
+    par(first.back(), [&](int64_t a, int64_t b) {
+      for (int64_t t0 = a; t0 < b; t0 += TB) {
+        const int64_t t1 = std::min(b, t0 + TB);
+        for (int m0 = 0; m0 < M; m0 += 8)
+          rows(std::min(8, M - m0), xb + (size_t)m0 * K, xsum.data() + (size_t)m0 * G, K, G, qws, scs, zps,
+               ys[m0 / 8], first, t0, t1);
+      }
+    });
+  };
+  if (group == 32)
+    out_bf16 ? body(q4bf16_rows<32, true>) : body(q4bf16_rows<32, false>);
+  else
+    out_bf16 ? body(q4bf16_rows<128, true>) : body(q4bf16_rows<128, false>);
   return out;
 }
 
@@ -464,16 +477,21 @@ torch::Tensor q8bf16_mm(torch::Tensor x, torch::Tensor qw, torch::Tensor sc, tor
   const uint8_t* w = qw.data_ptr<uint8_t>();
   const float* s = sc.data_ptr<float>();
   const float* z = zp.data_ptr<float>();
-  const int64_t ntiles = N / 16;
-  for (int m0 = 0; m0 < M; m0 += 8) {
-    const int mm = std::min(8, M - m0);
-    const uint16_t* xo = xb + (size_t)m0 * K;
-    const uint16_t* x16o = x16.data() + (size_t)m0 * K;
-    void* yo = (char*)y.data_ptr() + (size_t)m0 * N * y.element_size();
-#define Q8BCASE(MM) \
-  case MM: par(ntiles, [&](int64_t a, int64_t b) { q8bf16_tiles<MM>(xo, x16o, xt.data() + m0, K, w, s, z, yo, out_bf16, N, a, b); }); break;
-    switch (mm) { Q8BCASE(1) Q8BCASE(2) Q8BCASE(3) Q8BCASE(4) Q8BCASE(5) Q8BCASE(6) Q8BCASE(7) Q8BCASE(8) }
-  }
+  const int64_t ntiles = N / 16, TB = 2;  // 32 rows x K codes per block, reused by every chunk of 8 rows
+  char* yp = (char*)y.data_ptr();
+  par(ntiles, [&](int64_t a, int64_t b) {
+    for (int64_t t0 = a; t0 < b; t0 += TB) {
+      const int64_t t1 = std::min(b, t0 + TB);
+      for (int m0 = 0; m0 < M; m0 += 8) {
+        const uint16_t* xo = xb + (size_t)m0 * K;
+        const uint16_t* x16o = x16.data() + (size_t)m0 * K;
+        void* yo = yp + (size_t)m0 * N * y.element_size();
+#define Q8BCASE(MM) case MM: q8bf16_tiles<MM>(xo, x16o, xt.data() + m0, K, w, s, z, yo, out_bf16, N, t0, t1); break;
+        switch (std::min(8, M - m0)) { Q8BCASE(1) Q8BCASE(2) Q8BCASE(3) Q8BCASE(4) Q8BCASE(5) Q8BCASE(6) Q8BCASE(7) Q8BCASE(8) }
+#undef Q8BCASE
+      }
+    }
+  });
   return y;
 }
 
