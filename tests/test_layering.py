@@ -11,7 +11,7 @@ ALLOWED = {
     "core": {"core"},
     "quant": {"core", "quant"},
     "pruning": {"core", "quant", "pruning"},  # not "prune": that name is the public verb slimlm.prune
-    "distill": {"core", "quant", "pruning", "distill"},
+    "distillation": {"core", "quant", "pruning", "distillation"},  # not "distill": the verb slimlm.distill
     "engine": {"core", "engine"},
     "parallel": {"core", "engine", "parallel"},
     "testing": {"core", "testing"},

@@ -1,13 +1,14 @@
 """slimlm: make causal language models smaller and faster, and prove it.
 
-The public verbs: `load`, `save`, `quantize`, `prune`, `evaluate`, `bench`, `generate`, `compress`.
+The public verbs: `load`, `save`, `quantize`, `prune`, `distill`, `finetune`, `evaluate`, `bench`,
+`generate`, `compress`.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "save", "quantize", "prune", "evaluate", "bench", "generate", "compress", "SlimError", "__version__"]
+__all__ = ["load", "save", "quantize", "prune", "distill", "finetune", "evaluate", "bench", "generate", "compress", "SlimError", "__version__"]
 
 
 def __getattr__(name: str):

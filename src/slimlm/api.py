@@ -294,3 +294,36 @@ def _try_plot(report, path: Path) -> None:
     from slimlm.eval.plots import plot_report
 
     plot_report(report, path)
+
+
+def distill(student: nn.Module, teacher: nn.Module | None, tokenizer, data: str = "demo", eval_data: str | None = None,
+            out: str | os.PathLike | None = None, resume: bool = False,
+            on_step: Callable[[int, dict], None] | None = None, **settings: Any) -> list[dict]:
+    """Train `student` in place to match `teacher` (α·hard + (1−α)·T²·KL) on text `data`; returns the
+    history. Without a teacher this is plain fine-tuning. Settings: see `distillation.trainer.TrainConfig`
+    (steps, lr, batch_size, grad_accum, seq_len, alpha, temperature, ...). `out` keeps checkpoints,
+    history.json and loss.png; `resume=True` continues from its checkpoint."""
+    from slimlm.distillation.data import load_blocks
+    from slimlm.distillation.trainer import TrainConfig, train
+
+    config = TrainConfig.from_dict(settings)
+    train_blocks = load_blocks(data, tokenizer, config.seq_len)
+    eval_blocks = load_blocks(eval_data, tokenizer, config.seq_len) if eval_data else None
+    return train(student, train_blocks, eval_blocks, config, teacher, out, resume, on_step)
+
+
+def finetune(model: nn.Module, tokenizer, data: str = "demo", eval_data: str | None = None,
+             out: str | os.PathLike | None = None, qat: bool = False, teacher: nn.Module | None = None,
+             **settings: Any) -> list[dict]:
+    """Recovery fine-tuning after compression, in place: pruned weights stay zero; with `qat=True`
+    quantized layers train through their quantization grid (straight-through) and are quantized
+    back at the end. A teacher (e.g. the uncompressed model) turns it into distillation."""
+    from slimlm.distillation.qat import convert_qat_, prepare_qat_
+
+    if qat:
+        prepare_qat_(model)
+    try:
+        return distill(model, teacher, tokenizer, data, eval_data, out, **settings)
+    finally:
+        if qat:
+            convert_qat_(model)

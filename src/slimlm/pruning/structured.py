@@ -282,6 +282,12 @@ def prune_blocks_(model: nn.Module, config: StructuredConfig, samples: Tensor | 
     check(config.importance in ("magnitude", "activation"),
           "blocks are ranked by how much they change their input (Block Influence); importance 'gradient' does not apply")
     kept = _keep(block_influence(model, samples, config.batch_size), remove).tolist()
+    return keep_blocks_(model, kept)
+
+
+def keep_blocks_(model: nn.Module, kept: list[int]) -> nn.Module:
+    """Keep only the transformer blocks `kept` (in that order), renumbered, with the config to match."""
+    path, blocks = find_blocks(model)
     parent_name, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, nn.ModuleList([blocks[i] for i in kept]))

@@ -1,0 +1,1 @@
+"""Knowledge distillation and recovery fine-tuning (`losses`, `students`, `trainer`, `qat`)."""

@@ -1,0 +1,237 @@
+"""The training loop shared by distillation and recovery fine-tuning.
+
+A student is trained on packed token blocks (n, T) with AdamW, a linear warm-up then cosine decay,
+gradient accumulation, gradient clipping, bfloat16 autocast where the hardware has native bf16 math,
+and periodic evaluation on held-out blocks. With a teacher (frozen, under no_grad) the loss is
+`losses.distillation_loss`; without one it is plain cross-entropy (fine-tuning).
+
+Checkpoints hold everything a resumed run needs (student, optimizer, schedule, step, history, RNG
+state); batches are a pure function of (seed, step), so a run killed after a checkpoint and resumed
+ends bit-identical to one that never stopped (tested). Pruned layers keep their zeros: with
+`keep_masks`, gradients and weights are masked after every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from slimlm.core.config import Config, check
+from slimlm.distillation.losses import distillation_loss
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    name = "train"
+    steps: int = 200
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    alpha: float = 0.5  # weight of the hard (true-token) loss; 1 - alpha on the teacher's soft targets
+    temperature: float = 2.0
+    reverse_kl: bool = False
+    clip: float = 1.0
+    bf16: bool | None = None  # None: where the hardware has native bf16 math (CUDA sm80+, AVX-512 BF16)
+    eval_every: int = 50
+    save_every: int = 50
+    seed: int = 0
+    keep_masks: bool = True  # pruned (exactly zero) weights of the pruned layers stay zero
+
+    def __post_init__(self) -> None:
+        for field in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every"):
+            value = getattr(self, field)
+            check(isinstance(value, int) and value >= 1, f"{field} {value!r} must be a positive integer")
+        check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        check(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, f"lr {self.lr!r} must be in (0, 1), e.g. 1e-3")
+        check(0 <= self.alpha <= 1, f"alpha {self.alpha!r} must be in [0, 1]")
+        check(self.temperature > 0, f"temperature {self.temperature!r} must be positive")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
+        check(self.clip >= 0, "clip must be >= 0 (0: no clipping)")
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_indices(n: int, step: int, micro: int, config: TrainConfig) -> Tensor:
+    """Block indices of one micro-batch: epochs are seeded permutations, so batches depend only on
+    (seed, step), which makes a resumed run see the same data."""
+    per_step = config.batch_size * config.grad_accum
+    start = (step * per_step + micro * config.batch_size)
+    idx = []
+    for i in range(start, start + config.batch_size):
+        epoch, pos = divmod(i, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+        idx.append(int(perm[pos]))
+    return torch.tensor(idx)
+
+
+def native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from slimlm.core.cpp_ext import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def pruning_masks(model: nn.Module) -> dict[str, Tensor]:
+    """Masks (True = kept) of the layers the model's pruning record names."""
+    record = getattr(model.config, "slimlm_sparsity", None) or {}
+    masks = {}
+    for name in record.get("targets", []):
+        try:
+            w = model.get_submodule(name).weight
+        except AttributeError:
+            continue
+        masks[name] = w.detach() != 0
+    return masks
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, blocks: Tensor, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy over blocks (n, T)."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in blocks.split(batch_size):
+        batch = batch.to(device)
+        logits = model(batch).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        total += float(loss)
+        count += batch[:, 1:].numel()
+    model.train(was)
+    return total / count
+
+
+def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, config: TrainConfig,
+          teacher: nn.Module | None = None, out: str | os.PathLike | None = None, resume: bool = False,
+          on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Train `student` in place on train_blocks (n, T); returns the history (one dict per logged step).
+
+    out: folder for checkpoints, history.json and loss.png; resume: continue from its checkpoint."""
+    check(train_blocks.dim() == 2 and train_blocks.shape[0] >= 1, "training data must be token blocks (n, T)")
+    device = next(student.parameters()).device
+    use_bf16 = native_bf16(device) if config.bf16 is None else config.bf16
+    folder = Path(out) if out is not None else None
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    masks = pruning_masks(student) if config.keep_masks else {}
+    history: list[dict] = []
+    start = 0
+    if resume:
+        check(folder is not None and (folder / CHECKPOINT).is_file(), f"no checkpoint to resume in {folder}")
+        state = torch.load(folder / CHECKPOINT, map_location=device, weights_only=False)
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start, history = state["step"], state["history"]
+        torch.set_rng_state(state["rng"])
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    student.train()
+    tokens_seen, t0 = 0, time.perf_counter()
+    for step in range(start, config.steps):
+        optimizer.zero_grad(set_to_none=True)
+        parts_sum: dict[str, float] = {}
+        for micro in range(config.grad_accum):
+            batch = train_blocks[batch_indices(train_blocks.shape[0], step, micro, config)].to(device)  # (B, T)
+            labels = batch[:, 1:].reshape(-1)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = student(batch).logits[:, :-1]
+                teacher_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(batch).logits[:, :-1].reshape(-1, logits.shape[-1])
+            loss, parts = distillation_loss(logits.reshape(-1, logits.shape[-1]), labels, teacher_logits,
+                                            config.alpha, config.temperature, config.reverse_kl)
+            (loss / config.grad_accum).backward()
+            for k, v in {"loss": float(loss), **parts}.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / config.grad_accum
+            tokens_seen += batch.numel()
+        _mask_(student, masks, grads=True)
+        if config.clip:
+            torch.nn.utils.clip_grad_norm_(params, config.clip)
+        optimizer.step()
+        schedule.step()
+        _mask_(student, masks, grads=False)
+        record = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **parts_sum,
+                  "tokens_per_s": tokens_seen / max(time.perf_counter() - t0, 1e-9)}
+        if eval_blocks is not None and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
+            record["eval_loss"] = evaluate_loss(student, eval_blocks, config.batch_size)
+            record["eval_ppl"] = math.exp(record["eval_loss"])
+        history.append(record)
+        if folder is not None and ((step + 1) % config.save_every == 0 or step + 1 == config.steps):
+            _save(folder, student, optimizer, schedule, step + 1, history)
+        if on_step is not None:
+            on_step(step + 1, record)
+    student.eval()
+    if folder is not None:
+        _write_history(folder, history)
+    return history
+
+
+@torch.no_grad()
+def _mask_(model: nn.Module, masks: dict[str, Tensor], grads: bool) -> None:
+    for name, mask in masks.items():
+        w = model.get_submodule(name).weight
+        if grads:
+            if w.grad is not None:
+                w.grad.mul_(mask)
+        else:
+            w.mul_(mask)
+
+
+def _save(folder: Path, student, optimizer, schedule, step: int, history: list[dict]) -> None:
+    """Checkpoint atomically (write, then rename): a crash mid-save leaves the previous one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (CHECKPOINT + ".tmp")
+    torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "step": step, "history": history, "rng": torch.get_rng_state()}, tmp)
+    tmp.replace(folder / CHECKPOINT)
+
+
+def _write_history(folder: Path, history: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # the plot needs the 'report' extra; history.json has the numbers
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", lw=1)
+    evals = [h for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "loss.png", dpi=120)
+    plt.close(fig)
