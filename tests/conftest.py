@@ -11,10 +11,11 @@ def tiny_folder(tmp_path_factory):
     """Return a function family -> path of a saved tiny random model folder (built once per family)."""
     cache = {}
 
-    def make(family: str = "llama"):
-        if family not in cache:
-            cache[family] = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family)
-        return cache[family]
+    def make(family: str = "llama", **kwargs):
+        key = (family, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family, **kwargs)
+        return cache[key]
 
     return make
 

@@ -167,3 +167,21 @@ def test_prune_channels_shrinks_the_saved_model(tiny_folder, tmp_path, capsys):
     assert config["intermediate_size"] == 96 and config["slimlm_structured"]["importance"] == "activation"
     original, pruned = json.loads(out)["report"]["variants"]
     assert pruned["size"]["parameters"] < original["size"]["parameters"]
+
+
+def test_distill_then_resume_and_finetune_qat(tiny_folder, tmp_path, capsys):
+    src = tiny_folder("llama", layers=4)
+    common = ["--data", "demo@0:18", "--eval-data", "demo@18:", "--steps", 4, "--batch-size", 2, "--seq-len", 32,
+              "--eval-every", 2, "--save-every", 2, "--no-bf16", "--json"]
+    code, out, _ = run_cli(capsys, "distill", src, "-o", tmp_path / "s", *common)
+    summary = json.loads(out)
+    assert code == 0 and summary["steps"] == 4 and summary["eval_ppl"] > 0
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and (tmp_path / "s" / "history.json").is_file()
+    code, out, _ = run_cli(capsys, "distill", src, "-o", tmp_path / "s", *common[:-1], "--steps", 6, "--resume", "--json")
+    assert code == 0 and json.loads(out)["steps"] == 6
+    run_cli(capsys, "quantize", src, "-o", tmp_path / "q", "--bits", 4, "--group-size", 32, "--eval-tokens", 0)
+    code, out, _ = run_cli(capsys, "finetune", tmp_path / "q", "-o", tmp_path / "f", "--qat", "--teacher", src, *common)
+    assert code == 0
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "f", "--json")
+    assert json.loads(out)["schemes"]["int4 g32 asym"] == 28

@@ -169,7 +169,7 @@ def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, 
             loss, parts = distillation_loss(logits.reshape(-1, logits.shape[-1]), labels, teacher_logits,
                                             config.alpha, config.temperature, config.reverse_kl)
             (loss / config.grad_accum).backward()
-            for k, v in {"loss": float(loss), **parts}.items():
+            for k, v in {"loss": float(loss.detach()), **parts}.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / config.grad_accum
             tokens_seen += batch.numel()
         _mask_(student, masks, grads=True)
