@@ -1,4 +1,6 @@
 """`slimlm distill TEACHER -o OUT`: train a smaller student to match a teacher, then save it.
+Data parallel on CPU: `torchrun --nproc-per-node 2 -m slimlm.cli distill ...` (each process takes
+a share of every batch; --batch-size is the global one).
 
 The student is the teacher's blocks 0, 2, 4, ... by default (`--keep-blocks 0,3,5` picks others),
 or any model folder (`--student PATH`). `--alpha 1` trains on the true tokens only (no teacher)."""
@@ -56,7 +58,8 @@ def run_training(args, model, teacher, tokenizer, finish) -> int:
     from slimlm.api import distill, save
     from slimlm.core.model_io import check_output_path
 
-    if not args.resume:
+    rank = _join_process_group()
+    if not args.resume and rank == 0:
         check_output_path(args.out, args.overwrite)
     work = Path(str(args.out) + ".training")  # checkpoints live beside the output until it is written
     settings = training_settings(args)
@@ -65,6 +68,8 @@ def run_training(args, model, teacher, tokenizer, finish) -> int:
         history = distill(model, teacher, tokenizer, args.data, args.eval_data, out=work, resume=args.resume,
                           on_step=lambda s, r: update(f"train: loss {r['loss']:.3f}", s, steps), **settings)
     finish(model)
+    if rank != 0:  # under torchrun every process trained the same model; rank 0 saves and reports
+        return 0
     save(model, args.out, tokenizer, overwrite=True)
     for name in ("history.json", "loss.png"):
         if (work / name).is_file():
@@ -80,6 +85,20 @@ def run_training(args, model, teacher, tokenizer, finish) -> int:
         print_table([{k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in summary.items()}],
                     title=f"saved {args.out}")
     return 0
+
+
+def _join_process_group() -> int:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (gloo on CPU, NCCL on GPUs); returns the rank."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,11 @@ gradient accumulation, gradient clipping, bfloat16 autocast where the hardware h
 and periodic evaluation on held-out blocks. With a teacher (frozen, under no_grad) the loss is
 `losses.distillation_loss`; without one it is plain cross-entropy (fine-tuning).
 
+Data parallel: under torch.distributed (e.g. `torchrun --nproc-per-node 2 -m slimlm.cli distill ...`;
+gloo on CPU, NCCL on GPUs) each process takes its slice of every global batch and DDP averages the
+gradients, so the loss curve is the one-process curve on the same global batch (tested with two CPU
+processes); only rank 0 writes.
+
 Checkpoints hold everything a resumed run needs (student, optimizer, schedule, step, history, RNG
 state); batches are a pure function of (seed, step), so a run killed after a checkpoint and resumed
 ends bit-identical to one that never stopped (tested). Pruned layers keep their zeros: with
@@ -131,10 +136,13 @@ def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, 
 
     out: folder for checkpoints, history.json and loss.png; resume: continue from its checkpoint."""
     check(train_blocks.dim() == 2 and train_blocks.shape[0] >= 1, "training data must be token blocks (n, T)")
+    rank, world = _distributed()
+    check(config.batch_size % world == 0, f"batch_size {config.batch_size} must be divisible by the {world} processes")
     device = next(student.parameters()).device
     use_bf16 = native_bf16(device) if config.bf16 is None else config.bf16
     folder = Path(out) if out is not None else None
     params = [p for p in student.parameters() if p.requires_grad]
+    check(params, "the student has no trainable parameters (requires_grad is off everywhere)")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     masks = pruning_masks(student) if config.keep_masks else {}
@@ -149,19 +157,24 @@ def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, 
         start, history = state["step"], state["history"]
         torch.set_rng_state(state["rng"])
     if teacher is not None:
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        teacher.eval()  # frozen: its forward runs under no_grad (its requires_grad flags are left alone)
     student.train()
+    forward = student
+    if world > 1:  # data parallel: each process takes its share of every global batch; DDP averages gradients
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    writer = folder if rank == 0 else None  # one process writes checkpoints and history
     tokens_seen, t0 = 0, time.perf_counter()
     for step in range(start, config.steps):
         optimizer.zero_grad(set_to_none=True)
         parts_sum: dict[str, float] = {}
         for micro in range(config.grad_accum):
-            batch = train_blocks[batch_indices(train_blocks.shape[0], step, micro, config)].to(device)  # (B, T)
+            chosen = batch_indices(train_blocks.shape[0], step, micro, config)[rank::world]
+            batch = train_blocks[chosen].to(device)  # (B / world, T)
             labels = batch[:, 1:].reshape(-1)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = student(batch).logits[:, :-1]
+                logits = forward(batch).logits[:, :-1]
                 teacher_logits = None
                 if teacher is not None:
                     with torch.no_grad():
@@ -171,7 +184,7 @@ def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, 
             (loss / config.grad_accum).backward()
             for k, v in {"loss": float(loss.detach()), **parts}.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / config.grad_accum
-            tokens_seen += batch.numel()
+            tokens_seen += batch.numel() * world
         _mask_(student, masks, grads=True)
         if config.clip:
             torch.nn.utils.clip_grad_norm_(params, config.clip)
@@ -184,14 +197,33 @@ def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, 
             record["eval_loss"] = evaluate_loss(student, eval_blocks, config.batch_size)
             record["eval_ppl"] = math.exp(record["eval_loss"])
         history.append(record)
-        if folder is not None and ((step + 1) % config.save_every == 0 or step + 1 == config.steps):
-            _save(folder, student, optimizer, schedule, step + 1, history)
+        if world > 1:  # the logged loss is the global batch's
+            record.update({k: _all_mean(v) for k, v in parts_sum.items()})
+        if writer is not None and ((step + 1) % config.save_every == 0 or step + 1 == config.steps):
+            _save(writer, student, optimizer, schedule, step + 1, history)
         if on_step is not None:
             on_step(step + 1, record)
     student.eval()
-    if folder is not None:
-        _write_history(folder, history)
+    if writer is not None:
+        _write_history(writer, history)
     return history
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) when not running under one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_mean(value: float) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
 
 
 @torch.no_grad()
