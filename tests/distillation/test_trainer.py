@@ -95,3 +95,13 @@ def test_bad_settings_are_clear_errors():
         TrainConfig(alpha=1.5)
     with pytest.raises(SlimError, match="resume"):
         train(tiny_model("llama"), BLOCKS, None, TrainConfig(**FAST), resume=True)
+
+
+def test_hidden_state_matching_with_a_projection_between_widths():
+    teacher = tiny_model("llama", hidden=64, layers=2, seed=1)
+    student = tiny_model("llama", hidden=32, layers=2, intermediate_size=64)
+    history = train(student, BLOCKS, None, TrainConfig(**{**FAST, "steps": 8, "hidden_weight": 1.0,
+                                                           "hidden_layers": [[1, 1], [2, 2]]}), teacher=teacher)
+    assert history[-1]["hidden"] < history[0]["hidden"] and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    with pytest.raises(SlimError, match="teacher"):
+        train(student, BLOCKS, None, TrainConfig(**{**FAST, "hidden_weight": 1.0}))

@@ -51,20 +51,21 @@ def print_json(data: Any) -> None:
 
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True) -> Iterator:
-    """Yields `update(task, done, total)`; draws a rich progress bar on stderr when enabled."""
+    """Yields `update(task, done, total, info="")`; draws a rich progress bar on stderr when enabled
+    (info, e.g. the current loss, is shown after the task's name)."""
     if not enabled:
-        yield lambda task, done, total: None
+        yield lambda task, done, total, info="": None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console(stderr=True), transient=True) as bar:
         ids: dict[str, Any] = {}
 
-        def update(task: str, done: int, total: int) -> None:
+        def update(task: str, done: int, total: int, info: str = "") -> None:
             if task not in ids:
                 ids[task] = bar.add_task(task, total=total)
-            bar.update(ids[task], completed=done, total=total)
+            bar.update(ids[task], completed=done, total=total, description=f"{task} {info}" if info else task)
 
         yield update
 

@@ -66,7 +66,8 @@ def run_training(args, model, teacher, tokenizer, finish) -> int:
     steps = settings.get("steps", 200)
     with progress_bar(not args.json) as update:
         history = distill(model, teacher, tokenizer, args.data, args.eval_data, out=work, resume=args.resume,
-                          on_step=lambda s, r: update(f"train: loss {r['loss']:.3f}", s, steps), **settings)
+                          on_step=lambda s, r: update("train", s, steps, f"loss {r['loss']:.3f} "
+                                                                          f"{r['tokens_per_s']:.0f} tok/s"), **settings)
     finish(model)
     if rank != 0:  # under torchrun every process trained the same model; rank 0 saves and reports
         return 0

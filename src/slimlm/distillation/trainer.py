@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.core.config import Config, check
-from slimlm.distillation.losses import distillation_loss
+from slimlm.distillation.losses import distillation_loss, hidden_loss
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -55,6 +55,9 @@ class TrainConfig(Config):
     save_every: int = 50
     seed: int = 0
     keep_masks: bool = True  # pruned (exactly zero) weights of the pruned layers stay zero
+    hidden_weight: float = 0.0  # > 0 adds hidden-state matching (needs a teacher)
+    hidden_loss: str = "mse"  # or "cosine"
+    hidden_layers: tuple[tuple[int, int], ...] = ()  # (student layer, teacher layer) pairs; () = last to last
 
     def __post_init__(self) -> None:
         for field in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every"):
@@ -66,6 +69,9 @@ class TrainConfig(Config):
         check(self.temperature > 0, f"temperature {self.temperature!r} must be positive")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
         check(self.clip >= 0, "clip must be >= 0 (0: no clipping)")
+        check(self.hidden_weight >= 0 and self.hidden_loss in ("mse", "cosine"),
+              "hidden_weight must be >= 0 and hidden_loss mse or cosine")
+        object.__setattr__(self, "hidden_layers", tuple(tuple(int(i) for i in pair) for pair in self.hidden_layers))
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -143,6 +149,8 @@ def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, 
     folder = Path(out) if out is not None else None
     params = [p for p in student.parameters() if p.requires_grad]
     check(params, "the student has no trainable parameters (requires_grad is off everywhere)")
+    pairs, projections = _hidden_pairs(student, teacher, config, device)
+    params += [p for proj in projections for p in proj.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     masks = pruning_masks(student) if config.keep_masks else {}
@@ -174,13 +182,20 @@ def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, 
             batch = train_blocks[chosen].to(device)  # (B / world, T)
             labels = batch[:, 1:].reshape(-1)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = forward(batch).logits[:, :-1]
-                teacher_logits = None
+                out_s = forward(batch, output_hidden_states=bool(pairs))
+                logits = out_s.logits[:, :-1]
+                teacher_logits = out_t = None
                 if teacher is not None:
                     with torch.no_grad():
-                        teacher_logits = teacher(batch).logits[:, :-1].reshape(-1, logits.shape[-1])
+                        out_t = teacher(batch, output_hidden_states=bool(pairs))
+                        teacher_logits = out_t.logits[:, :-1].reshape(-1, logits.shape[-1])
             loss, parts = distillation_loss(logits.reshape(-1, logits.shape[-1]), labels, teacher_logits,
                                             config.alpha, config.temperature, config.reverse_kl)
+            if pairs:
+                h = sum(hidden_loss(out_s.hidden_states[i].flatten(0, 1), out_t.hidden_states[j].flatten(0, 1),
+                                    config.hidden_loss, proj) for (i, j), proj in zip(pairs, projections)) / len(pairs)
+                loss = loss + config.hidden_weight * h
+                parts["hidden"] = float(h.detach())
             (loss / config.grad_accum).backward()
             for k, v in {"loss": float(loss.detach()), **parts}.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / config.grad_accum
@@ -207,6 +222,22 @@ def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, 
     if writer is not None:
         _write_history(writer, history)
     return history
+
+
+def _hidden_pairs(student: nn.Module, teacher: nn.Module | None, config: TrainConfig,
+                  device: torch.device) -> tuple[list[tuple[int, int]], list[nn.Module | None]]:
+    """Hidden-state pairs (indices into `hidden_states`: 0 = embeddings, i = after block i) and a learned
+    projection per pair where the widths differ."""
+    if config.hidden_weight == 0:
+        return [], []
+    check(teacher is not None, "hidden-state matching needs a teacher")
+    n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    pairs = list(config.hidden_layers) or [(n_s, n_t)]
+    check(all(0 <= i <= n_s and 0 <= j <= n_t for i, j in pairs),
+          f"hidden_layers pairs must index 0..{n_s} (student) and 0..{n_t} (teacher)")
+    c_s, c_t = student.config.hidden_size, teacher.config.hidden_size
+    projections = [nn.Linear(c_s, c_t, bias=False).to(device) if c_s != c_t else None for _ in pairs]
+    return pairs, projections
 
 
 def _distributed() -> tuple[int, int]:
