@@ -24,6 +24,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         history = train(model, BLOCKS, None, TrainConfig(**CONFIG), teacher=teacher, out=out if rank == 0 else None)
         if rank == 0:
             torch.save({"history": history, "state": model.state_dict()}, f"{out}/result.pt")
+        dist.barrier()  # nobody leaves the group while another still uses it
     finally:
         dist.destroy_process_group()
 
