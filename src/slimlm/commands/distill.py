@@ -55,7 +55,7 @@ def run_training(args, model, teacher, tokenizer, finish) -> int:
     """Shared by distill and finetune: train with a progress bar, evaluate, save atomically."""
     from pathlib import Path
 
-    from slimlm.api import distill, save
+    from slimlm.api import distill
     from slimlm.core.model_io import check_output_path
 
     rank = _join_process_group()
@@ -69,8 +69,19 @@ def run_training(args, model, teacher, tokenizer, finish) -> int:
                           on_step=lambda s, r: update("train", s, steps, f"loss {r['loss']:.3f} "
                                                                           f"{r['tokens_per_s']:.0f} tok/s"), **settings)
     finish(model)
-    if rank != 0:  # under torchrun every process trained the same model; rank 0 saves and reports
-        return 0
+    try:
+        if rank == 0:  # under torchrun every process trained the same model; rank 0 saves and reports
+            _save_and_report(args, model, tokenizer, history, work)
+    finally:
+        _leave_process_group()
+    return 0
+
+
+def _save_and_report(args, model, tokenizer, history: list[dict], work) -> None:
+    from pathlib import Path
+
+    from slimlm.api import save
+
     save(model, args.out, tokenizer, overwrite=True)
     for name in ("history.json", "loss.png"):
         if (work / name).is_file():
@@ -85,7 +96,15 @@ def run_training(args, model, teacher, tokenizer, finish) -> int:
     else:
         print_table([{k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in summary.items()}],
                     title=f"saved {args.out}")
-    return 0
+
+
+def _leave_process_group() -> None:
+    """Wait for every process, then leave the group (a process that exits inside it aborts gloo)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _join_process_group() -> int:
