@@ -105,3 +105,32 @@ def test_hidden_state_matching_with_a_projection_between_widths():
     assert history[-1]["hidden"] < history[0]["hidden"] and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     with pytest.raises(SlimError, match="teacher"):
         train(student, BLOCKS, None, TrainConfig(**{**FAST, "hidden_weight": 1.0}))
+
+
+KILL_SCRIPT = """
+import os, signal, sys, torch
+from slimlm.distillation.trainer import TrainConfig, train
+from slimlm.testing import tiny_model
+blocks = torch.randint(1, 300, (16, 33), generator=torch.Generator().manual_seed(0))
+def die(step, record):
+    if step == 5:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handling: a real crash
+train(tiny_model("llama"), blocks, None, TrainConfig(**{config}), out=sys.argv[1], on_step=die)
+"""
+
+
+def test_a_process_killed_mid_run_resumes_to_the_same_result(tmp_path):
+    import subprocess
+    import sys
+
+    config = {**FAST, "steps": 8}
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.replace("{config}", repr(config)), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9  # SIGKILL
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
+    resumed = tiny_model("llama", seed=5)
+    train(resumed, BLOCKS, None, TrainConfig(**config), out=tmp_path, resume=True)
+    whole = tiny_model("llama")
+    train(whole, BLOCKS, None, TrainConfig(**config))
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
