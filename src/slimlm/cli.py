@@ -12,6 +12,7 @@ VERBS = {
     "prune": "prune a model (magnitude, random, taylor, wanda, sparsegpt; unstructured or n:m) and save it",
     "distill": "train a smaller student to match a teacher (soft targets at a temperature) and save it",
     "finetune": "recover what compression cost: fine-tune keeping pruned zeros, or quantization-aware (--qat)",
+    "serve": "OpenAI-compatible server with continuous batching, streaming and Prometheus metrics",
     "eval": "perplexity, and KL / top-1 agreement against a reference model",
     "bench": "prefill/decode speed, time to first token, achieved bandwidth, peak memory",
     "generate": "continue a prompt",

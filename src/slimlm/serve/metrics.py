@@ -1,0 +1,48 @@
+"""Prometheus metrics of the server (prometheus-client, one registry per server)."""
+
+from __future__ import annotations
+
+import time
+
+
+class Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("slimlm_requests", "finished requests", ["model", "finish"], registry=r)
+        self.tokens = Counter("slimlm_generated_tokens", "generated tokens", ["model"], registry=r)
+        self.queue = Gauge("slimlm_queue_depth", "requests waiting for a slot", ["model"], registry=r)
+        self.running = Gauge("slimlm_running_requests", "requests in the running batch", ["model"], registry=r)
+        self.kv_used = Gauge("slimlm_kv_cache_tokens", "tokens held in the KV cache", ["model"], registry=r)
+        self.kv_capacity = Gauge("slimlm_kv_cache_capacity_tokens", "KV cache size in tokens", ["model"], registry=r)
+        self.batch = Histogram("slimlm_decode_batch_size", "sequences per decode step", ["model"], registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.ttft = Histogram("slimlm_time_to_first_token_seconds", "time to first token", ["model"], registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.itl = Histogram("slimlm_inter_token_latency_seconds", "time between tokens of a stream", ["model"],
+                             registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        self.started = time.monotonic()
+
+    def observe_batch(self, decoded: int | None, stats: dict[str, int], model: str = "model") -> None:
+        if decoded:
+            self.batch.labels(model).observe(decoded)
+        self.queue.labels(model).set(stats["waiting"])
+        self.running.labels(model).set(stats["running"])
+        self.kv_used.labels(model).set(stats["kv_tokens"])
+        self.kv_capacity.labels(model).set(stats["kv_capacity"])
+
+    def observe_token(self, request, now: float, model: str = "model") -> None:
+        self.tokens.labels(model).inc()
+        if len(request.generated) == 1:
+            self.ttft.labels(model).observe(now - request.submitted)
+        elif request.last_token_at is not None:
+            self.itl.labels(model).observe(now - request.last_token_at)
+
+    def observe_finish(self, request, reason: str, model: str = "model") -> None:
+        self.requests.labels(model, reason).inc()
+
+    def render(self) -> str:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()

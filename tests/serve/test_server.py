@@ -1,0 +1,190 @@
+"""The server through the official openai client and raw HTTP: completions, chat, streaming,
+errors, concurrency, backpressure, disconnects, metrics."""
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from slimlm.serve.app import ServeSettings  # noqa: E402
+from slimlm.serve.server import BackgroundServer, build_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder):
+    app, models = build_app(str(tiny_folder("llama")), ServeSettings(max_tokens_limit=300), slots=4, max_len=256,
+                            max_queue=8)
+    with BackgroundServer(app) as url:
+        yield url, models
+    for m in models.values():
+        m.scheduler.close()
+
+
+def client(url, key="unused"):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+def post(url, path, body, headers=None):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def test_completions_chat_streaming_and_models(server):
+    url, models = server
+    name = next(iter(models))
+    c = client(url)
+    assert [m.id for m in c.models.list().data] == [name]
+    full = c.completions.create(model=name, prompt="Once upon a time", max_tokens=10, temperature=0)
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 10
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(model=name, prompt="Once upon a time",
+                                                                         max_tokens=10, temperature=0, stream=True))
+    assert streamed == full.choices[0].text
+    chat = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "count: one, two"}], max_tokens=6)
+    chunks = list(c.chat.completions.create(model=name, messages=[{"role": "user", "content": "count: one, two"}],
+                                            max_tokens=6, temperature=0, stream=True))
+    assert chat.choices[0].message.role == "assistant" and chunks[-1].choices[0].finish_reason == "length"
+    two = c.completions.create(model=name, prompt="The quick", max_tokens=5, n=2, temperature=1.0, seed=3)
+    again = c.completions.create(model=name, prompt="The quick", max_tokens=5, n=2, temperature=1.0, seed=3)
+    assert [x.text for x in two.choices] == [x.text for x in again.choices]  # seeded sampling is reproducible
+
+
+def test_stop_strings_cut_the_text(server):
+    url, models = server
+    c = client(url)
+    text = c.completions.create(model=next(iter(models)), prompt="one, two", max_tokens=20, temperature=0).choices[0].text
+    if len(text) > 3:
+        stop = text[2:4]
+        cut = c.completions.create(model=next(iter(models)), prompt="one, two", max_tokens=20, temperature=0, stop=stop)
+        assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_get_their_solo_outputs(server):
+    url, models = server
+    name, c = next(iter(models)), client(url)
+    prompts = ["Once upon", "The quick brown fox", "def add(a, b):", "0123", "Compression makes models", "one, two"]
+    solo = {p: c.completions.create(model=name, prompt=p, max_tokens=12, temperature=0).choices[0].text for p in prompts}
+    results = {}
+
+    def ask(p):
+        results[p] = c.completions.create(model=name, prompt=p, max_tokens=12, temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == solo
+
+
+def test_logprobs_and_echo_score_a_prompt(server):
+    import torch
+
+    url, models = server
+    served = next(iter(models.values()))
+    status, body, _ = post(url, "/v1/completions", {"model": served.name, "prompt": "The quick brown fox",
+                                                    "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert status == 200
+    scores = body["choices"][0]["logprobs"]["token_logprobs"]
+    ids = served.tokenizer("The quick brown fox", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = served.model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert scores[0] is None and scores[1:] == pytest.approx([float(logp[i - 1, t]) for i, t in enumerate(ids) if i],
+                                                             abs=1e-4)
+
+
+@pytest.mark.parametrize("body, status, text", [
+    (b"{not json", 400, "not valid JSON"),
+    ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"prompt": "x", "temperature": 7}, 400, "temperature"),
+    ({"prompt": "word " * 300, "max_tokens": 10}, 400, "context"),
+    ({"model": "nope", "prompt": "x"}, 404, "not served"),
+    ({"max_tokens": 3}, 400, "prompt"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, text):
+    url, models = server
+    code, reply, _ = post(url, "/v1/completions", body)
+    assert code == status and text in reply["error"]["message"] and "type" in reply["error"]
+    ok = client(url).completions.create(model=next(iter(models)), prompt="hi", max_tokens=2)
+    assert ok.choices[0].finish_reason == "length"
+
+
+def test_chat_rejects_malformed_messages(server):
+    url, _ = server
+    code, reply, _ = post(url, "/v1/chat/completions", {"messages": [{"role": "user"}]})
+    assert code == 400 and "messages" in reply["error"]["message"]
+
+
+def test_disconnect_frees_the_slot_and_metrics_move(server):
+    url, models = server
+    served = next(iter(models.values()))
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(
+        {"prompt": "Once", "max_tokens": 250, "stream": True, "temperature": 0}).encode(),
+        headers={"Content-Type": "application/json"})
+    response = urllib.request.urlopen(req, timeout=30)
+    response.readline()  # the first event arrived: the request is running
+    response.close()
+    for _ in range(200):
+        if served.scheduler.stats()["running"] == 0:
+            break
+        time.sleep(0.02)
+    assert served.scheduler.stats()["running"] == 0
+    metrics = urllib.request.urlopen(url + "/metrics").read().decode()
+    assert 'slimlm_requests_total{finish="cancelled"' in metrics
+    assert "slimlm_time_to_first_token_seconds_count" in metrics and "slimlm_kv_cache_capacity_tokens" in metrics
+
+
+def test_api_key_and_queue_bounds(tiny_folder):
+    app, models = build_app(str(tiny_folder("llama")), ServeSettings(api_key="sekret", max_tokens_limit=300),
+                            slots=1, max_len=256, max_queue=1)
+    try:
+        with BackgroundServer(app) as url:
+            assert urllib.request.urlopen(url + "/health").status == 200  # no key needed
+            with pytest.raises(openai.AuthenticationError):
+                client(url, "wrong").models.list()
+            good = client(url, "sekret")
+            assert good.models.list().data
+            auth = {"Authorization": "Bearer sekret"}
+            # one long request holds the only slot, a second waits, a third finds the queue full
+            streams = []
+            for _ in range(2):
+                req = urllib.request.Request(url + "/v1/completions", data=json.dumps(
+                    {"prompt": "Once", "max_tokens": 250, "stream": True}).encode(),
+                    headers={"Content-Type": "application/json", **auth})
+                streams.append(urllib.request.urlopen(req, timeout=30))
+            code, reply, headers = post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2}, auth)
+            assert code == 429 and headers.get("retry-after") == "1" and reply["error"]["type"] == "rate_limit_error"
+            for s in streams:
+                s.close()
+    finally:
+        for m in models.values():
+            m.scheduler.close()
+
+
+def test_a_folder_of_models_serves_each_by_name(tmp_path):
+    from slimlm.testing.tiny import save_tiny_model
+
+    save_tiny_model(tmp_path / "llama-a", "llama")
+    save_tiny_model(tmp_path / "qwen-b", "qwen2")
+    app, models = build_app(str(tmp_path), ServeSettings(), slots=2, max_len=64)
+    try:
+        with BackgroundServer(app) as url:
+            c = client(url)
+            assert sorted(m.id for m in c.models.list().data) == ["llama-a", "qwen-b"]
+            for name in ("llama-a", "qwen-b"):
+                assert c.completions.create(model=name, prompt="hi", max_tokens=3).usage.completion_tokens == 3
+    finally:
+        for m in models.values():
+            m.scheduler.close()
