@@ -188,3 +188,27 @@ def test_a_folder_of_models_serves_each_by_name(tmp_path):
     finally:
         for m in models.values():
             m.scheduler.close()
+
+
+def test_timeouts_and_oversize_bodies(tiny_folder):
+    app, models = build_app(str(tiny_folder("llama")), ServeSettings(request_timeout=0.0, max_request_bytes=2000),
+                            slots=1, max_len=256)
+    try:
+        with BackgroundServer(app) as url:
+            code, reply, _ = post(url, "/v1/completions", {"prompt": "Once", "max_tokens": 200})
+            assert code == 504 and "longer than" in reply["error"]["message"]
+            code, reply, _ = post(url, "/v1/completions", {"prompt": "x" * 5000})
+            assert code == 413
+    finally:
+        for m in models.values():
+            m.scheduler.close()
+
+
+def test_bench_serve_prints_the_load_table(tiny_folder, capsys):
+    from slimlm.cli import main
+
+    code = main(["bench", str(tiny_folder("llama")), "--serve", "--concurrency", "1,2", "--slots", "2", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0 and [(r["server"], r["clients"]) for r in rows] == [
+        ("continuous, 2 slots", 1), ("continuous, 2 slots", 2), ("one at a time", 1), ("one at a time", 2)]
+    assert all(r["tok_s"] > 0 and r["ttft_p50"] > 0 for r in rows)

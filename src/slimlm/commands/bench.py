@@ -20,6 +20,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-engine", dest="engine", action="store_false", default=None,
                    help="time the model's own forward instead of slimlm's engine")
     p.add_argument("--baseline", action="store_true", help="also time transformers' forward and print the ratio")
+    p.add_argument("--serve", action="store_true",
+                   help="load-test an OpenAI-compatible server on loopback instead: streaming clients at "
+                        "--concurrency, continuous batching vs one request at a time")
+    p.add_argument("--concurrency", type=int_list, default=(1, 4, 16, 64), help="with --serve: concurrent clients")
+    p.add_argument("--slots", type=int, default=16, help="with --serve: sequences batched together")
     p.add_argument("--json", action="store_true")
 
 
@@ -35,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from slimlm.api import bench, load
 
-    model, _ = load(args.model)
+    model, tokenizer = load(args.model)
+    if args.serve:
+        return _serve_load(args, model, tokenizer)
     common = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch_sizes=args.batch_sizes,
                   repeats=args.repeats, warmup=args.warmup, kv_dtype=args.kv_dtype)
     result = bench(model, engine=args.engine, **common)
@@ -52,4 +59,18 @@ def run(args: argparse.Namespace) -> int:
                      "prefill tok/s": f"{result.prefill_tps / baseline.prefill_tps:.2f}x", **ratio})
     print_table(rows, title=f"slimlm bench: {args.model} ({args.prompt_tokens} prompt, {args.new_tokens} new tokens, "
                             f"memory bandwidth {result.bandwidth_gbps:.0f} GB/s)")
+    return 0
+
+
+def _serve_load(args: argparse.Namespace, model, tokenizer) -> int:
+    from slimlm.serve.load import compare_batching
+
+    rows = compare_batching(model, tokenizer, list(args.concurrency), args.slots)
+    if args.json:
+        print_json(rows)
+        return 0
+    print_table([{"server": r["server"], "clients": str(r["clients"]), "tok/s": f"{r['tok_s']:.1f}",
+                  "TTFT p50 ms": f"{1e3 * r['ttft_p50']:.0f}", "TTFT p99 ms": f"{1e3 * r['ttft_p99']:.0f}",
+                  "ITL p50 ms": f"{1e3 * r['itl_p50']:.1f}", "ITL p99 ms": f"{1e3 * r['itl_p99']:.1f}"} for r in rows],
+                title=f"{args.model}: streaming load on loopback")
     return 0
