@@ -102,6 +102,14 @@ def test_logprobs_and_echo_score_a_prompt(server):
         logp = served.model(torch.tensor([ids])).logits[0].log_softmax(-1)
     assert scores[0] is None and scores[1:] == pytest.approx([float(logp[i - 1, t]) for i, t in enumerate(ids) if i],
                                                              abs=1e-4)
+    top = body["choices"][0]["logprobs"]["top_logprobs"]
+    assert top[0] is None and all(len(t) == 1 for t in top[1:])  # the greedy alternative at each position
+    # generated tokens: greedy, so each token is its position's top alternative
+    status, body, _ = post(url, "/v1/completions", {"prompt": "The quick", "max_tokens": 4, "logprobs": 2,
+                                                    "temperature": 0})
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == 4 and all(len(t) == 2 for t in lp["top_logprobs"])
+    assert all(max(t.values()) == pytest.approx(v, abs=1e-5) for t, v in zip(lp["top_logprobs"], lp["token_logprobs"]))
 
 
 @pytest.mark.parametrize("body, status, text", [

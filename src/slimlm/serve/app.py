@@ -145,7 +145,7 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings, metrics:
                     top_p=_number(body, "top_p", 1.0, low=0, high=1), top_k=_number(body, "top_k", 0, int, 0),
                     seed=_number(body, "seed", None, int), stop=stop, n=n)
 
-    def start(served: ServedModel, prompt: list[int], opts: dict, index: int, logprobs: bool) -> Request:
+    def start(served: ServedModel, prompt: list[int], opts: dict, index: int, logprobs: int) -> Request:
         eos = served.tokenizer.eos_token_id
         seed = None if opts["seed"] is None else opts["seed"] + index
         r = Request(prompt=prompt, max_tokens=opts["max_tokens"], temperature=opts["temperature"], top_p=opts["top_p"],
@@ -212,10 +212,11 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings, metrics:
         prompt = encode(served, body["prompt"])
         _check(len(prompt) > 0, "the prompt is empty", "prompt")
         opts = sampling(body, served, prompt)
-        want_logprobs = body.get("logprobs") is not None
+        top_n = _number(body, "logprobs", None, int, 0, 20)
+        want_logprobs = top_n is not None
         echo = bool(body.get("echo", False))
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        prompt_scores = _score_prompt(served, prompt) if (echo and want_logprobs) else None
+        prompt_scores = _score_prompt(served, prompt, top_n or 0) if (echo and want_logprobs) else None
         if opts["max_tokens"] == 0:  # scoring only (evaluation harnesses): echo the prompt
             _check(echo, "max_tokens 0 needs echo: true", "max_tokens")
             choice = {"index": 0, "text": served.tokenizer.decode(prompt), "finish_reason": "length",
@@ -223,7 +224,7 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings, metrics:
             return {"id": cid, "object": "text_completion", "created": created, "model": served.name,
                     "choices": [choice], "usage": {"prompt_tokens": len(prompt), "completion_tokens": 0,
                                                    "total_tokens": len(prompt)}}
-        requests = [start(served, prompt, opts, i, want_logprobs) for i in range(opts["n"])]
+        requests = [start(served, prompt, opts, i, max(top_n or 0, 1) if want_logprobs else 0) for i in range(opts["n"])]
         if body.get("stream"):
             async def events():
                 for i, r in enumerate(requests):
@@ -267,7 +268,7 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings, metrics:
         opts = sampling(body, served, prompt)
         _check(opts["max_tokens"] > 0, "max_tokens must be at least 1", "max_tokens")
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        requests = [start(served, prompt, opts, i, False) for i in range(opts["n"])]
+        requests = [start(served, prompt, opts, i, 0) for i in range(opts["n"])]
         if body.get("stream"):
             async def events():
                 for i, r in enumerate(requests):
@@ -300,20 +301,27 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings, metrics:
     return app
 
 
-def _score_prompt(served: ServedModel, prompt: list[int]) -> list[float | None]:
-    """Log-probabilities of each prompt token given the ones before it (None for the first)."""
+def _score_prompt(served: ServedModel, prompt: list[int], top_n: int) -> list:
+    """(log-probability, top alternatives) of each prompt token given the ones before it (None for the first)."""
     import torch
 
     with served.scheduler.model_lock, torch.no_grad():
         logits = served.model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)  # (T, V)
-    return [None] + [float(logits[i - 1, t]) for i, t in enumerate(prompt) if i > 0]
+    out: list = [None]
+    for i in range(1, len(prompt)):
+        top = torch.topk(logits[i - 1], max(top_n, 1))
+        out.append((float(logits[i - 1, prompt[i]]), list(zip(top.indices.tolist(), top.values.tolist()))))
+    return out
 
 
-def _logprobs_block(served: ServedModel, tokens: list[int], scores: list[float | None]) -> dict:
+def _logprobs_block(served: ServedModel, tokens: list[int], scores: list) -> dict:
+    """OpenAI's completions `logprobs`: tokens, their log-probabilities, the top alternatives, offsets."""
     tok = served.tokenizer
     texts = [tok.decode([t]) for t in tokens]
     offsets, pos = [], 0
     for t in texts:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": texts, "token_logprobs": scores, "top_logprobs": None, "text_offset": offsets}
+    return {"tokens": texts, "token_logprobs": [s[0] if s else None for s in scores],
+            "top_logprobs": [{tok.decode([t]): v for t, v in s[1]} if s else None for s in scores],
+            "text_offset": offsets}

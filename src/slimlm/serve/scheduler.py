@@ -43,7 +43,7 @@ class Request:
     top_k: int = 0
     seed: int | None = None
     stop_ids: frozenset[int] = frozenset()
-    logprobs: bool = False
+    logprobs: int = 0  # > 0: report each token's log-probability and the top `logprobs` alternatives
     timeout: float | None = None  # seconds from submission
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -167,7 +167,11 @@ class Scheduler:
     def _emit(self, r: Request, logits: torch.Tensor) -> None:
         """Sample r's next token from logits (1, V), stream it, and finish r if it is done."""
         token = int(sample_next(logits, r.temperature, r.top_k, r.top_p, r.generator)[0])
-        logprob = float(logits[0].float().log_softmax(-1)[token]) if r.logprobs else None
+        logprob = None
+        if r.logprobs:
+            lp = logits[0].float().log_softmax(-1)  # (V,)
+            top = torch.topk(lp, min(r.logprobs, lp.numel()))
+            logprob = (float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist())))
         r.generated.append(token)
         now = time.monotonic()
         if r.first_token_at is None:
