@@ -197,9 +197,11 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings, metrics:
             delta, emitted = text[emitted:safe], max(emitted, safe)
             yield delta, token, logprob
 
-    def encode(served: ServedModel, prompt) -> list[int]:
+    def encode(served: ServedModel, prompt, special: bool = True) -> list[int]:
+        """Token ids of a prompt: text gets the tokenizer's special tokens (BOS), as vLLM does; a chat
+        template already holds them (special=False)."""
         if isinstance(prompt, str):
-            return served.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            return served.tokenizer(prompt, add_special_tokens=special)["input_ids"]
         _check(isinstance(prompt, list) and all(isinstance(t, int) for t in prompt), "'prompt' must be a string or "
                "a list of token ids", "prompt")
         return prompt
@@ -264,7 +266,8 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings, metrics:
         _check(isinstance(messages, list) and messages and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages),
             "'messages' must be a non-empty list of {role, content} objects", "messages")
-        prompt = encode(served, chat_prompt(served.tokenizer, messages))
+        prompt = encode(served, chat_prompt(served.tokenizer, messages),
+                        special=not getattr(served.tokenizer, "chat_template", None))
         opts = sampling(body, served, prompt)
         _check(opts["max_tokens"] > 0, "max_tokens must be at least 1", "max_tokens")
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
