@@ -23,6 +23,7 @@ import torch
 
 import slimlm
 from engine_speed import build  # noqa: E402  (benchmarks/ is the script's folder)
+from kernels import median_seconds  # noqa: E402
 from slimlm.eval.speed import _Runner
 
 VARIANTS = {
@@ -60,13 +61,7 @@ def sparse_layer_times(threads: int, repeats: int = 20) -> None:
 
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(fn, repeats)
 
 
 def main() -> None:

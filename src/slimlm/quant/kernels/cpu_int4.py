@@ -42,13 +42,7 @@ class CpuInt4Kernel:
     def prepare(self, layer, dtype: torch.dtype) -> tuple[Tensor, int, Tensor, Tensor, Tensor]:
         codes = layer.codes().to(torch.int32)  # (N, K)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        scale = layer.scale.float()  # (N, G)
-        zero = layer.zero_points().float()  # (N, G)
-        offset = (8 - zero) * scale
-        scale_and_zero = torch.stack([scale, offset], -1).transpose(0, 1).contiguous().to(COMPUTE)  # (G, N, 2)
-        group = group_size_for(layer.in_features, layer.scheme)
-        # for the dense path: scale and zero point per group, (N, G, 1) each in bfloat16
-        return packed, group, scale_and_zero, scale.to(COMPUTE)[..., None], zero.to(COMPUTE)[..., None]
+        return (packed, *tinygemm_params(layer))
 
     def dense_weight(self, layer, state) -> Tensor:
         _, group, _, scale, zero = state
@@ -60,6 +54,17 @@ class CpuInt4Kernel:
         if xin.shape[0] >= self.dense_rows:
             return F.linear(xin, self.dense_weight(layer, state)).to(x.dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(xin, packed, group, scale_and_zero).to(x.dtype)
+
+
+def tinygemm_params(layer) -> tuple[int, Tensor, Tensor, Tensor]:
+    """(group, scale_and_zero (G, N, 2) for the tinygemm ops, and the dense path's scale and zero
+    point per group, (N, G, 1) each in bfloat16)."""
+    scale = layer.scale.float()  # (N, G)
+    zero = layer.zero_points().float()  # (N, G)
+    offset = (8 - zero) * scale
+    scale_and_zero = torch.stack([scale, offset], -1).transpose(0, 1).contiguous().to(COMPUTE)  # (G, N, 2)
+    group = group_size_for(layer.in_features, layer.scheme)
+    return group, scale_and_zero, scale.to(COMPUTE)[..., None], zero.to(COMPUTE)[..., None]
 
 
 def dense_from_nibbles(layer, group: int, scale: Tensor, zero: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slimlm.quant.kernels.cpu_int4 import dense_from_nibbles
+from slimlm.quant.kernels.cpu_int4 import dense_from_nibbles, tinygemm_params
 from slimlm.quant.primitives import group_size_for
 
 COMPUTE = torch.bfloat16
@@ -52,12 +52,7 @@ class CudaInt4Kernel:
         q = layer.qweight  # (N, K/2) uint8: even column in the low nibble
         swapped = ((q & 0x0F) << 4) | (q >> 4)  # tinygemm's order: even column in the high nibble
         packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), _inner_k_tiles(layer.in_features))
-        scale = layer.scale.float()  # (N, G)
-        zero = layer.zero_points().float()  # (N, G)
-        offset = (8 - zero) * scale
-        scale_and_zero = torch.stack([scale, offset], -1).transpose(0, 1).contiguous().to(COMPUTE)  # (G, N, 2)
-        group = group_size_for(layer.in_features, layer.scheme)
-        return packed, group, scale_and_zero, scale.to(COMPUTE)[..., None], zero.to(COMPUTE)[..., None]
+        return (packed, *tinygemm_params(layer))  # the same scale/offset layout as the CPU op
 
     def dense_weight(self, layer, state) -> Tensor:
         _, group, _, scale, zero = state
