@@ -45,6 +45,7 @@ def load_cpp(name: str, source: Path, functions: tuple[str, ...], needed_flags: 
     try:
         from torch.utils.cpp_extension import load_inline
 
+        _clear_stale_lock(f"{name}_{digest}")
         return load_inline(
             name=f"{name}_{digest}", cpp_sources=[text], functions=list(functions),
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
@@ -52,3 +53,22 @@ def load_cpp(name: str, source: Path, functions: tuple[str, ...], needed_flags: 
     except Exception as e:  # noqa: BLE001 - any build failure means: use the fallback
         log.warning("could not build %s (%s); using the PyTorch fallback", name, str(e).splitlines()[0])
         return None
+
+
+STALE_LOCK_SECONDS = 300  # a build takes well under a minute here
+
+
+def _clear_stale_lock(module: str) -> None:
+    """torch waits forever on the build lock of a process that was killed while compiling (Ctrl-C
+    during the first run): remove a lock older than any real build."""
+    import time
+
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(module, False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            log.warning("removing the stale build lock %s (left by an interrupted build)", lock)
+            lock.unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001 - best effort; torch's own build then behaves as before
+        pass
