@@ -307,6 +307,9 @@ def distill(student: nn.Module, teacher: nn.Module | None, tokenizer, data: str 
     from slimlm.distillation.trainer import TrainConfig, train
 
     config = TrainConfig.from_dict(settings)
+    context = getattr(student.config, "max_position_embeddings", None) or getattr(student.config, "n_positions", None)
+    if context and config.seq_len > context:
+        raise SlimError(f"seq_len {config.seq_len} is longer than the model's context of {context} tokens; lower --seq-len")
     train_blocks = load_blocks(data, tokenizer, config.seq_len)
     eval_blocks = load_blocks(eval_data, tokenizer, config.seq_len) if eval_data else None
     return train(student, train_blocks, eval_blocks, config, teacher, out, resume, on_step)
