@@ -22,6 +22,7 @@ import torch
 import slimlm
 from slimlm.core.data import load_tokens
 from slimlm.distillation.data import pack_blocks
+from slimlm.distillation.lora import add_lora_, merge_lora_
 from slimlm.distillation.qat import convert_qat_, prepare_qat_
 from slimlm.distillation.students import layer_subset
 from slimlm.distillation.trainer import TrainConfig, evaluate_loss, train
@@ -76,21 +77,28 @@ def main() -> None:
         print(f"    {'dense + the same fine-tuning':<28} ppl {base:8.3f} -> {ppl(control, eval_blocks):8.3f}")
         cases = [("rtn int4 g32 + QAT", "rtn", dict(bits=4, group_size=32)),
                  ("rtn int3 g32 + QAT", "rtn", dict(bits=3, group_size=32)),
+                 ("rtn int4 g32 + LoRA r8", "lora", dict(bits=4, group_size=32)),
                  ("magnitude 50% + masked FT", "magnitude", dict(sparsity=0.5))]
         for name, method, settings in cases:
             model = copy.deepcopy(teacher)
-            if method == "rtn":
-                slimlm.quantize(model, method, **settings)
+            if method in ("rtn", "lora"):
+                slimlm.quantize(model, "rtn", **settings)
             else:
                 slimlm.prune(model, method, **settings)
             before = ppl(model, eval_blocks)
             t0 = time.perf_counter()
             if method == "rtn":
                 prepare_qat_(model)
-            train(model, train_blocks, None, TrainConfig(steps=args.heal_steps, lr=args.heal_lr, warmup_steps=10,
+            if method == "lora":  # adapters on the frozen int4 model, merged by re-quantizing at the end
+                add_lora_(model, rank=8)
+            lr = args.heal_lr * (10 if method == "lora" else 1)  # adapters start at zero: a larger step
+            train(model, train_blocks, None, TrainConfig(steps=args.heal_steps, lr=lr, warmup_steps=10,
                                                          alpha=0.5, temperature=2.0, **common), teacher=teacher)
             if method == "rtn":
                 convert_qat_(model)
+            if method == "lora":
+                print(f"    {'  (adapters before merging)':<28} ppl {ppl(model, eval_blocks):8.3f}")
+                merge_lora_(model)
             after = ppl(model, eval_blocks)
             back = 100 * (before - after) / (before - base) if before > base else float("nan")
             print(f"    {name:<28} ppl {before:8.3f} -> {after:8.3f}  ({back:.0f}% of the loss recovered, "

@@ -317,16 +317,25 @@ def distill(student: nn.Module, teacher: nn.Module | None, tokenizer, data: str 
 
 def finetune(model: nn.Module, tokenizer, data: str = "demo", eval_data: str | None = None,
              out: str | os.PathLike | None = None, qat: bool = False, teacher: nn.Module | None = None,
+             lora: int = 0, lora_alpha: float = 16.0, lora_targets: tuple[str, ...] = ("*",),
              **settings: Any) -> list[dict]:
     """Recovery fine-tuning after compression, in place: pruned weights stay zero; with `qat=True`
     quantized layers train through their quantization grid (straight-through) and are quantized
-    back at the end. A teacher (e.g. the uncompressed model) turns it into distillation."""
+    back at the end; with `lora=r` only rank-r adapters train on the frozen (possibly quantized)
+    model and are merged at the end. A teacher (e.g. the uncompressed model) turns it into distillation."""
+    from slimlm.distillation.lora import add_lora_, merge_lora_
     from slimlm.distillation.qat import convert_qat_, prepare_qat_
 
+    if qat and lora:
+        raise SlimError("choose QAT or LoRA, not both")
     if qat:
         prepare_qat_(model)
+    if lora:
+        add_lora_(model, lora, lora_alpha, tuple(lora_targets))
     try:
         return distill(model, teacher, tokenizer, data, eval_data, out, **settings)
     finally:
         if qat:
             convert_qat_(model)
+        if lora:
+            merge_lora_(model)

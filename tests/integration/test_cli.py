@@ -185,3 +185,12 @@ def test_distill_then_resume_and_finetune_qat(tiny_folder, tmp_path, capsys):
     assert code == 0
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "f", "--json")
     assert json.loads(out)["schemes"]["int4 g32 asym"] == 28
+
+
+def test_finetune_with_lora_merges_the_adapters(tiny_folder, tmp_path, capsys):
+    src = tiny_folder("llama")
+    code, out, _ = run_cli(capsys, "finetune", src, "-o", tmp_path / "l", "--lora", 4, "--lora-targets", "*.mlp.*",
+                           "--data", "demo@0:18", "--steps", 3, "--batch-size", 2, "--seq-len", 32, "--no-bf16", "--json")
+    assert code == 0
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "l", "--json")
+    assert code == 0 and json.loads(out)["architecture"] == "LlamaForCausalLM"
