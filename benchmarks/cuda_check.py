@@ -107,6 +107,64 @@ def _():
     return f"max |diff| {worst:.1e}"
 
 
+@check("trainer on the device: bf16 autocast distillation lowers the loss, QAT converts back")
+def _():
+    from slimlm.distillation.qat import convert_qat_, prepare_qat_
+    from slimlm.distillation.students import layer_subset
+    from slimlm.distillation.trainer import TrainConfig, train
+
+    teacher = tiny_model("llama", hidden=128, layers=4).to(DEV)
+    student = layer_subset(teacher)
+    blocks = ids(33, batch=16, seed=4)
+    history = train(student, blocks, blocks[:4], TrainConfig(steps=20, batch_size=8, seq_len=33, warmup_steps=2,
+                                                             lr=3e-3, bf16=DEV.type == "cuda"), teacher=teacher)
+    assert history[-1]["loss"] < history[0]["loss"], history
+    q = model().to(DEV)
+    slimlm.quantize(q, "rtn", bits=4, group_size=32)
+    prepare_qat_(q)
+    train(q, blocks, None, TrainConfig(steps=4, batch_size=8, seq_len=33, warmup_steps=1, bf16=False))
+    convert_qat_(q)
+    assert all(m.scale.device.type == DEV.type for m in q.modules() if hasattr(m, "scheme"))
+    return f"loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}"
+
+
+@check("server on the device: concurrent requests get their solo greedy outputs")
+def _():
+    import threading
+
+    import openai
+
+    from slimlm.serve.app import ServedModel, ServeSettings, create_app
+    from slimlm.serve.metrics import Metrics
+    from slimlm.serve.scheduler import Scheduler
+    from slimlm.serve.server import BackgroundServer
+    from slimlm.testing.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    m = model(vocab=len(tok)).to(DEV)
+    metrics = Metrics()
+    sched = Scheduler(m, slots=4, max_len=128, metrics=metrics, name="m")
+    app = create_app({"m": ServedModel("m", m, tok, sched)}, ServeSettings(), metrics)
+    prompts = ["Once upon", "The quick brown fox", "def add(a, b):", "0123", "one, two"]
+    try:
+        with BackgroundServer(app) as url:
+            c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            solo = {p: c.completions.create(model="m", prompt=p, max_tokens=16, temperature=0).choices[0].text
+                    for p in prompts}
+            got = []
+            threads = [threading.Thread(target=lambda p=p: got.append(
+                (p, c.completions.create(model="m", prompt=p, max_tokens=16, temperature=0).choices[0].text)))
+                for p in prompts * 2]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        sched.close()
+    assert len(got) == 10 and all(text == solo[p] for p, text in got)
+    return f"{len(got)} concurrent requests"
+
+
 @check("int8 KV cache: logits close to the bf16 cache")
 def _():
     m = model().to(DEV)

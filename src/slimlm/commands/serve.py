@@ -17,6 +17,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=2048, help="the most max_tokens a request may ask for")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(api_key=args.api_key or os.environ.get("SLIMLM_API_KEY"), max_tokens_limit=args.max_tokens,
                              request_timeout=args.timeout)
     app, models = build_app(args.model, settings, slots=args.slots, max_len=args.max_len, max_queue=args.max_queue,
-                            dtype=args.dtype)
+                            dtype=args.dtype, device=args.device)
     print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1 "
           f"({'API key required' if settings.api_key else 'no API key'})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

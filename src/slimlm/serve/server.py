@@ -30,12 +30,12 @@ def model_paths(source: str) -> dict[str, str]:
 
 
 def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
-                dtype: str | None = None) -> dict[str, ServedModel]:
+                dtype: str | None = None, device: str = "cpu") -> dict[str, ServedModel]:
     from slimlm.api import load
 
     served = {}
     for name, path in model_paths(source).items():
-        model, tokenizer = load(path, dtype=dtype)
+        model, tokenizer = load(path, dtype=dtype, device=device)
         scheduler = Scheduler(model, slots=slots, max_len=max_len, max_queue=max_queue, metrics=metrics, name=name)
         served[name] = ServedModel(name, model, tokenizer, scheduler)
     return served
