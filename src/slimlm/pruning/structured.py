@@ -160,6 +160,9 @@ def prune_channels_(model: nn.Module, config: StructuredConfig, samples: Tensor 
     remove = int(round(size * config.sparsity))
     check(0 < remove < size, f"removing {config.sparsity:.0%} of {size} channels leaves none or removes none")
     if config.scope == "global":  # one threshold over all layers' channels; every layer keeps at least one
+        # each layer's scores relative to its own mean: raw magnitudes and activations differ in scale
+        # from layer to layer, and a raw global ranking strips the small-scale layers bare
+        scores = [s / s.mean().clamp(min=1e-12) for s in scores]
         flat = torch.cat(scores)
         threshold = torch.sort(flat).values[remove * len(blocks) - 1]
         removals = [min(int((s <= threshold).sum()), size - 1) for s in scores]
