@@ -53,7 +53,11 @@ class CpuInt4Kernel:
         xin = x.to(COMPUTE).contiguous()  # (M, K)
         if xin.shape[0] >= self.dense_rows:
             return F.linear(xin, self.dense_weight(layer, state)).to(x.dtype)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(xin, packed, group, scale_and_zero).to(x.dtype)
+        return self.matmul(xin, packed, group, scale_and_zero).to(x.dtype)
+
+    @staticmethod
+    def matmul(xin: Tensor, packed: Tensor, group: int, scale_and_zero: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xin, packed, group, scale_and_zero)
 
 
 def tinygemm_params(layer) -> tuple[int, Tensor, Tensor, Tensor]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slimlm.quant.kernels.cpu_int4 import dense_from_nibbles, tinygemm_params
+from slimlm.quant.kernels.cpu_int4 import CpuInt4Kernel, tinygemm_params
 from slimlm.quant.primitives import group_size_for
 
 COMPUTE = torch.bfloat16
@@ -36,7 +36,9 @@ def _cuda_int4_available() -> bool:
     return torch.cuda.is_available() and hasattr(torch.ops.aten, "_weight_int4pack_mm")
 
 
-class CudaInt4Kernel:
+class CudaInt4Kernel(CpuInt4Kernel):
+    """The CPU tinygemm kernel's state, dense path and run, with CUDA's packing and op."""
+
     name = "cuda_int4"
     dense_rows = 128
 
@@ -54,16 +56,9 @@ class CudaInt4Kernel:
         packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), _inner_k_tiles(layer.in_features))
         return (packed, *tinygemm_params(layer))  # the same scale/offset layout as the CPU op
 
-    def dense_weight(self, layer, state) -> Tensor:
-        _, group, _, scale, zero = state
-        return dense_from_nibbles(layer, group, scale, zero)
-
-    def run(self, x: Tensor, layer, state) -> Tensor:
-        packed, group, scale_and_zero = state[:3]
-        xin = x.to(COMPUTE).contiguous()  # (M, K)
-        if xin.shape[0] >= self.dense_rows:
-            return F.linear(xin, self.dense_weight(layer, state)).to(x.dtype)
-        return torch.ops.aten._weight_int4pack_mm(xin, packed, group, scale_and_zero).to(x.dtype)
+    @staticmethod
+    def matmul(xin: Tensor, packed: Tensor, group: int, scale_and_zero: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int4pack_mm(xin, packed, group, scale_and_zero)
 
 
 class CudaInt8Kernel:
