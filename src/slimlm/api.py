@@ -205,7 +205,7 @@ def compress(model: str | os.PathLike = "demo", variants: tuple[str, ...] | None
     `data` (e.g. `file.txt@0:200` and `file.txt@200:`).
     """
     from slimlm.core.data import load_tokens
-    from slimlm.core.model_io import atomic_folder, check_output_path
+    from slimlm.core.files import atomic_folder, check_output_path
     from slimlm.eval.report import Report
     from slimlm.eval.speed import BenchSettings
     from slimlm.presets import CALIBRATED, DEFAULT_VARIANTS, describe, preset
@@ -255,7 +255,7 @@ def measure_variant(model: nn.Module, name: str, description: str, ids: torch.Te
                     settings=None, max_length: int | None = None, progress: Progress | None = None,
                     folder: Path | None = None, roundtrip_diff: float | None = None):
     """Every report figure for one model: quality (vs reference), size, speed (when settings given)."""
-    from slimlm.core.model_io import folder_bytes
+    from slimlm.core.files import folder_bytes
     from slimlm.eval.perplexity import evaluate_quality
     from slimlm.eval.report import VariantResult
     from slimlm.eval.size import measure_size

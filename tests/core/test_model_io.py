@@ -6,7 +6,8 @@ import torch
 import slimlm
 import slimlm.api
 from slimlm.core.errors import SlimError
-from slimlm.core.model_io import atomic_folder, params_on_meta, save_model
+from slimlm.core.files import atomic_folder
+from slimlm.core.model_io import params_on_meta, save_model
 from slimlm.quant.linear import QuantizedLinear
 from slimlm.testing import FAMILIES, tiny_model
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import slimlm
-from slimlm.core.model_io import folder_bytes
+from slimlm.core.files import folder_bytes
 from slimlm.pruning.storage import pack_bitmask, unpack_bitmask
 from slimlm.pruning.unstructured import layer_weight
 from slimlm.testing import tiny_model

@@ -56,7 +56,7 @@ def run_training(args, model, teacher, tokenizer, finish) -> int:
     from pathlib import Path
 
     from slimlm.api import distill
-    from slimlm.core.model_io import check_output_path
+    from slimlm.core.files import check_output_path
 
     rank = _join_process_group()
     if not args.resume and rank == 0:

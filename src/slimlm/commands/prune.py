@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from slimlm.api import load, measure_variant, prune, save
     from slimlm.core.data import load_tokens
-    from slimlm.core.model_io import check_output_path
+    from slimlm.core.files import check_output_path
     from slimlm.eval.report import Report
     from slimlm.presets import describe
 

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from slimlm.api import apply_recipe, load, measure_variant, save
     from slimlm.core.data import load_tokens
-    from slimlm.core.model_io import check_output_path
+    from slimlm.core.files import check_output_path
     from slimlm.eval.report import Report
     from slimlm.presets import describe
 

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.core.errors import SlimError
-from slimlm.core.model_io import FOREIGN_FORMATS, assign_state_, float_dtype, params_on_meta, read_safetensors
+from slimlm.core.files import read_safetensors
+from slimlm.core.model_io import FOREIGN_FORMATS, assign_state_, float_dtype, params_on_meta
 from slimlm.core.targeting import is_linear, output_head_name, replace_module_
 from slimlm.quant import primitives as P
 from slimlm.quant.linear import QuantizedLinear
