@@ -25,6 +25,7 @@ from slimlm.distillation.data import pack_blocks
 from slimlm.distillation.lora import add_lora_, merge_lora_
 from slimlm.distillation.qat import convert_qat_, prepare_qat_
 from slimlm.distillation.students import layer_subset
+from slimlm.distillation.teacher_cache import precompute_topk
 from slimlm.distillation.trainer import TrainConfig, evaluate_loss, train
 
 
@@ -45,6 +46,7 @@ def main() -> None:
     p.add_argument("--heal-steps", type=int, default=150)
     p.add_argument("--heal-lr", type=float, default=3e-4)
     p.add_argument("--only", default="a,b")
+    p.add_argument("--cached-k", type=int, default=64, help="top-k of the cached-teacher variant")
     args = p.parse_args()
     import transformers
 
@@ -61,8 +63,14 @@ def main() -> None:
         start = layer_subset(teacher)
         print(f"(a) student: blocks {list(range(0, teacher.config.num_hidden_layers, 2))}, "
               f"{sum(x.numel() for x in start.parameters()) / 1e6:.2f}M parameters, ppl before training {ppl(start, eval_blocks):.3f}")
+        t0 = time.perf_counter()
+        cached = precompute_topk(teacher, train_blocks, k=args.cached_k)
+        cache_s = time.perf_counter() - t0
         for name, alpha, t in (("true tokens only (alpha 1)", 1.0, None), ("distilled (alpha 0, T 2)", 0.0, teacher),
-                               ("distilled (alpha 0.5, T 2)", 0.5, teacher)):
+                               ("distilled (alpha 0.5, T 2)", 0.5, teacher),
+                               (f"alpha 0.5, cached top-{args.cached_k}", 0.5, cached)):
+            if t is cached:
+                print(f"    (teacher top-{args.cached_k} cached in {cache_s:.1f} s, {cached.nbytes() / 1e6:.0f} MB)")
             student = copy.deepcopy(start)
             t0 = time.perf_counter()
             train(student, train_blocks, None, TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.steps // 10,

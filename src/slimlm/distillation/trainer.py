@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.core.config import Config, check
-from slimlm.distillation.losses import distillation_loss, hidden_loss
+from slimlm.distillation.losses import distillation_loss, hard_loss, hidden_loss
+from slimlm.distillation.teacher_cache import TopKTeacher, soft_loss_topk
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -136,7 +137,7 @@ def evaluate_loss(model: nn.Module, blocks: Tensor, batch_size: int = 8) -> floa
 
 
 def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, config: TrainConfig,
-          teacher: nn.Module | None = None, out: str | os.PathLike | None = None, resume: bool = False,
+          teacher: "nn.Module | TopKTeacher | None" = None, out: str | os.PathLike | None = None, resume: bool = False,
           on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Train `student` in place on train_blocks (n, T); returns the history (one dict per logged step).
 
@@ -164,7 +165,10 @@ def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, 
         schedule.load_state_dict(state["schedule"])
         start, history = state["step"], state["history"]
         torch.set_rng_state(state["rng"])
-    if teacher is not None:
+    if isinstance(teacher, TopKTeacher):
+        check(teacher.indices.shape[0] == train_blocks.shape[0], "the cached teacher outputs are for other blocks")
+        check(not pairs, "hidden-state matching needs a live teacher, not cached logits")
+    elif teacher is not None:
         teacher.eval()  # frozen: its forward runs under no_grad (its requires_grad flags are left alone)
     student.train()
     forward = student
@@ -185,12 +189,20 @@ def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, 
                 out_s = forward(batch, output_hidden_states=bool(pairs))
                 logits = out_s.logits[:, :-1]
                 teacher_logits = out_t = None
-                if teacher is not None:
+                if isinstance(teacher, nn.Module):
                     with torch.no_grad():
                         out_t = teacher(batch, output_hidden_states=bool(pairs))
                         teacher_logits = out_t.logits[:, :-1].reshape(-1, logits.shape[-1])
-            loss, parts = distillation_loss(logits.reshape(-1, logits.shape[-1]), labels, teacher_logits,
-                                            config.alpha, config.temperature, config.reverse_kl)
+            if isinstance(teacher, TopKTeacher):  # cached top-k logits instead of a live teacher
+                flat = logits.reshape(-1, logits.shape[-1])
+                hard = hard_loss(flat, labels)
+                t_idx, t_val = teacher.lookup(chosen, device)
+                soft = soft_loss_topk(flat, t_idx, t_val, config.temperature, mask=labels != -100)
+                loss = config.alpha * hard + (1 - config.alpha) * soft
+                parts = {"hard": float(hard.detach()), "soft": float(soft.detach())}
+            else:
+                loss, parts = distillation_loss(logits.reshape(-1, logits.shape[-1]), labels, teacher_logits,
+                                                config.alpha, config.temperature, config.reverse_kl)
             if pairs:
                 h = sum(hidden_loss(out_s.hidden_states[i].flatten(0, 1), out_t.hidden_states[j].flatten(0, 1),
                                     config.hidden_loss, proj) for (i, j), proj in zip(pairs, projections)) / len(pairs)
@@ -230,7 +242,7 @@ def _hidden_pairs(student: nn.Module, teacher: nn.Module | None, config: TrainCo
     projection per pair where the widths differ."""
     if config.hidden_weight == 0:
         return [], []
-    check(teacher is not None, "hidden-state matching needs a teacher")
+    check(isinstance(teacher, nn.Module), "hidden-state matching needs a live teacher")
     n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
     pairs = list(config.hidden_layers) or [(n_s, n_t)]
     check(all(0 <= i <= n_s and 0 <= j <= n_t for i, j in pairs),

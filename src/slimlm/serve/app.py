@@ -162,16 +162,27 @@ def create_app(models: dict[str, ServedModel], settings: ServeSettings, metrics:
     async def pieces(served: ServedModel, r: Request, stop: list[str], http: HTTPRequest):
         """Yield (text delta, token, logprob) as tokens arrive, then ('', None, finish_reason). Stops at a
         stop string (cut before it) and cancels the request if the client goes away."""
-        tok = served.tokenizer
+        finished = False
+        try:
+            async for item in _pieces_loop(r, stop, http, served.tokenizer, asyncio.get_running_loop()):
+                if item[1] is None:
+                    finished = True
+                yield item
+        finally:
+            if not finished:  # the consumer went away (client disconnect, stream closed): free the slot now
+                r.cancel()
+
+    async def _pieces_loop(r: Request, stop: list[str], http: HTTPRequest, tok, loop):
         text, ids, emitted = "", [], 0
-        loop = asyncio.get_running_loop()
+        checked = time.monotonic()
         while True:
+            if time.monotonic() - checked > 0.25:  # even while tokens flow, notice a client that left
+                checked = time.monotonic()
+                if await http.is_disconnected():
+                    return
             try:
                 event = await loop.run_in_executor(None, r.events.get, True, 0.25)
-            except Exception:  # queue.Empty: check the client is still there
-                if await http.is_disconnected():
-                    r.cancel()
-                    return
+            except Exception:  # queue.Empty: nothing yet
                 continue
             if event[0] == "done":
                 if event[1] == "error":
