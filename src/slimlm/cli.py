@@ -9,9 +9,9 @@ import sys
 VERBS = {
     "compress": "take a model through fp32/bf16/int8/int4 variants and print the before/after report",
     "quantize": "quantize a model and save it",
-    "prune": "prune a model (magnitude, random, taylor, wanda, sparsegpt; unstructured or n:m) and save it",
+    "prune": "prune a model (magnitude, random, taylor, wanda, sparsegpt; n:m; heads, channels, blocks) and save it",
     "distill": "train a smaller student to match a teacher (soft targets at a temperature) and save it",
-    "finetune": "recover what compression cost: fine-tune keeping pruned zeros, or quantization-aware (--qat)",
+    "finetune": "recover what compression cost: fine-tune keeping pruned zeros, QAT (--qat) or LoRA (--lora)",
     "serve": "OpenAI-compatible server with continuous batching, streaming and Prometheus metrics",
     "eval": "perplexity, and KL / top-1 agreement against a reference model",
     "bench": "prefill/decode speed, time to first token, achieved bandwidth, peak memory",
