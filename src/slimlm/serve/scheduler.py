@@ -52,7 +52,6 @@ class Request:
     slot: int | None = None
     fed: int = 0  # prompt tokens prefilled so far
     generated: list[int] = dataclasses.field(default_factory=list)
-    first_token_at: float | None = None
     last_token_at: float | None = None
     generator: torch.Generator | None = None
 
@@ -174,8 +173,6 @@ class Scheduler:
             logprob = (float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist())))
         r.generated.append(token)
         now = time.monotonic()
-        if r.first_token_at is None:
-            r.first_token_at = now
         if self.metrics is not None:
             self.metrics.observe_token(r, now, self.name)
         r.last_token_at = now

@@ -412,11 +412,6 @@ std::vector<torch::Tensor> q4bf16_mm_many(torch::Tensor x, std::vector<torch::Te
   return out;
 }
 
-// x (M, K) bf16 contiguous. Returns (M, N) fp32.
-torch::Tensor q4bf16_mm(torch::Tensor x, torch::Tensor qw, torch::Tensor sc, torch::Tensor zp, int64_t group) {
-  return q4bf16_mm_many(x, {qw}, {sc}, {zp}, group, false)[0];
-}
-
 // Dequantize portable int4 codes to bf16 for prefill's dense GEMM: qweight (N, K/2) uint8 with the even
 // column in the low nibble, scale (N, G) fp16, zero (N, G) uint8 (empty: symmetric, zero point 8).
 // w[n][k] = bf16((q - z) * s): the float32 dequantized weight rounded once. Returns (N, K) bf16.
