@@ -54,6 +54,11 @@ class Engine:
         self.cuda_graphs = can_graph if cuda_graphs is None else cuda_graphs
         self._graphs: dict[int, graphs.GraphedDecode] = {}
 
+    @property
+    def decode_ops(self) -> str:
+        """Which op set runs decode steps: 'cuda-graphs', 'fused' (the C++ CPU step) or 'torch'."""
+        return "cuda-graphs" if self.cuda_graphs else "fused" if self.fused is not None else "torch"
+
     @staticmethod
     def supports(model: nn.Module) -> bool:
         return decoder.decoder_spec(model)[0] is not None

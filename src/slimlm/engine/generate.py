@@ -7,25 +7,17 @@ oracle the engine is tested against.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
-from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from slimlm.engine.sampling import sample_next
+from slimlm.engine.sampling import SamplingParams, sample_next
 
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_ids: tuple[int, ...] = field(default_factory=tuple)
+__all__ = ["SamplingParams", "generate_ids", "generate_text", "prefill", "decode_step", "stop_ids_for"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,7 +136,7 @@ def generate_text(
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = torch.tensor([[start]])
     if not params.stop_ids:
-        params = SamplingParams(**{**params.__dict__, "stop_ids": stop_ids_for(tokenizer, model)})
+        params = dataclasses.replace(params, stop_ids=stop_ids_for(tokenizer, model))
     produced: list[int] = []
     emitted = ""
 

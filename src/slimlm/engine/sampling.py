@@ -2,8 +2,50 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 from torch import Tensor
+
+from slimlm.core.errors import SlimError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence picks its tokens: the one type shared by `generate`, the server's requests,
+    its scheduler and the engine. temperature 0 is greedy; top_k 0 and top_p 1 are off; stop_ids end
+    the sequence (the stop token is produced, then generation stops); logprobs N > 0 asks for each
+    token's log-probability and the N most likely alternatives (the server's `logprobs`)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+    logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not integer(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise SlimError(f"max_new_tokens {self.max_new_tokens!r} must be a non-negative integer")
+        if not number(self.temperature) or self.temperature < 0:
+            raise SlimError(f"temperature {self.temperature!r} must be a finite number >= 0 (0 is greedy)")
+        if not integer(self.top_k) or self.top_k < 0:
+            raise SlimError(f"top_k {self.top_k!r} must be an integer >= 0 (0 is off)")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
+            raise SlimError(f"top_p {self.top_p!r} must be in (0, 1]")
+        if self.seed is not None and not integer(self.seed):
+            raise SlimError(f"seed {self.seed!r} must be an integer")
+        if not integer(self.logprobs) or self.logprobs < 0:
+            raise SlimError(f"logprobs {self.logprobs!r} must be an integer >= 0")
+        object.__setattr__(self, "stop_ids", tuple(int(t) for t in self.stop_ids))
 
 
 def sample_next(
