@@ -1,9 +1,12 @@
 """C++ extensions compiled at first use through `torch.utils.cpp_extension.load_inline`.
 
-Each is built once per source and CPU (the module name carries a hash of the source and the CPU
-flags, since it is compiled with -march=native) and cached by torch. Without a C++ compiler, or
-with SLIMLM_NO_CPP=1, `load_cpp` returns None and callers take their pure-PyTorch path; a broken
-toolchain never breaks inference.
+Each is built once per source, CPU, Python and torch version (the module name carries a hash of
+them all, since it is compiled with -march=native against this torch) into slimlm's own cache:
+`$SLIMLM_CACHE/extensions`, else `$XDG_CACHE_HOME/slimlm/extensions`, else
+`~/.cache/slimlm/extensions`, one folder per module. Without a C++ compiler, or with
+SLIMLM_NO_CPP=1, `load_cpp` returns None and callers take their pure-PyTorch path; so it does, with
+one warning line, when the source is missing or unreadable, the cache is not writable, or the build
+fails: a broken install or toolchain never breaks inference.
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+STALE_LOCK_SECONDS = 300  # a build takes well under a minute here
 
 
 def cpu_flags() -> frozenset[str]:
@@ -28,10 +35,19 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cache_dir() -> Path:
+    """The folder holding one build folder per compiled module (not created here)."""
+    if os.environ.get("SLIMLM_CACHE"):
+        return Path(os.environ["SLIMLM_CACHE"]) / "extensions"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "slimlm" / "extensions"
+
+
 @functools.cache
 def load_cpp(name: str, source: Path, functions: tuple[str, ...], needed_flags: tuple[str, ...] = ()):
     """The compiled module `name` exporting `functions` from `source`, or None where it cannot be
-    built or run here (no compiler, a CPU without `needed_flags`, SLIMLM_NO_CPP set)."""
+    built or run here (no compiler, a CPU without `needed_flags`, SLIMLM_NO_CPP set, a missing
+    source, an unwritable cache, a failed build; the last three log one warning)."""
     if os.environ.get("SLIMLM_NO_CPP"):
         return None
     flags = cpu_flags()
@@ -40,35 +56,42 @@ def load_cpp(name: str, source: Path, functions: tuple[str, ...], needed_flags: 
     if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
         log.info("no C++ compiler found; %s is off (PyTorch fallbacks run instead)", name)
         return None
-    text = source.read_text()
-    digest = hashlib.sha256((text + " ".join(sorted(flags))).encode()).hexdigest()[:12]
     try:
+        import torch
         from torch.utils.cpp_extension import load_inline
 
-        _clear_stale_lock(f"{name}_{digest}")
+        text = Path(source).read_text()
+        tags = [text, " ".join(sorted(flags)), torch.__version__, platform.python_version()]
+        module = f"{name}_{hashlib.sha256(chr(0).join(tags).encode()).hexdigest()[:12]}"
+        folder = cache_dir() / module
+        folder.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(folder)
         return load_inline(
-            name=f"{name}_{digest}", cpp_sources=[text], functions=list(functions),
+            name=module, cpp_sources=[text], functions=list(functions), build_directory=str(folder),
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
         )
-    except Exception as e:  # noqa: BLE001 - any build failure means: use the fallback
-        log.warning("could not build %s (%s); using the PyTorch fallback", name, str(e).splitlines()[0])
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, the PyTorch fallback runs instead
+        log.warning("could not build %s (%s); using the PyTorch fallback", name, _first_line(e))
+        log.debug("the full error building %s: %s", name, e)
         return None
 
 
-STALE_LOCK_SECONDS = 300  # a build takes well under a minute here
+def _first_line(e: BaseException) -> str:
+    """The error's first non-empty line, cut short (a compiler's message can span pages)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    if text.startswith("Error building extension") and ": " in text:
+        text = text.split(": ", 1)[0] + " (the compiler's output is logged at DEBUG level)"  # not ninja's command line
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _clear_stale_lock(module: str) -> None:
+def _clear_stale_lock(folder: Path) -> None:
     """torch waits forever on the build lock of a process that was killed while compiling (Ctrl-C
-    during the first run): remove a lock older than any real build."""
-    import time
-
+    during the first run): remove a lock in `folder` older than any real build."""
+    lock = folder / "lock"
     try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        lock = Path(_get_build_directory(module, False)) / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
             log.warning("removing the stale build lock %s (left by an interrupted build)", lock)
             lock.unlink(missing_ok=True)
-    except Exception:  # noqa: BLE001 - best effort; torch's own build then behaves as before
+    except FileNotFoundError:
         pass

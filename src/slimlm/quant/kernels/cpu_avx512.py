@@ -30,8 +30,7 @@ from slimlm.quant.primitives import group_size_for
 
 SOURCE = Path(__file__).parent / "csrc" / "avx512_decode.cpp"
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
-FUNCTIONS = ("q4a8_mm", "q8a8_mm", "q4bf16_mm_many", "q8bf16_mm", "q4_dequant_bf16", "q8_dequant_bf16",
-             "set_prefetch")
+FUNCTIONS = ("q4a8_mm", "q8a8_mm", "q4bf16_mm_many", "q8bf16_mm", "q4_dequant_bf16", "q8_dequant_bf16")
 DENSE_ROWS = 128  # the kernel beats dequantize + bf16 GEMM up to ~64-128 rows (benchmarks/kernels.py)
 
 

@@ -29,7 +29,7 @@
 namespace {
 
 constexpr int QB = 32;  // activation quantization block
-int g_pf = 8192;          // software prefetch distance in bytes (0: off); 8192 was best in a sweep on EPYC
+constexpr int PF = 8192;  // software prefetch distance in bytes; 8192 was best in a sweep on EPYC
 
 // x (M, K) fp32 -> xq int8 (M, K), dx (M, K/32), dsum (M, K/32) = dx * sum(xq of block)
 void quant_act(const float* x, int M, int K, int8_t* xq, float* dx, float* dsum) {
@@ -70,12 +70,7 @@ void q4a8_tiles(const int8_t* xq, const float* dx, const float* xsg, int K, int 
       for (int bb = 0; bb < NBG; ++bb) {
         const int kb = g * NBG + bb;
         const uint8_t* wb = w + (size_t)kb * 256;
-        if (g_pf) {
-          _mm_prefetch((const char*)(wb + g_pf), _MM_HINT_T0);
-          _mm_prefetch((const char*)(wb + g_pf + 64), _MM_HINT_T0);
-          _mm_prefetch((const char*)(wb + g_pf + 128), _MM_HINT_T0);
-          _mm_prefetch((const char*)(wb + g_pf + 192), _MM_HINT_T0);
-        }
+        for (int p = 0; p < 256; p += 64) _mm_prefetch((const char*)(wb + PF + p), _MM_HINT_T0);
         __m512i ai[M], bi[M];
         for (int m = 0; m < M; ++m) ai[m] = bi[m] = _mm512_setzero_si512();
 #pragma GCC unroll 4
@@ -95,9 +90,9 @@ void q4a8_tiles(const int8_t* xq, const float* dx, const float* xsg, int K, int 
           af[m] = bb == 0 ? _mm512_mul_ps(f, d) : _mm512_fmadd_ps(f, d, af[m]);
         }
       }
-      if (g_pf && ((g * 32) & 63) == 0) {  // scales/zeros: same lead in time as the codes (1 line per 2/4 groups)
-        _mm_prefetch((const char*)(s + g * 16) + g_pf / (8 * NBG), _MM_HINT_T0);
-        if (((g * 16) & 63) == 0) _mm_prefetch((const char*)(z + g * 16) + g_pf / (16 * NBG), _MM_HINT_T0);
+      if (((g * 32) & 63) == 0) {  // scales/zeros: same lead in time as the codes (1 line per 2/4 groups)
+        _mm_prefetch((const char*)(s + g * 16) + PF / (8 * NBG), _MM_HINT_T0);
+        if (((g * 16) & 63) == 0) _mm_prefetch((const char*)(z + g * 16) + PF / (16 * NBG), _MM_HINT_T0);
       }
       __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + g * 16)));
       __m512 zv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + g * 16))));
@@ -118,8 +113,7 @@ void q8a8_tiles(const int8_t* xq, const float* dx, const float* xtot, int K, con
     for (int m = 0; m < M; ++m) D[m] = _mm512_setzero_ps();
     for (int kb = 0; kb < nb; ++kb) {
       const uint8_t* wb = w + (size_t)kb * 512;
-      if (g_pf)
-        for (int p = 0; p < 512; p += 64) _mm_prefetch((const char*)(wb + g_pf + p), _MM_HINT_T0);
+      for (int p = 0; p < 512; p += 64) _mm_prefetch((const char*)(wb + PF + p), _MM_HINT_T0);
       __m512i ai[M], bi[M];
       for (int m = 0; m < M; ++m) ai[m] = bi[m] = _mm512_setzero_si512();
 #pragma GCC unroll 4
@@ -164,8 +158,7 @@ void q4bf16_tiles(const uint16_t* xb, const float* xsum, int K, int G, const uin
       __m512 aA[M], aB[M];
       for (int m = 0; m < M; ++m) aA[m] = aB[m] = _mm512_setzero_ps();
       const uint8_t* wg = w + (size_t)g * (GS / 8) * 64;
-      if (g_pf)
-        for (int p = 0; p < GS * 8; p += 64) _mm_prefetch((const char*)(wg + g_pf + p), _MM_HINT_T0);
+      for (int p = 0; p < GS * 8; p += 64) _mm_prefetch((const char*)(wg + PF + p), _MM_HINT_T0);
 #pragma GCC unroll 4
       for (int c = 0; c < GS / 8; ++c) {
         __m512i v = _mm512_loadu_si512(wg + c * 64);
@@ -226,8 +219,8 @@ void q8bf16_tiles(const uint16_t* xb, const uint16_t* x16, const float* xtot, in
     for (int m = 0; m < M; ++m) aA[m] = aB[m] = hA[m] = hB[m] = _mm512_setzero_ps();
     for (int c = 0; c < K / 4; ++c) {
       const uint8_t* wc = w + (size_t)c * 64;
-      if (g_pf && (c & 3) == 0)
-        for (int p = 0; p < 256; p += 64) _mm_prefetch((const char*)(wc + g_pf + p), _MM_HINT_T0);
+      if ((c & 3) == 0)
+        for (int p = 0; p < 256; p += 64) _mm_prefetch((const char*)(wc + PF + p), _MM_HINT_T0);
       __m512i v = _mm512_loadu_si512(wc);
       __m512i lo = _mm512_and_si512(v, mask);
       __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
@@ -513,6 +506,4 @@ torch::Tensor q8_dequant_bf16(torch::Tensor qweight, torch::Tensor scale, torch:
   });
   return w;
 }
-
-void set_prefetch(int64_t d) { g_pf = (int)d; }
 
