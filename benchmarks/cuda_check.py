@@ -134,10 +134,10 @@ def _():
 
     import openai
 
-    from slimlm.serve.app import ServedModel, ServeSettings, create_app
-    from slimlm.serve.metrics import Metrics
-    from slimlm.serve.scheduler import Scheduler
-    from slimlm.serve.server import BackgroundServer
+    from slimlm.server.app import ServedModel, ServeSettings, create_app
+    from slimlm.server.metrics import Metrics
+    from slimlm.server.scheduler import Scheduler
+    from slimlm.server.server import BackgroundServer
     from slimlm.testing.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()

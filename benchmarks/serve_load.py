@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import slimlm
-from slimlm.serve.load import LENGTHS, compare_batching
+from slimlm.server.load_test_client import LENGTHS, compare_batching
 
 
 def main() -> None:

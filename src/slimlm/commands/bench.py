@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve_load(args: argparse.Namespace, model, tokenizer) -> int:
-    from slimlm.serve.load import compare_batching
+    from slimlm.server.load_test_client import compare_batching
 
     rows = compare_batching(model, tokenizer, list(args.concurrency), args.slots)
     if args.json:

@@ -51,18 +51,36 @@ class SamplingParams:
 def sample_next(
     logits: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Token ids (B,) from last-position logits (B, V). temperature 0 means greedy."""
+    """Token ids (B,) from last-position logits (B, V). temperature 0 means greedy.
+
+    Numerically robust for any temperature > 0 and any logits: each row is shifted so its largest
+    logit is 0 before dividing by the temperature (a tiny temperature such as 1e-40 then gives -inf,
+    never inf - inf = NaN, and tends to greedy as it should); NaN logits never win; a row whose
+    largest logit is not finite (all -inf, or +inf) falls back to the argmax. A generator on another
+    device than the logits (a CPU generator with CUDA logits) samples on the generator's device.
+    """
+    scores = logits.float()
+    scores = scores.masked_fill(scores.isnan(), float("-inf"))  # (B, V)
+    greedy = scores.argmax(-1)  # (B,)
     if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
+        return greedy
+    top = scores.max(-1, keepdim=True).values  # (B, 1)
+    finite = torch.isfinite(top)
+    f32 = torch.finfo(torch.float32)
+    inverse = min(max(1.0 / max(temperature, 1e-300), f32.tiny), f32.max)  # 1 / temperature, a finite float32
+    scores = (scores - torch.where(finite, top, 0.0)) * inverse  # (B, V), <= 0 with a 0 at each row's maximum
+    scores = torch.where(finite, scores, 0.0)  # rows without a finite maximum: greedy below
     if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)  # (B, V)
+        probs = sorted_scores.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p (never the first)
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    probs = scores.softmax(-1)  # well defined: every row keeps a 0 score (its maximum)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    sampled = torch.multinomial(probs, 1, generator=generator)[:, 0].to(greedy.device)
+    return torch.where(finite[:, 0], sampled, greedy)

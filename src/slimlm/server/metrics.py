@@ -1,8 +1,8 @@
-"""Prometheus metrics of the server (prometheus-client, one registry per server)."""
+"""Prometheus metrics of the server (prometheus-client, one registry per server). The scheduler
+reports batches, tokens and finished requests (by finish reason: stop, length, cancelled, timeout,
+error, shutdown); /metrics refreshes the queue and KV cache gauges before rendering."""
 
 from __future__ import annotations
-
-import time
 
 
 class Metrics:
@@ -22,7 +22,6 @@ class Metrics:
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.itl = Histogram("slimlm_inter_token_latency_seconds", "time between tokens of a stream", ["model"],
                              registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-        self.started = time.monotonic()
 
     def observe_batch(self, decoded: int | None, stats: dict[str, int], model: str = "model") -> None:
         if decoded:

@@ -1,6 +1,6 @@
-"""Load generation against a running server: N concurrent streaming clients with a fixed mix of
-prompt and response lengths; output tokens/s, time to first token and inter-token latency
-percentiles (used by `slimlm bench --serve` and benchmarks/serve_load.py)."""
+"""A load-test client, not part of the server: N concurrent streaming clients with a fixed mix of
+prompt and response lengths against a running server; output tokens/s, time to first token and
+inter-token latency percentiles (used by `slimlm bench --serve` and benchmarks/serve_load.py)."""
 
 from __future__ import annotations
 
@@ -67,10 +67,10 @@ def compare_batching(model, tokenizer, levels: list[int], slots: int = 16, reque
                      on_row=None) -> list[dict]:
     """The same load on continuous batching (`slots`) and one request at a time (1 slot): one row per
     (server, concurrency)."""
-    from slimlm.serve.app import ServedModel, ServeSettings, create_app
-    from slimlm.serve.metrics import Metrics
-    from slimlm.serve.scheduler import Scheduler
-    from slimlm.serve.server import BackgroundServer
+    from slimlm.server.app import ServedModel, ServeSettings, create_app
+    from slimlm.server.metrics import Metrics
+    from slimlm.server.scheduler import Scheduler
+    from slimlm.server.server import BackgroundServer
 
     rows = []
     for label, n in ((f"continuous, {slots} slots", slots), ("one at a time", 1)):

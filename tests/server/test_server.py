@@ -13,8 +13,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from slimlm.serve.app import ServeSettings  # noqa: E402
-from slimlm.serve.server import BackgroundServer, build_app  # noqa: E402
+from slimlm.server.app import ServeSettings  # noqa: E402
+from slimlm.server.server import BackgroundServer, build_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,1 +1,0 @@
-"""Serving: an OpenAI-compatible HTTP server with continuous batching on the engine (`slimlm serve`)."""

@@ -1,0 +1,189 @@
+"""The wire types of the OpenAI-compatible API (pydantic): requests, responses, stream chunks, errors.
+
+Requests are validated strictly, as OpenAI's API does: a number where a number belongs (`"ten"`,
+`true` or `1e30` for an integer are refused), ranges checked, token ids as integers. Fields OpenAI
+defines that slimlm does not use (`user`, `presence_penalty`, ...) are accepted and ignored, and
+`null` means the field's default. The schema is served at /openapi.json.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+class GenerationRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+    model: str | None = Field(None, description="a served model's name (default: the first one)")
+    max_tokens: int = Field(16, ge=0, description="tokens to generate at most")
+    max_completion_tokens: int | None = Field(None, ge=0, description="the newer name of max_tokens (wins if given)")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy")
+    top_p: float = Field(1.0, ge=0, le=1, description="nucleus sampling; 0 is greedy")
+    top_k: int = Field(0, ge=0, description="0 is off")
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="makes sampling reproducible")
+    n: int = Field(1, ge=1, le=8, description="choices to generate")
+    stop: str | list[str] = Field([], description="a string or up to 4 strings that end the text (not included)")
+    stream: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, stop: Any) -> list[str]:
+        stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
+        if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4):
+            raise ValueError("must be a string or a list of up to 4 strings")
+        return [s for s in stop if s]  # an empty stop string would end every text at once
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+
+
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[int] = Field(description="text, or a list of token ids")
+    logprobs: int | None = Field(None, ge=0, le=20, description="report the top N alternatives of each token")
+    echo: bool = Field(False, description="prepend the prompt (with logprobs: score it, as evaluation harnesses do)")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, prompt: Any) -> Any:
+        ok = isinstance(prompt, str) or (isinstance(prompt, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt))
+        if not ok:
+            raise ValueError("must be a string or a list of token ids (integers)")
+        return prompt
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: str
+    content: str
+
+
+class ChatCompletionRequest(GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Logprobs(BaseModel):
+    """OpenAI's completions `logprobs`: each token's text, log-probability, top alternatives and offset."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+FinishReason = Literal["stop", "length"] | None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason
+    logprobs: Logprobs | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    """What a chat stream chunk adds; fields left out are absent from the JSON, as OpenAI sends them."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, and the last event of a stream that failed: {"error": {...}}."""
+
+    error: ErrorBody
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "slimlm"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "shutting down"]
+    models: list[str]
+
+
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest)

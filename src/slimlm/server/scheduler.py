@@ -1,0 +1,295 @@
+"""Continuous batching on the engine (the scheme of Orca, Yu et al., OSDI 2022, and vLLM): requests
+join and leave the running batch between decode steps.
+
+One scheduler thread owns the engine and runs the model; nothing else does. Each iteration it
+  1. runs the calls handed to it (`call`: prompt scoring), so they never block the event loop,
+  2. drops cancelled or timed-out requests and frees their slots (and KV cache) at once,
+  3. admits waiting requests into free slots (the KV cache is preallocated, `slots` x `max_len`, so
+     admission can never run the process out of memory; a prompt that cannot fit is refused when
+     it is submitted, as are token ids outside the vocabulary),
+  4. prefills at most `prefill_chunk` prompt tokens (chunked prefill: a long prompt is spread over
+     several iterations so running streams keep getting tokens),
+  5. runs one decode step for every request that is generating, samples each one's next token with
+     its own `SamplingParams`, and streams it out.
+A failure is kept to the request that caused it: a failed prefill or sampling fails that request
+only, and a failed batched decode step is retried one sequence at a time, so only the sequences
+that fail alone are failed. The waiting queue is bounded: `submit` raises `QueueFull` (the server
+answers 429) rather than letting work pile up. `shutdown(grace)` refuses new work, fails waiting
+requests, and fails running ones that have not finished after `grace` seconds.
+
+Events reach each request's `events` (anything with `put`, called on the scheduler thread):
+("token", id, logprob) then one ("done", reason, message), reason one of stop, length, cancelled,
+timeout, error, shutdown.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from slimlm.core.errors import SlimError
+from slimlm.engine.engine import Engine
+from slimlm.engine.sampling import SamplingParams, sample_next
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound."""
+
+
+class ShuttingDown(Exception):
+    """The scheduler no longer takes work."""
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    params: SamplingParams = SamplingParams()
+    timeout: float | None = None  # seconds from submission
+    id: str = ""
+    events: Any = dataclasses.field(default_factory=queue.Queue)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
+    finish_reason: str | None = None  # set when the "done" event is sent
+    # scheduler state
+    slot: int | None = None
+    fed: int = 0  # prompt tokens prefilled so far
+    generated: list[int] = dataclasses.field(default_factory=list)
+    last_token_at: float | None = None
+    generator: torch.Generator | None = None
+    wake: threading.Event | None = None  # the scheduler's, so a cancel is noticed at once
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        if self.wake is not None:
+            self.wake.set()
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SlimError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class Scheduler:
+    def __init__(self, model: nn.Module, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
+                 prefill_chunk: int = 256, metrics: Any = None, name: str = "model") -> None:
+        for key, value in (("slots", slots), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+            _positive(key, value)
+        if max_len is not None and (not isinstance(max_len, int) or max_len < 2):
+            raise SlimError(f"max_len must be an integer >= 2 (prompt + output tokens), got {max_len!r}")
+        if not Engine.supports(model):
+            from slimlm.engine.decoder import decoder_spec
+
+            raise SlimError(f"serving runs on slimlm's engine, which cannot run this model: {decoder_spec(model)[1]}")
+        self.engine = Engine(model, slots=slots, max_len=max_len)
+        self.model, self.max_len = model, self.engine.max_len
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.slots, self.max_queue, self.prefill_chunk = slots, max_queue, prefill_chunk
+        self.metrics, self.name = metrics, name
+        self.waiting: list[Request] = []
+        self.running: dict[int, Request] = {}
+        self.calls: list[tuple[Callable, tuple, concurrent.futures.Future]] = []
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.deadline: float | None = None  # set by shutdown: running requests must finish by then
+        self.thread = threading.Thread(target=self._loop, name=f"slimlm-scheduler-{name}", daemon=True)
+        self.thread.start()
+
+    # --- called from request handlers -------------------------------------------------------------
+    def check_prompt(self, prompt: list[int], max_new_tokens: int) -> None:
+        """Raise SlimError unless `prompt` is token ids of the vocabulary and fits with max_new_tokens."""
+        if len(prompt) == 0:
+            raise SlimError("the prompt is empty")
+        bad = next((t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size),
+                   None)
+        if bad is not None:
+            raise SlimError(f"token id {bad!r} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if len(prompt) + max_new_tokens >= self.max_len:
+            raise SlimError(f"this model's context is {self.max_len - 1} tokens; the prompt has {len(prompt)} and "
+                            f"max_tokens is {max_new_tokens}: shorten the prompt or lower max_tokens")
+
+    def submit(self, request: Request) -> Request:
+        self.check_prompt(request.prompt, request.params.max_new_tokens)
+        with self.lock:
+            if self.deadline is not None:
+                raise ShuttingDown()
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull()
+            if request.params.seed is not None:
+                request.generator = torch.Generator().manual_seed(request.params.seed % 2**64)
+            request.wake = self.wake
+            self.waiting.append(request)
+        self.wake.set()
+        return request
+
+    def call(self, fn: Callable, *args) -> concurrent.futures.Future:
+        """Run fn(*args) on the scheduler thread between iterations (it owns the model); its future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.lock:
+            if self.deadline is not None:
+                raise ShuttingDown()
+            self.calls.append((fn, args, future))
+        self.wake.set()
+        return future
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return {"waiting": len(self.waiting), "running": len(self.running),
+                    "kv_tokens": int(self.engine.lengths.sum()), "kv_capacity": self.slots * self.max_len}
+
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Take no more work; fail waiting requests now and running ones still going after `grace` s."""
+        with self.lock:
+            deadline = time.monotonic() + max(grace, 0.0)
+            self.deadline = deadline if self.deadline is None else min(self.deadline, deadline)
+        self.wake.set()
+
+    def close(self, grace: float = 0.0) -> None:
+        self.shutdown(grace)
+        self.thread.join(timeout=grace + 10)
+
+    # --- the scheduler thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self.wake.clear()
+            self._run_calls()
+            if self.deadline is not None and self._wind_down():
+                return
+            if not self._iteration():
+                self.wake.wait(0.05)  # nothing to do: sleep until work arrives (timeouts still checked)
+
+    def _run_calls(self) -> None:
+        with self.lock:
+            calls, self.calls = self.calls, []
+        for fn, args, future in calls:
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except Exception as e:  # noqa: BLE001 - the caller gets the exception; the scheduler goes on
+                future.set_exception(e)
+
+    def _wind_down(self) -> bool:
+        """During shutdown: fail what cannot finish in time; True once nothing is left."""
+        past = time.monotonic() >= self.deadline
+        with self.lock:
+            doomed = list(self.waiting) + (list(self.running.values()) if past else [])
+            calls, self.calls = self.calls, []
+        for r in doomed:
+            self._drop(r, "shutdown", "the server is shutting down")
+        for _, _, future in calls:
+            future.set_exception(ShuttingDown())
+        with self.lock:
+            return not self.running and not self.waiting
+
+    def _drop(self, r: Request, reason: str, message: str | None = None) -> None:
+        """Take r out of the queue or the batch, free its slot, and tell its client why."""
+        with self.lock:
+            if r.slot is not None and self.running.get(r.slot) is r:
+                del self.running[r.slot]
+                self.engine.release(r.slot)
+            elif r in self.waiting:
+                self.waiting.remove(r)
+            else:
+                return  # already finished
+        self._finish(r, reason, message)
+
+    def _iteration(self) -> bool:
+        """One step of the batch; False when there was nothing to run."""
+        now = time.monotonic()
+        with self.lock:
+            pending = list(self.running.values()) + self.waiting
+        for r in pending:
+            if r.cancelled.is_set():
+                self._drop(r, "cancelled")
+            elif r.timeout is not None and now - r.submitted > r.timeout:
+                self._drop(r, "timeout", f"the request took longer than {r.timeout:g} s")
+        with self.lock:
+            free = [s for s in range(self.slots) if s not in self.running]
+            while free and self.waiting:
+                r = self.waiting.pop(0)
+                r.slot = free.pop(0)
+                self.engine.release(r.slot)
+                self.running[r.slot] = r
+            active = list(self.running.values())
+        budget = self.prefill_chunk
+        for r in active:  # chunked prefill, oldest first
+            if budget <= 0:
+                break
+            if r.fed < len(r.prompt):
+                take = min(budget, len(r.prompt) - r.fed)
+                budget -= take
+                try:
+                    logits = self.engine.append(r.slot, torch.tensor(r.prompt[r.fed:r.fed + take]), read_back=r.fed > 0)
+                except Exception as e:  # noqa: BLE001 - fail this request only
+                    self._fail(r, "prefill", e)
+                    continue
+                r.fed += take
+                if r.fed == len(r.prompt):
+                    self._emit(r, logits[None])
+        decoding = [r for r in active if r.fed == len(r.prompt) and r.generated and r.finish_reason is None]
+        if decoding:
+            self._decode(decoding)
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(decoding), self.stats(), self.name)
+        return bool(active)
+
+    def _decode(self, batch: list[Request]) -> None:
+        """One decode step for `batch`; if it fails, each sequence again alone (only failures fail)."""
+        slots = torch.tensor([r.slot for r in batch])
+        tokens = torch.tensor([r.generated[-1] for r in batch])
+        try:
+            logits = self.engine.decode(slots, tokens)  # (B, V)
+        except Exception as e:  # noqa: BLE001 - isolate the sequence that fails
+            if len(batch) == 1:
+                self._fail(batch[0], "decode", e)
+                return
+            logger.warning("a decode step of %d sequences failed (%s); retrying each alone", len(batch), e)
+            for r in batch:
+                self._decode([r])
+            return
+        for i, r in enumerate(batch):
+            self._emit(r, logits[i:i + 1])
+
+    def _fail(self, r: Request, stage: str, e: Exception) -> None:
+        logger.error("request %s failed in %s", r.id or "?", stage, exc_info=e)
+        self._drop(r, "error", f"generation failed: {type(e).__name__}: {e}")
+
+    def _emit(self, r: Request, logits: torch.Tensor) -> None:
+        """Sample r's next token from logits (1, V), stream it, and finish r if it is done."""
+        p = r.params
+        try:
+            token = int(sample_next(logits, p.temperature, p.top_k, p.top_p, r.generator)[0])
+            logprob = None
+            if p.logprobs:
+                lp = logits[0].float().log_softmax(-1)  # (V,)
+                top = torch.topk(lp, min(p.logprobs, lp.numel()))
+                logprob = (float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist())))
+        except Exception as e:  # noqa: BLE001 - fail this request only
+            self._fail(r, "sampling", e)
+            return
+        r.generated.append(token)
+        now = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.observe_token(r, now, self.name)
+        r.last_token_at = now
+        r.events.put(("token", token, logprob))
+        if token in p.stop_ids:
+            self._drop(r, "stop")
+        elif len(r.generated) >= p.max_new_tokens:
+            self._drop(r, "length")
+
+    def _finish(self, r: Request, reason: str, message: str | None = None) -> None:
+        r.finish_reason = reason
+        r.events.put(("done", reason, message))
+        if self.metrics is not None:
+            self.metrics.observe_finish(r, reason, self.name)

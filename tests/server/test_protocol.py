@@ -1,0 +1,79 @@
+"""The typed protocol: the schema is served, handlers share one sampling type, scoring runs on the
+scheduler's thread, and every failure answers in OpenAI's error shape."""
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from slimlm.server.app import ServeSettings  # noqa: E402
+from slimlm.server.server import BackgroundServer, build_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder):
+    app, models = build_app(str(tiny_folder("llama")), ServeSettings(max_tokens_limit=100), slots=2, max_len=128)
+    with BackgroundServer(app) as url:
+        yield url, next(iter(models.values()))
+    for m in models.values():
+        m.scheduler.close()
+
+
+def call(url, path, body=None, method=None, headers=None):
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw.startswith(b"{") else raw
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_openapi_schema_documents_the_request_and_response_bodies(server):
+    url, _ = server
+    status, schema = call(url, "/openapi.json")
+    post = schema["paths"]["/v1/completions"]["post"]
+    assert status == 200 and post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/CompletionRequest")
+    props = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert {"prompt", "max_tokens", "temperature", "top_p", "seed", "logprobs", "echo", "stop"} <= set(props)
+    assert "ChatCompletionRequest" in schema["components"]["schemas"] and "/v1/chat/completions" in schema["paths"]
+    assert call(url, "/docs")[0] == 404  # the docs pages stay off
+
+
+def test_prompt_scoring_runs_on_the_scheduler_thread(server):
+    url, served = server
+    threads, forward = [], served.model.forward
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return forward(*args, **kwargs)
+
+    served.model.forward = recording
+    try:
+        status, body = call(url, "/v1/completions",
+                            {"prompt": "The quick", "max_tokens": 0, "echo": True, "logprobs": 1})
+    finally:
+        del served.model.forward
+    assert status == 200 and body["choices"][0]["logprobs"]["token_logprobs"][0] is None
+    assert threads and all(name.startswith("slimlm-scheduler") for name in threads)
+
+
+def test_the_scheduler_and_the_engine_share_one_sampling_type(server):
+    from slimlm.engine.sampling import SamplingParams
+    from slimlm.server.scheduler import Request
+
+    assert Request.__dataclass_fields__["params"].type in (SamplingParams, "SamplingParams")
+
+
+def test_the_load_test_client_is_named_for_what_it_is():
+    from slimlm.server import load_test_client
+    from slimlm.server.metrics import Metrics
+
+    assert callable(load_test_client.compare_batching) and not hasattr(Metrics(), "started")
