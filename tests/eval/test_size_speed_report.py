@@ -63,11 +63,22 @@ def test_report_markdown_and_json():
 
 
 def test_speed_with_a_quantized_output_head():
-    import slimlm
-    from slimlm.eval.speed import BenchSettings, decode_bytes_per_step, measure_speed
-    from slimlm.testing import tiny_model
+    """A quantized head is counted at its stored size in the bytes a decode step reads, and the bench runs
+    every step's logits through it (its kernel), not through some float copy."""
+    from slimlm.quant.linear import QuantizedLinear
 
+    float_head = slimlm.quantize(tiny_model("mistral"), "rtn", bits=8, group_size=None)
     model = slimlm.quantize(tiny_model("mistral"), "rtn", bits=8, group_size=None, include=["*", "lm_head"])
-    assert decode_bytes_per_step(model) > 0
-    result = measure_speed(model, BenchSettings(prompt_tokens=4, new_tokens=3, batch_sizes=(1,), repeats=1, warmup=0))
+    head = model.get_output_embeddings()
+    assert isinstance(head, QuantizedLinear) and head.scheme.bits == 8 and head.kernel is None
+    dense = float_head.get_output_embeddings().weight
+    assert decode_bytes_per_step(model) == decode_bytes_per_step(float_head) - dense.nbytes + head.storage_bytes()
+    assert head.storage_bytes() < dense.nbytes / 3  # int8 codes + per-row scale and zero, not float32
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    settings = BenchSettings(prompt_tokens=4, new_tokens=3, batch_sizes=(1,), repeats=1, warmup=0)
+    result = measure_speed(model, settings)
+    assert head.kernel is not None  # chosen on the head's first forward
+    assert len(calls) >= settings.new_tokens  # prefills and every decode step: logits come from this layer
     assert result.decode_tps[1] > 0
+    assert result.decode_gbps == pytest.approx(decode_bytes_per_step(model) * result.decode_tps[1] / 1e9)

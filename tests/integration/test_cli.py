@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from slimlm.cli import main
 
@@ -187,10 +188,42 @@ def test_distill_then_resume_and_finetune_qat(tiny_folder, tmp_path, capsys):
     assert json.loads(out)["schemes"]["int4 g32 asym"] == 28
 
 
-def test_finetune_with_lora_merges_the_adapters(tiny_folder, tmp_path, capsys):
+def saved_tensors(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_finetune_with_lora_merges_the_adapters(tiny_folder, tmp_path, capsys, monkeypatch):
+    """The saved model holds the input's tensors, no adapter's: each targeted weight plus the (α/r)·B·A its
+    trained adapter held in memory at the end, every other tensor untouched."""
+    from slimlm.distillation import lora
+
+    adapters = []  # every adapter the run makes, as trained (merging leaves lora_a/lora_b as they are)
+    make = lora.LoRALinear.__init__
+
+    def make_and_record(self, *args, **kwargs):
+        make(self, *args, **kwargs)
+        adapters.append(self)
+
+    monkeypatch.setattr(lora.LoRALinear, "__init__", make_and_record)
     src = tiny_folder("llama")
     code, out, _ = run_cli(capsys, "finetune", src, "-o", tmp_path / "l", "--lora", 4, "--lora-targets", "*.mlp.*",
                            "--data", "demo@0:18", "--steps", 3, "--batch-size", 2, "--seq-len", 32, "--no-bf16", "--json")
     assert code == 0
+    before, after = saved_tensors(src), saved_tensors(tmp_path / "l")
+    assert set(after) == set(before)  # no lora_a / lora_b / base.weight: the wrappers are gone
+    targets = sorted(k for k in before if ".mlp." in k and k.endswith(".weight"))
+    assert targets and len(adapters) == len(targets)
+    for key in set(before) - set(targets):
+        assert torch.equal(after[key], before[key]), key
+    deltas = [m.delta().detach() for m in adapters]
+    for key in targets:
+        change = after[key].float() - before[key].float()
+        assert change.abs().max() > 0, f"{key} did not change: the adapters were not merged"
+        # float32 W + Δ: only the rounding of that one addition separates change from Δ
+        match = [i for i, d in enumerate(deltas) if d.shape == change.shape and torch.allclose(change, d, rtol=1e-3, atol=1e-6)]
+        assert match, f"{key} changed by something other than its adapter's (α/r)·B·A"
+        deltas.pop(match[0])  # one adapter per layer
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "l", "--json")
     assert code == 0 and json.loads(out)["architecture"] == "LlamaForCausalLM"
