@@ -56,7 +56,7 @@ def main() -> None:
                 if kernel != "reference":  # the ATen op alone, without the dense path for many rows
                     cases.append((f"{scheme.label()} {kernel} op-only", layer, kernel + "!", torch.float32))
     w8a8 = W8A8Linear.from_float(lin)
-    for kernel in ("reference", "int_mm"):
+    for kernel in ("reference", "w8a8_int_mm"):
         cases.append((f"w8a8 {kernel or 'auto'}", w8a8, ("w8a8", kernel), torch.float32))
     print(f"N={args.n} K={args.k} threads={torch.get_num_threads()}  (median of {args.repeats})")
     print(f"{'kernel':<32} {'M':>5} {'ms':>9} {'GB/s':>7} {'vs fp32':>8}")

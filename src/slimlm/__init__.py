@@ -1,24 +1,54 @@
 """slimlm: make causal language models smaller and faster, and prove it.
 
-The public verbs: `load`, `save`, `quantize`, `prune`, `distill`, `finetune`, `evaluate`, `bench`,
-`generate`, `compress`.
+The public verbs (each modifies a model in place and returns it, or returns what it measured):
+
+    load(path)                         -> (model, tokenizer): 'demo' or a local Hugging Face folder
+    save(model, path, tokenizer)       an ordinary HF folder (compressed-tensors or slimlm format), atomically
+    quantize(model, method, ...)       RTN, GPTQ, AWQ, SmoothQuant W8A8, cast (a config object or a name)
+    prune(model, method, ...)          magnitude, random, taylor, wanda, sparsegpt; n:m; heads, channels, blocks
+    apply(model, recipe)               a recipe (YAML file, dicts or configs) of quantization and pruning steps
+    distill(student, teacher, tok)     knowledge distillation (α·hard + (1−α)·T²·KL), data parallel under torchrun
+    finetune(model, tok, ...)          recovery fine-tuning: masks kept, QAT, or LoRA
+    evaluate(model, tok, data)         perplexity, KL and top-1 agreement against a reference
+    bench(model)                       TTFT, prefill/decode tokens/s, achieved GB/s, peak memory
+    generate(model, tok, prompt)       a continuation (streamed with on_text)
+    compress(model)                    the main job: variants built, saved, reloaded and measured in one report
+    serve(model)                       the OpenAI-compatible server with continuous batching
+
+Step configs for `quantize`, `prune` and `apply`: CastConfig, RTNConfig, GPTQConfig, AWQConfig,
+SmoothQuantConfig, MagnitudeConfig, RandomConfig, TaylorConfig, WandaConfig, SparseGPTConfig,
+HeadsConfig, ChannelsConfig, BlocksConfig.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "save", "quantize", "prune", "distill", "finetune", "evaluate", "bench", "generate", "compress", "SlimError", "__version__"]
+_VERBS = {name: "slimlm.api" for name in ("load", "save", "quantize", "prune", "apply", "distill", "finetune", "evaluate",
+                                          "bench", "generate", "serve")}
+_VERBS["compress"] = "slimlm.workflows"
+_CONFIGS = {
+    "CastConfig": "slimlm.quant.cast", "RTNConfig": "slimlm.quant.rtn", "GPTQConfig": "slimlm.quant.gptq",
+    "AWQConfig": "slimlm.quant.awq", "SmoothQuantConfig": "slimlm.quant.smoothquant",
+    "MagnitudeConfig": "slimlm.pruning.config", "RandomConfig": "slimlm.pruning.config",
+    "TaylorConfig": "slimlm.pruning.config", "WandaConfig": "slimlm.pruning.config",
+    "SparseGPTConfig": "slimlm.pruning.config", "HeadsConfig": "slimlm.pruning.structured",
+    "ChannelsConfig": "slimlm.pruning.structured", "BlocksConfig": "slimlm.pruning.structured",
+}
+_OTHER = {"SlimError": "slimlm.core.errors"}
+_LAZY = {**_VERBS, **_CONFIGS, **_OTHER}
+
+__all__ = [*_VERBS, *_CONFIGS, *_OTHER, "__version__"]
 
 
 def __getattr__(name: str):
     # Lazy: `import slimlm` stays cheap (no torch/transformers import until a verb is used).
-    if name == "SlimError":
-        from slimlm.core.errors import SlimError
+    if name in _LAZY:
+        import importlib
 
-        return SlimError
-    if name in __all__:
-        from slimlm import api
-
-        return getattr(api, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'slimlm' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

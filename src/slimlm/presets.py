@@ -28,36 +28,29 @@ PRESETS: dict[str, Recipe] = {
     "awq-int3": [{"method": "awq", "bits": 3, "group_size": 32, "symmetric": False}],
     "w8a8": [{"method": "smoothquant", "alpha": 0.5}],
 }
-CALIBRATED = {"gptq", "awq", "smoothquant"}
 DEFAULT_VARIANTS = ("fp32", "bf16", "int8", "int4")
 
 
-def preset(name: str) -> Recipe:
+def preset(name: str, calib: str | None = None) -> Recipe:
+    """The recipe of variant `name` (a copy); `calib` sets the calibration text of its calibrated steps."""
+    from slimlm.core.steps import STEPS
+
     if name not in PRESETS:
         raise SlimError(f"unknown variant '{name}'; valid: {', '.join(PRESETS)}")
-    return [dict(step) for step in PRESETS[name]]
+    recipe = [dict(step) for step in PRESETS[name]]
+    if calib is not None:
+        for step in recipe:
+            if STEPS.get(step["method"]).calibrated:
+                step["calib"] = calib
+    return recipe
 
 
 def describe(recipe: Recipe) -> str:
-    """A short human label for a recipe, e.g. 'rtn int4 g32 asym'."""
+    """A short human label for a recipe, e.g. 'rtn int4 g32 asym', from each step's config."""
+    from slimlm.core.steps import STEPS
+
     parts = []
     for step in recipe:
-        if step["method"] == "cast":
-            parts.append(step.get("dtype", "bfloat16"))
-        elif step["method"] == "smoothquant":
-            parts.append(f"smoothquant w8a8 α={step.get('alpha', 0.5)}")
-        elif "sparsity" in step:
-            amount = step.get("pattern") or f"{step['sparsity']:.0%}"
-            parts.append(f"{step['method']} {amount}")
-        elif "bits" in step:
-            group = f"g{step['group_size']}" if step.get("group_size") else "per-channel"
-            sym = "sym" if step.get("symmetric") else "asym"
-            kind = step.get("format", "int")
-            code = f"int{step['bits']} {group} {sym}" if kind == "int" else \
-                f"{kind}{step['bits'] if kind == 'log' else ''} {group}"
-            overrides = f" ({len(step['overrides'])} overrides)" if step.get("overrides") else ""
-            parts.append(f"{step['method']} {code}{overrides}")
-        else:
-            settings = ", ".join(f"{k}={v}" for k, v in step.items() if k not in ("method", "version"))
-            parts.append(f"{step['method']}({settings})")
+        settings = {k: v for k, v in step.items() if k not in ("method", "version")}
+        parts.append(STEPS.get(step["method"]).config_cls.from_dict(settings).describe())
     return " + ".join(parts)

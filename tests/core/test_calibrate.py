@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from slimlm.core.calibrate import capture_block_inputs, find_blocks, run_blockwise, sample_windows
+from slimlm.core.calibrate import capture_block_inputs, run_blockwise, sample_windows
+from slimlm.core.layers import find_blocks
 from slimlm.core.data import read_documents, split_range
 from slimlm.core.errors import SlimError
 from slimlm.core.targeting import select_linear

@@ -184,7 +184,7 @@ def test_saved_recipe_reproduces_the_model(tiny_folder, tmp_path):
     model, tok = slimlm.load(tiny_folder("phi3"))
     slimlm.quantize(model, "rtn", bits=3, group_size=32, exclude=["*.o_proj"])
     slimlm.save(model, tmp_path / "q", tok)
-    again = slimlm.api.apply_recipe(slimlm.load(tiny_folder("phi3"))[0], tmp_path / "q" / "recipe.yaml")
+    again = slimlm.apply(slimlm.load(tiny_folder("phi3"))[0], tmp_path / "q" / "recipe.yaml")
     assert torch.equal(logits(again), logits(model))
 
 
@@ -193,7 +193,7 @@ def test_saved_recipe_reproduces_the_model(tiny_folder, tmp_path):
 def test_bad_recipes(tmp_path, text, needle):
     (tmp_path / "r.yaml").write_text(text)
     with pytest.raises(SlimError, match=needle):
-        slimlm.api.apply_recipe(tiny_model("llama"), tmp_path / "r.yaml")
+        slimlm.apply(tiny_model("llama"), tmp_path / "r.yaml")
 
 
 def test_folder_without_tokenizer(tmp_path):

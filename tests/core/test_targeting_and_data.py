@@ -6,7 +6,8 @@ import torch
 import slimlm
 from slimlm.core.data import encode_documents, read_documents
 from slimlm.core.errors import SlimError
-from slimlm.core.targeting import linear_layers, output_head_name, select_linear
+from slimlm.core.layers import linear_layers, output_head_name
+from slimlm.core.targeting import select_linear
 from slimlm.quant.linear import QuantizedLinear
 from slimlm.testing import tiny_model, tiny_tokenizer
 

@@ -1,7 +1,8 @@
 import torch
 
 import slimlm
-from slimlm.distillation.qat import FakeQuantLinear, convert_qat_, fake_quantize, prepare_qat_
+from slimlm.distillation.qat import FakeQuantLinear, convert_qat_, prepare_qat_
+from slimlm.quant.primitives import fake_quantize
 from slimlm.distillation.trainer import TrainConfig, train
 from slimlm.quant.linear import QuantizedLinear
 from slimlm.testing import tiny_model

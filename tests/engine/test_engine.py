@@ -3,7 +3,7 @@ import torch
 
 import slimlm
 from slimlm.core.errors import SlimError
-from slimlm.engine.decoder import attention_mask
+from slimlm.engine.torch_ops import attention_mask
 from slimlm.engine.engine import Engine
 from slimlm.engine.generate import SamplingParams, generate_ids
 from slimlm.engine.kv_cache import KVCache, quantize_heads

@@ -9,7 +9,7 @@ from torch import nn
 import slimlm
 from slimlm.core.errors import SlimError
 from slimlm.engine import fused
-from slimlm.engine.decoder import apply_rope, attention_mask, decode_attention
+from slimlm.engine.torch_ops import apply_rope, attention_mask, decode_attention
 from slimlm.engine.engine import Engine
 from tests.engine.test_engine import FAMILIES, ids, model_for
 
@@ -138,7 +138,7 @@ def test_rope_attend_matches_pytorch(rotary, window):
 def test_static_decode_for_cuda_graphs_equals_the_dynamic_step(family, overrides):
     """The graph-capturable step (whole-cache attention, device-side indices) gives the same logits;
     run on CPU here, captured on GPUs (benchmarks/cuda_check.py)."""
-    from slimlm.engine.graphs import static_decode
+    from slimlm.engine.graphs import StaticOps, static_decode
 
     model = model_for(family, **overrides)
     dynamic, static = (Engine(model, slots=2, max_len=40, fused_step=False) for _ in range(2))
@@ -149,7 +149,7 @@ def test_static_decode_for_cuda_graphs_equals_the_dynamic_step(family, overrides
     tokens = torch.tensor([3, 7])
     for _ in range(8):
         want = dynamic.decode(torch.arange(2), tokens)
-        got = static_decode(model, static.spec, tokens, static.lengths.clone(), static.cache)
+        got = static_decode(static.plan, StaticOps(static.spec, static.cache), tokens, static.lengths.clone())
         static.lengths += 1
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         tokens = want.argmax(-1)

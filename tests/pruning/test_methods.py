@@ -5,7 +5,7 @@ import slimlm
 from slimlm.core.errors import SlimError
 from slimlm.pruning import masks as M
 from slimlm.pruning.sparsegpt_solver import sparsegpt_prune
-from slimlm.pruning.unstructured import layer_weight
+from slimlm.core.layers import weight_matrix as layer_weight
 from slimlm.pruning.wanda import wanda_scores
 from slimlm.testing import tiny_model
 
@@ -141,7 +141,7 @@ def test_a_recipe_prunes_then_quantizes(tmp_path):
     recipe.write_text("steps:\n- method: wanda\n  pattern: '2:4'\n  n_samples: 4\n  seq_len: 32\n"
                       "- method: gptq\n  bits: 4\n  group_size: 32\n  n_samples: 4\n  seq_len: 32\n")
     model = tiny_model("llama")
-    from slimlm.api import apply_recipe
+    from slimlm.api import apply as apply_recipe
     from slimlm.testing.tiny import tiny_tokenizer
 
     apply_recipe(model, recipe, tiny_tokenizer())

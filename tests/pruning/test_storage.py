@@ -4,7 +4,7 @@ import torch
 import slimlm
 from slimlm.core.files import folder_bytes
 from slimlm.pruning.storage import pack_bitmask, unpack_bitmask
-from slimlm.pruning.unstructured import layer_weight
+from slimlm.core.layers import weight_matrix as layer_weight
 from slimlm.testing import tiny_model
 from slimlm.testing.tiny import tiny_tokenizer
 

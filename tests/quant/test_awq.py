@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import slimlm
-from slimlm.core.calibrate import find_blocks, capture_block_inputs, run_blockwise
+from slimlm.core.calibrate import capture_block_inputs, run_blockwise
+from slimlm.core.layers import find_blocks
 from slimlm.core.errors import SlimError
 from slimlm.core.targeting import select_linear
 from slimlm.quant import primitives as P

@@ -9,7 +9,7 @@ from slimlm.core.errors import SlimError
 from slimlm.core.model_io import save_model
 from slimlm.quant import primitives as P
 from slimlm.quant.gptq_solver import gptq_quantize
-from slimlm.quant.hessian import accumulate_hessian
+from slimlm.core.hessian import accumulate_hessian
 from slimlm.quant.kernels import choose_kernel
 from slimlm.quant.linear import QuantizedLinear
 from slimlm.quant.rtn import RTNConfig, rtn_quantize_
@@ -167,19 +167,26 @@ def test_dequantize_without_a_scheme_reads_integers():
     "settings, needle",
     [({"format": "nf4"}, "format 'nf4' is not supported; use one of int, log, fp8"),
      ({"format": "log", "bits": 8, "symmetric": True}, "format 'log' supports bits 4, 3, 2, not bits=8"),
-     ({"format": "log", "bits": 4}, "format 'log' .* set symmetric=true"),
+     ({"format": "log", "bits": 4, "symmetric": False}, "format 'log' .* set symmetric=true"),
      ({"format": "fp8", "symmetric": True}, r"format 'fp8' .* set bits=8 and symmetric=true \(got bits=4"),
-     ({"format": "fp8", "bits": 8}, "symmetric=false")],
+     ({"format": "fp8", "bits": 8, "symmetric": False}, "symmetric=false")],
 )
 def test_impossible_formats_are_rejected(settings, needle):
     with pytest.raises(SlimError, match=needle):
         QuantScheme(**settings)
 
 
+@pytest.mark.parametrize("fmt, bits", [("log", 4), ("fp8", 8), ("int", 4)])
+def test_symmetry_defaults_to_what_the_format_needs(fmt, bits):
+    """Unset, `symmetric` is on for the signed codebook formats and off for uniform integers."""
+    assert QuantScheme(format=fmt, bits=bits).symmetric == (fmt != "int")
+
+
 def test_method_configs_validate_the_format_too():
     with pytest.raises(SlimError, match="format 'log'"):
-        slimlm.quantize(tiny_model("llama"), "rtn", bits=4, format="log")
+        slimlm.quantize(tiny_model("llama"), "rtn", bits=4, format="log", symmetric=False)
     assert RTNConfig(bits=3, format="log", symmetric=True).scheme == log(3, group_size=128)
+    assert RTNConfig(bits=3, format="log").scheme == log(3, group_size=128)  # symmetric by default
 
 
 def test_labels_and_config_roundtrip():

@@ -5,7 +5,7 @@ import slimlm
 from slimlm.core.errors import SlimError
 from slimlm.quant import primitives as P
 from slimlm.quant.gptq_solver import gptq_quantize
-from slimlm.quant.hessian import accumulate_hessian
+from slimlm.core.hessian import accumulate_hessian
 from slimlm.quant.scheme import QuantScheme
 from slimlm.testing import tiny_model
 

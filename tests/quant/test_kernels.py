@@ -163,12 +163,14 @@ def test_automatic_kernel_matches_reference_on_awkward_shapes(n, k, scheme, m):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_run_many_equals_one_call_per_layer(group, dtype):
     """q/k/v-style: several weights against one input in one call give each layer's own output."""
-    from slimlm.engine.fused import linear_many
+    from slimlm.engine.decoder import KernelProjection, projection
 
     scheme = QuantScheme(bits=4, group_size=group)
     layers = [make_layer(n, 256, scheme, seed=i).to(dtype) for i, n in enumerate((64, 16, 48))]
     x = torch.randn(3, 256).to(dtype)
-    together = linear_many(x, layers)
+    grouped = projection(layers, x[:1])
+    assert isinstance(grouped, KernelProjection)  # the engine decides once to run them together
+    together = grouped(x)
     assert all(layer.kernel == "cpu_int4_avx512" for layer in layers)
     for layer, y in zip(layers, together):
         assert torch.equal(y, layer(x))
@@ -176,11 +178,11 @@ def test_run_many_equals_one_call_per_layer(group, dtype):
 
 @pytest.mark.skipif(not AVX512, reason="needs a C++ compiler and an AVX-512 VNNI/BF16 CPU")
 def test_run_many_falls_back_for_mixed_group_sizes():
-    from slimlm.engine.fused import linear_many
+    from slimlm.engine.decoder import projection
 
     layers = [make_layer(32, 256, QuantScheme(bits=4, group_size=g), seed=g) for g in (32, 128)]
     x = torch.randn(2, 256)
-    for layer, y in zip(layers, linear_many(x, layers)):
+    for layer, y in zip(layers, projection(layers, x[:1])(x)):
         assert torch.equal(y, layer(x))
 
 

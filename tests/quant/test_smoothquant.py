@@ -3,10 +3,12 @@ import torch
 
 import slimlm
 from slimlm.core.errors import SlimError
-from slimlm.core.targeting import replace_module_, select_linear
+from slimlm.core.layers import replace_module_
+from slimlm.core.targeting import select_linear
 from slimlm.eval.perplexity import evaluate_quality
 from slimlm.quant.smoothquant import SmoothQuantConfig, smoothing_factors
-from slimlm.quant.w8a8 import W8A8Linear, quantize_rows
+from slimlm.quant.kernels.w8a8 import quantize_rows
+from slimlm.quant.w8a8 import W8A8Linear
 from slimlm.testing import FAMILIES, tiny_model, tiny_tokenizer
 
 
@@ -15,7 +17,7 @@ def ids(n=4, t=32, seed=0):
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 17, 64])
-@pytest.mark.parametrize("kernel", ["int_mm"])
+@pytest.mark.parametrize("kernel", ["w8a8_int_mm"])
 def test_kernels_match_the_reference(m, kernel):
     linear = torch.nn.Linear(72, 40, bias=True)
     layer = W8A8Linear.from_float(linear)

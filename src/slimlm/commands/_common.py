@@ -2,30 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
 from typing import Any, Iterator
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers, e.g. 1,4") from None
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one integer")
-    return values
-
-
-def group_size(text: str) -> int | None:
-    if text.lower() in ("none", "channel", "per-channel"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"group size '{text}' must be an integer (32, 64, 128, 256) or 'none'") from None
 
 
 def quiet_libraries() -> None:

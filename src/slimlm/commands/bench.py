@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import argparse
 
-from slimlm.commands._common import int_list, print_json, print_table, quiet_libraries
+from slimlm.commands._common import print_json, print_table, quiet_libraries
+from slimlm.commands._flags import add_config_flags, int_list, settings_from_args
+
+
+def bench_settings():
+    from slimlm.eval.speed import BenchSettings
+
+    return BenchSettings
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face model folder, or 'demo'")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--batch-sizes", type=int_list, default=(1, 4), help="decode batch sizes, e.g. 1,4,8")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the median is reported)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--kv-dtype", default="auto", choices=("auto", "int8"), help="engine KV cache storage")
-    p.add_argument("--no-engine", dest="engine", action="store_false", default=None,
-                   help="time the model's own forward instead of slimlm's engine")
+    add_config_flags(p, [bench_settings()])
     p.add_argument("--baseline", action="store_true", help="also time transformers' forward and print the ratio")
     p.add_argument("--serve", action="store_true",
                    help="load-test an OpenAI-compatible server on loopback instead: streaming clients at "
@@ -40,13 +40,12 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from slimlm.api import bench, load
 
+    settings = settings_from_args(args, bench_settings())
     model, tokenizer = load(args.model)
     if args.serve:
         return _serve_load(args, model, tokenizer)
-    common = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch_sizes=args.batch_sizes,
-                  repeats=args.repeats, warmup=args.warmup, kv_dtype=args.kv_dtype)
-    result = bench(model, engine=args.engine, **common)
-    baseline = bench(model, engine=False, **common) if args.baseline and result.runtime == "engine" else None
+    result = bench(model, **settings)
+    baseline = bench(model, **{**settings, "engine": False}) if args.baseline and result.runtime == "engine" else None
     if args.json:
         print_json({**result.to_dict(), "baseline": baseline.to_dict() if baseline else None})
         return 0

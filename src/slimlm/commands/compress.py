@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from slimlm.commands._common import int_list, print_json, print_table, progress_bar, quiet_libraries
+from slimlm.commands._common import print_json, print_table, progress_bar, quiet_libraries
+from slimlm.commands._flags import add_config_flags, settings_from_args
+
+
+def bench_settings():
+    from slimlm.eval.speed import BenchSettings
+
+    return BenchSettings
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -18,20 +25,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", default=None, help="keep the variants and report.md/json/png in this folder")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-bench", action="store_true", help="skip the speed measurements")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--batch-sizes", type=int_list, default=(1, 4), help="decode batch sizes, e.g. 1,4,8")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is reported)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_config_flags(p.add_argument_group("speed measurement"), [bench_settings()], skip=("engine",))
 
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
-    from slimlm.api import compress
+    from slimlm.workflows import compress
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants else None
-    bench = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch_sizes=args.batch_sizes,
-                 repeats=args.repeats)
+    bench = settings_from_args(args, bench_settings())
     with progress_bar(not args.json) as update:
         report = compress(args.model, variants, data=args.data, out=args.out, overwrite=args.overwrite,
                           run_bench=not args.no_bench, bench_settings=bench, max_tokens=args.max_tokens,

@@ -17,6 +17,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from slimlm.api import load
+    from slimlm.core.layers import context_length
     from slimlm.eval.size import describe_layers, measure_size
 
     model, tokenizer = load(args.model)
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         "layers": getattr(model.config, "num_hidden_layers", None),
         "hidden_size": getattr(model.config, "hidden_size", None),
         "vocab_size": model.config.vocab_size,
-        "context": getattr(model.config, "max_position_embeddings", None),
+        "context": context_length(model),
         "parameters": size.parameters,
         "weight_bytes": size.weight_bytes,
         "bits_per_weight": round(size.bits_per_weight, 3),

@@ -1,4 +1,5 @@
-"""Calibration: sample token windows, and the generic block-by-block driver for calibrated methods.
+"""Calibration: the settings every calibrated step shares, sampling token windows, and the generic
+block-by-block driver for calibrated methods.
 
 The driver (the scheme of GPTQ, arXiv 2210.17323, §4 and its reference code, used by AWQ, SparseGPT,
 Wanda): capture the inputs of the first transformer block, then for each block
@@ -13,17 +14,35 @@ known paths, else as the largest `nn.ModuleList` of identical modules.
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from slimlm.core.config import check, field
 from slimlm.core.errors import SlimError
+from slimlm.core.layers import block_output, find_blocks, replace_module_
 from slimlm.core.memory import release_freed_memory
-from slimlm.core.targeting import replace_module_
 
-BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.blocks")
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationFields:
+    """Where calibration text comes from and how much of it (a mixin of calibrated steps' configs)."""
+
+    calib: str = field("demo", "calibration text: .txt/.jsonl or 'demo'; file.txt@0:500 takes documents 0-499")
+    n_samples: int = field(128, "calibration windows")
+    seq_len: int = field(512, "tokens per calibration window (capped at the model's context)")
+    seed: int = field(0, "seed of the window sampling")
+    batch_size: int = field(1, "calibration windows per forward")
+
+    def __post_init__(self) -> None:
+        for name in ("n_samples", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                  f"{name} {value!r} must be a positive integer")
+        check(isinstance(self.calib, str) and self.calib, "calib must name a .txt/.jsonl file or 'demo'")
 
 
 def sample_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int = 0) -> Tensor:
@@ -38,26 +57,6 @@ def sample_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int = 0) -> 
     rng = random.Random(seed)
     starts = [rng.randrange(0, ids.numel() - seq_len) for _ in range(n_samples)]
     return torch.stack([ids[s : s + seq_len] for s in starts])
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The transformer blocks: a known path, else the largest ModuleList of same-class modules."""
-    for path in BLOCK_PATHS:
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(blocks, nn.ModuleList) and len(blocks):
-            return path, blocks
-    candidates = [
-        (sum(p.numel() for p in m.parameters()), name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1
-    ]
-    if not candidates:
-        raise SlimError(f"cannot find the transformer blocks of {type(model).__name__}; it has no list of layers")
-    _, name, blocks = max(candidates, key=lambda c: c[0])
-    return name, blocks
 
 
 class _Captured(Exception):
@@ -83,10 +82,6 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, samples: Tensor, ba
     finally:
         handle.remove()
     return captured
-
-
-def _hidden(output: Any) -> Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def replay_observing(block: nn.Module, inputs: list[tuple], observers: dict[nn.Module, Callable[[Tensor], None]]) -> None:
@@ -178,7 +173,7 @@ def run_blockwise(
                     if new is not None:
                         replace_module_(model, name, new)
                     release_freed_memory()  # the solver's temporaries, the replaced float weights
-        inputs = [((_hidden(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        inputs = [((block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
         del local
         release_freed_memory()  # the previous block inputs
         if on_block:

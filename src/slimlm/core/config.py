@@ -1,7 +1,9 @@
 """Frozen, versioned config dataclasses.
 
-CLI flags, YAML recipes and the metadata saved with a model all come from the same fields.
-Unknown keys are rejected with the list of valid ones; values are checked in `__post_init__`.
+CLI flags, YAML recipes and the metadata saved with a model all come from the same fields: declare a
+field with `field(default, help)` and `slimlm <verb>` derives its flag (name, type, help) from it
+(`commands/_flags.py`). Unknown keys are rejected with the list of valid ones; values are checked in
+`__post_init__`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,15 @@ from typing import Any, ClassVar, TypeVar
 from slimlm.core.errors import SlimError
 
 C = TypeVar("C", bound="Config")
+
+
+def field(default: Any, help: str, *, cli: bool = True, metavar: str | None = None, factory: bool = False):
+    """A config field with its help text (the CLI flag's help and the docs); cli=False keeps it out of
+    the command line (settable from Python and YAML only). factory: `default` is a zero-argument callable."""
+    metadata = {"help": help, "cli": cli, "metavar": metavar}
+    if factory:
+        return dataclasses.field(default_factory=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +51,14 @@ class Config:
                 f"unknown {cls.name} setting(s) {', '.join(unknown)}; valid: {', '.join(cls.field_names())}"
             )
         return cls(**values)
+
+    def describe(self) -> str:
+        """A short label for reports, e.g. 'rtn int4 g32 asym' (steps override it)."""
+        return self.name
+
+    def layer_plan(self, model: Any) -> dict[str, str]:
+        """Layer name -> what the step does to it, for `--dry-run` (steps that target layers override it)."""
+        return {}
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version}

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from slimlm.core import format as F
 from slimlm.core.errors import SlimError
 from slimlm.core.files import (
     atomic_folder,
@@ -32,27 +33,31 @@ from slimlm.core.files import (
     write_safetensors,
 )
 from slimlm.core.files import first_line as _first_line
+from slimlm.core.layers import float_dtype, is_compressed, replace_module_
 from slimlm.core.registry import Registry
 
 DEMO = "demo"
-FORMAT = "slimlm"
-FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 2 * 1024**3
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
+# The loader's plug-in tables (see core/registry.py: built-ins named here, loaded on first use).
 # Compressed module kinds a checkpoint may contain: kind -> builder(group entry, original module)
-# returning an empty skeleton on the meta device. Filled by the packages that define such modules
-# (slimlm.quant.linear registers "quantized_linear"); a compressed module class carries
-# `slimlm_kind` and a `slimlm_spec()` dict that its builder reads back.
-COMPRESSED_MODULES: Registry[Callable[[dict[str, Any], nn.Module], nn.Module]] = Registry("compressed layer kind")
-
+# returning an empty skeleton on the meta device; a compressed module class carries `slimlm_kind` and
+# a `slimlm_spec()` dict that its builder reads back.
+COMPRESSED_MODULES: Registry[Callable[[dict[str, Any], nn.Module], nn.Module]] = Registry("compressed layer kind", {
+    "quantized_linear": "slimlm.quant.linear:quantized_skeleton",
+    "w8a8_linear": "slimlm.quant.w8a8:w8a8_skeleton",
+})
 # Other tools' quantized formats slimlm reads itself: `quant_method` -> loader(path, raw config,
-# quantization_config, dtype) returning the model (slimlm.quant.compressed_tensors_io registers
-# "compressed-tensors").
-FOREIGN_FORMATS: Registry[Callable[..., nn.Module]] = Registry("checkpoint format")
+# quantization_config, dtype) returning the model.
+FOREIGN_FORMATS: Registry[Callable[..., nn.Module]] = Registry("checkpoint format", {
+    "compressed-tensors": "slimlm.quant.compressed_tensors_io:load_compressed_tensors",
+})
 # config.json's slimlm_sparsity.storage.format -> decoder(raw config, state) that restores dense
-# tensors in place (slimlm.pruning.storage registers "bitmask")
-STATE_DECODERS: Registry[Callable[[dict, dict], None]] = Registry("sparse storage format")
+# tensors in place.
+STATE_DECODERS: Registry[Callable[[dict, dict], None]] = Registry("sparse storage format", {
+    "bitmask": "slimlm.pruning.storage:decode_sparse_",
+})
 
 
 def demo_path() -> Path:
@@ -156,11 +161,12 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     raw = read_config_json(path)
     if dtype is None and device == "cpu" and raw.get("dtype", raw.get("torch_dtype")) == "float16":
         dtype = torch.float32  # fp16 matmuls on CPU are slow and lossy; bf16 and fp32 load as stored
-    qblock = raw.get("quantization_config")
+    qblock = raw.get(F.QUANTIZATION)
     method = qblock.get("quant_method") if isinstance(qblock, dict) else None
-    if method == FORMAT:
+    F.read_block(raw, F.STRUCTURED, F.STRUCTURED_VERSION, path)
+    if method == F.QUANT_METHOD:
         model = _load_compressed(path, raw, qblock, dtype)
-    elif _sparse_storage(raw) or raw.get("slimlm_module_shapes"):
+    elif _sparse_storage(raw, path) or raw.get(F.MODULE_SHAPES):
         model = _load_skeleton(path, raw, dtype)
     elif method in FOREIGN_FORMATS:
         _causal_lm_config(path, raw)
@@ -176,16 +182,16 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     return model, tokenizer
 
 
-def _sparse_storage(raw: dict[str, Any]) -> str | None:
-    record = raw.get("slimlm_sparsity")
-    storage = record.get("storage") if isinstance(record, dict) else None
+def _sparse_storage(raw: dict[str, Any], path: Path) -> str | None:
+    record = F.read_block(raw, F.SPARSITY, F.SPARSITY_VERSION, path)
+    storage = record.get("storage") if record else None
     return storage.get("format") if isinstance(storage, dict) else None
 
 
 def read_state(path: Path, raw: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, with sparse-stored weights restored to dense."""
     state = read_safetensors(path)
-    fmt = _sparse_storage(raw)
+    fmt = _sparse_storage(raw, path)
     if fmt:
         STATE_DECODERS.get(fmt)(raw, state)
     return state
@@ -201,7 +207,7 @@ def _load_skeleton(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -
         float_dtype = getattr(torch, float_dtype)
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=float_dtype)
-    _reshape_linears_(model, raw.get("slimlm_module_shapes") or {}, path)
+    _reshape_linears_(model, F.module_shapes(raw, path), path)
     assign_state_(model, read_state(path, raw), path)
     if dtype is not None:
         model.to(dtype)
@@ -211,8 +217,6 @@ def _load_skeleton(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -
 def _reshape_linears_(model: nn.Module, shapes: dict[str, list[int]], path: Path) -> None:
     """Give linear layers the (out, in) shapes config.json records per layer (structured pruning that
     left layers of different sizes, which one config value cannot describe)."""
-    from slimlm.core.targeting import replace_module_
-
     for name, shape in shapes.items():
         try:
             old = model.get_submodule(name)
@@ -240,11 +244,10 @@ def _load_plain(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -> n
 def _load_compressed(path: Path, raw: dict[str, Any], qblock: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from slimlm.core.targeting import replace_module_
-
     version = qblock.get("format_version")
-    if version != FORMAT_VERSION:
-        raise SlimError(f"{path} was saved in slimlm format version {version}; this slimlm reads {FORMAT_VERSION}, upgrade it")
+    F.check_version(F.QUANTIZATION, version, F.QUANT_VERSION, path)
+    if version is None:
+        raise SlimError(f"{path}: config.json's {F.QUANTIZATION} has no format_version; the folder is corrupt, re-save it")
     config = _causal_lm_config(path, raw)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -285,15 +288,14 @@ def compression_block(model: nn.Module) -> dict[str, Any] | None:
     """The config.json `quantization_config` block: compressed layers grouped by kind and spec."""
     groups: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        kind = getattr(module, "slimlm_kind", None)
-        if kind is not None:
-            entry = {"kind": kind, **module.slimlm_spec()}
+        if is_compressed(module):
+            entry = {"kind": module.slimlm_kind, **module.slimlm_spec()}
             key = json.dumps(entry, sort_keys=True)
             groups.setdefault(key, {**entry, "modules": []})
             groups[key]["modules"].append(name)
     if not groups:
         return None
-    return {"quant_method": FORMAT, "format_version": FORMAT_VERSION, "groups": list(groups.values())}
+    return {"quant_method": F.QUANT_METHOD, "format_version": F.QUANT_VERSION, "groups": list(groups.values())}
 
 
 def save_model(
@@ -319,9 +321,9 @@ def save_model(
         config["dtype"] = str(float_dtype(model)).removeprefix("torch.")
         block = exporter(model, state) if exporter else compression_block(model)
         if block is not None:
-            config["quantization_config"] = block
+            config[F.QUANTIZATION] = block
         else:
-            config.pop("quantization_config", None)
+            config.pop(F.QUANTIZATION, None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -332,11 +334,3 @@ def save_model(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(path)
-
-
-def float_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's first floating-point parameter (what config.json records)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32

@@ -8,37 +8,46 @@ A glob that matches no linear layer is an error: a typo must not silently do not
 
 from __future__ import annotations
 
+import dataclasses
 from fnmatch import fnmatchcase
-from typing import Iterable
+from typing import Any, Iterable
 
 from torch import nn
 
+from slimlm.core.config import check, field
 from slimlm.core.errors import SlimError
+from slimlm.core.layers import linear_layers, output_head_name
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2 style `Conv1D`: a linear layer whose weight is stored (in_features, out_features)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+def as_globs(value: Any, name: str) -> tuple[str, ...]:
+    """A tuple of name globs from one glob, a list or a tuple (what YAML and the CLI give)."""
+    if isinstance(value, str):
+        value = (value,)
+    elif isinstance(value, list):
+        value = tuple(value)
+    check(isinstance(value, tuple) and all(isinstance(g, str) for g in value),
+          f"{name} must be a list of name globs, not {value!r}")
+    return value
 
 
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+@dataclasses.dataclass(frozen=True)
+class TargetFields:
+    """Which linear layers a step acts on (a mixin of step configs)."""
 
+    include: tuple[str, ...] = field(("*",), "name glob of layers to act on (repeatable; the output head only "
+                                     "when named, e.g. --include '*' --include lm_head)")
+    exclude: tuple[str, ...] = field((), "name glob of layers to leave alone (repeatable)")
 
-def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """All dense linear layers (nn.Linear and GPT-2 Conv1D) by name, in module order."""
-    return {name: m for name, m in model.named_modules() if name and is_linear(m)}
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude"):
+            object.__setattr__(self, name, as_globs(getattr(self, name), name))
 
+    def select(self, model: nn.Module) -> dict[str, nn.Module]:
+        return select_linear(model, self.include, self.exclude)
 
-def output_head_name(model: nn.Module) -> str | None:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if head is None:
-        return None
-    for name, module in model.named_modules():
-        if module is head:
-            return name
-    return None
+    def layer_plan(self, model: nn.Module) -> dict[str, str]:
+        """Layer name -> what the step does to it (what `--dry-run` prints)."""
+        return {name: self.describe() for name in self.select(model)}
 
 
 def select_linear(
@@ -63,10 +72,3 @@ def select_linear(
             continue
         chosen[name] = module
     return chosen
-
-
-def replace_module_(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put `new` where the submodule `name` was (in place)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.core.config import check
-from slimlm.core.targeting import is_linear, replace_module_
+from slimlm.core.layers import is_compressed, is_conv1d, is_linear, replace_module_
 
 
 class LoRALinear(nn.Module):
@@ -53,13 +53,13 @@ def add_lora_(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: tup
     check(isinstance(rank, int) and rank >= 1, f"LoRA rank {rank!r} must be a positive integer")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     chosen = [name for name, m in model.named_modules()
-              if name and (is_linear(m) or hasattr(m, "scheme")) and m is not head
+              if name and (is_linear(m) or is_compressed(m)) and m is not head
               and any(fnmatchcase(name, g) for g in targets)]
     check(chosen, f"no linear layer matches {list(targets)}")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
-        check(not type(model.get_submodule(name)).__name__ == "Conv1D", "LoRA on GPT-2 Conv1D layers is not supported")
+        check(not is_conv1d(model.get_submodule(name)), "LoRA on GPT-2 Conv1D layers is not supported")
         replace_module_(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
     return model
 
@@ -71,7 +71,7 @@ def merge_lora_(model: nn.Module) -> nn.Module:
         if not isinstance(m, LoRALinear):
             continue
         base = m.base
-        if hasattr(base, "scheme"):  # QuantizedLinear: dequantize, add, re-quantize with the same scheme
+        if is_compressed(base):  # dequantize, add, re-quantize with the same scheme
             dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=base.scale.device)
             dense.weight.copy_(base.dequantize(torch.float32) + m.delta())
             if base.bias is not None:

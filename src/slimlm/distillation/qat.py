@@ -15,17 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimlm.core.targeting import replace_module_
-from slimlm.quant import primitives as P
+from slimlm.core.layers import replace_module_
 from slimlm.quant.linear import QuantizedLinear
+from slimlm.quant.primitives import fake_quantize
 from slimlm.quant.scheme import QuantScheme
-
-
-def fake_quantize(w: Tensor, scheme: QuantScheme) -> Tensor:
-    """Q(w) (N, K): quantize and dequantize with qparams from w itself (no gradient)."""
-    with torch.no_grad():
-        scale, zero = P.compute_qparams(w, scheme)
-        return P.dequantize(P.quantize(w, scale, zero, scheme), scale, zero, w.shape[1], torch.float32, scheme).to(w.dtype)
 
 
 class FakeQuantLinear(nn.Linear):

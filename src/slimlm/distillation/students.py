@@ -14,9 +14,8 @@ import copy
 
 from torch import nn
 
-from slimlm.core.calibrate import find_blocks
 from slimlm.core.config import check
-from slimlm.pruning.structured import keep_blocks_
+from slimlm.core.layers import find_blocks, keep_blocks_
 
 
 def layer_subset(teacher: nn.Module, keep: list[int] | None = None) -> nn.Module:

@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from slimlm.core.config import Config, check
+from slimlm.core import format as F
+from slimlm.core.config import Config, check, field
 from slimlm.distillation.losses import distillation_loss, hard_loss, hidden_loss
 from slimlm.distillation.teacher_cache import TopKTeacher, soft_loss_topk
 
@@ -39,31 +40,33 @@ CHECKPOINT = "checkpoint.pt"
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Config):
     name = "train"
-    steps: int = 200
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 256
-    alpha: float = 0.5  # weight of the hard (true-token) loss; 1 - alpha on the teacher's soft targets
-    temperature: float = 2.0
-    reverse_kl: bool = False
-    clip: float = 1.0
-    bf16: bool | None = None  # None: where the hardware has native bf16 math (CUDA sm80+, AVX-512 BF16)
-    eval_every: int = 50
-    save_every: int = 50
-    seed: int = 0
-    keep_masks: bool = True  # pruned (exactly zero) weights of the pruned layers stay zero
-    hidden_weight: float = 0.0  # > 0 adds hidden-state matching (needs a teacher)
-    hidden_loss: str = "mse"  # or "cosine"
-    hidden_layers: tuple[tuple[int, int], ...] = ()  # (student layer, teacher layer) pairs; () = last to last
+    steps: int = field(200, "optimizer steps")
+    lr: float = field(1e-3, "peak learning rate")
+    warmup_steps: int = field(20, "steps of linear warm-up before the cosine decay")
+    min_lr_ratio: float = field(0.1, "the cosine decays to lr * min_lr_ratio")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    batch_size: int = field(8, "blocks per micro-batch (the global batch under torchrun)")
+    grad_accum: int = field(1, "micro-batches per optimizer step")
+    seq_len: int = field(256, "tokens per block")
+    alpha: float = field(0.5, "weight of the true-token loss; 1 - alpha goes to the teacher's soft targets")
+    temperature: float = field(2.0, "softmax temperature of the soft targets")
+    reverse_kl: bool = field(False, "KL(student || teacher) instead of KL(teacher || student)")
+    clip: float = field(1.0, "gradient norm clipping (0: off)")
+    bf16: bool | None = field(None, "bfloat16 autocast (default: where the hardware has native bf16 math)")
+    eval_every: int = field(50, "steps between evaluations on --eval-data")
+    save_every: int = field(50, "steps between checkpoints")
+    seed: int = field(0, "seed of the batch order")
+    keep_masks: bool = field(True, "pruned (exactly zero) weights of the pruned layers stay zero")
+    hidden_weight: float = field(0.0, "weight of hidden-state matching (needs a teacher)")
+    hidden_loss: str = field("mse", "hidden-state loss: mse or cosine")
+    hidden_layers: tuple[tuple[int, int], ...] = field((), "(student layer, teacher layer) pairs; () = last to last",
+                                                       cli=False)
 
     def __post_init__(self) -> None:
-        for field in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every"):
-            value = getattr(self, field)
-            check(isinstance(value, int) and value >= 1, f"{field} {value!r} must be a positive integer")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                  f"{name} {value!r} must be a positive integer")
         check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps must be >= 0")
         check(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, f"lr {self.lr!r} must be in (0, 1), e.g. 1e-3")
         check(0 <= self.alpha <= 1, f"alpha {self.alpha!r} must be in [0, 1]")
@@ -107,7 +110,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def pruning_masks(model: nn.Module) -> dict[str, Tensor]:
     """Masks (True = kept) of the layers the model's pruning record names."""
-    record = getattr(model.config, "slimlm_sparsity", None) or {}
+    record = getattr(model.config, F.SPARSITY, None) or {}
     masks = {}
     for name in record.get("targets", []):
         try:

@@ -1,23 +1,30 @@
-"""One parameterised decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3), running
-on the engine's preallocated KV cache with per-sequence lengths.
+"""The engine's decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3): one loop over the
+layers (`forward`) that calls a small set of swappable ops.
 
 It reuses the loaded model's own modules (embeddings, norms, linear layers, whether nn.Linear or
 compressed, and the rotary embedding, so every RoPE variant and scaling the model was built with
-applies) and replaces only the attention plumbing: grouped-query attention, optional QK-norm
-(Qwen3), fused q/k/v and gate/up projections (Phi-3), partial rotary dimensions, sliding windows
-and attention biases are flags of `DecoderSpec`, not copies of the code. `decoder_spec` returns
-None (with a reason) for any model it does not cover; callers then use the model's own forward.
+applies) and replaces only the attention plumbing. What differs between architectures (grouped-query
+attention, QK-norm, fused q/k/v and gate/up projections, partial rotary dimensions, sliding windows,
+biases) is a flag of `DecoderSpec` or a choice made once in `build_plan`, not a copy of the code.
+
+The op sets (see `Ops`) are where the three ways of running a step differ:
+  - `torch_ops.TorchOps`: plain PyTorch, any number of tokens (prefill and decode), the oracle;
+  - `graphs.StaticOps`: one token per slot 0..B-1 with fixed shapes, for CUDA graph capture;
+  - `fused.FusedOps`: one token per slot with the glue in C++ (CPU).
+Fusion choices (q/k/v and gate/up through one kernel call) are made once, when the plan is built.
+`decoder_spec` returns None (with a reason) for a model it does not cover; callers then use the
+model's own forward.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimlm.engine.kv_cache import KVCache
+from slimlm.core.layers import context_length, float_dtype, is_compressed
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
@@ -66,109 +73,177 @@ def decoder_spec(model: nn.Module) -> tuple[DecoderSpec | None, str]:
         n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim=head_dim,
         scaling=getattr(attn, "scaling", head_dim**-0.5), fused_qkv=fused_qkv, fused_gate_up=fused_gate_up,
         qk_norm=hasattr(attn, "q_norm"), windows=tuple(_window(model, layer.self_attn) for layer in base.layers),
-        max_positions=getattr(config, "max_position_embeddings", 4096),
+        max_positions=context_length(model) or 4096,
     )
     return spec, ""
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+# --- projections: several outputs from one input, fused where the kernel allows ----------------------
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first cos.shape[-1] dims of x (B, H, T, D) by cos, sin (B, T, R) (Llama's half-split
-    convention); dims beyond R pass through (partial rotary, Phi-3)."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, R)
-    r = cos.shape[-1]
-    if r == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
-    rot, rest = x[..., :r], x[..., r:]
-    return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
+class Projection:
+    """x (M, K) -> several outputs (M, N_j): q/k/v or gate/up. Built once per layer by `projection`."""
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        raise NotImplementedError
 
 
-def attention_mask(positions: Tensor, length: int, window: int | None) -> Tensor:
-    """Boolean mask (B, 1, T, length): query at positions (B, T) sees keys at j <= its position
-    (and j > position - window with a sliding window)."""
-    keys = torch.arange(length, device=positions.device)  # (L,)
-    mask = keys[None, None, :] <= positions[:, :, None]  # (B, T, L)
-    if window is not None:
-        mask &= keys[None, None, :] > positions[:, :, None] - window
-    return mask[:, None]
+@dataclasses.dataclass
+class SplitProjection(Projection):
+    """One linear layer whose output is split (Phi-3's qkv_proj and gate_up_proj)."""
+
+    layer: nn.Module
+    sizes: list[int]
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        return list(self.layer(x).split(self.sizes, dim=-1))
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """Attention of one query per row: q (B, H, 1, D) against k, v (B, Hkv, L, D) with mask
-    (B, 1, 1, L), as two small matmuls with a float32 softmax. At one query CPU SDPA spends ~0.2 ms
-    per call in setup (measured on a 1.1B model, 22 layers: 4.6 ms of a 30 ms step)."""
-    b, h, _, d = q.shape
-    kv_heads, length = k.shape[1], k.shape[2]
-    qg = q.reshape(b, kv_heads, h // kv_heads, d).float()  # (B, Hkv, G, D): query heads sharing a kv head
-    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (B, Hkv, G, L); float32 (CPU bf16 bmm is slow)
-    scores = scores.masked_fill(~mask.reshape(b, 1, 1, length), float("-inf"))
-    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype).reshape(b, h, 1, d)  # (B, H, 1, D)
+@dataclasses.dataclass
+class SeparateProjection(Projection):
+    """One call per layer (float layers, or compressed layers that do not share a kernel)."""
+
+    layers: list[nn.Module]
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        return [layer(x) for layer in self.layers]
 
 
-def _project_qkv(spec: DecoderSpec, attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    b, t, _ = x.shape
+@dataclasses.dataclass
+class KernelProjection(Projection):
+    """Compressed layers sharing one kernel: the kernel's `run_many` serves them from one input in one
+    call where it can (the int4 AVX-512 kernel runs q/k/v in one parallel region)."""
+
+    layers: list[nn.Module]
+    kernel: Any
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        rows = x.reshape(-1, x.shape[-1])  # (M, K)
+        states = [layer.kernel_state(rows)[1] for layer in self.layers]
+        ys = self.kernel.run_many(rows, self.layers, states)  # [(M, N_j)]
+        return [(y + layer.bias.to(y.dtype) if layer.bias is not None else y).reshape(*x.shape[:-1], -1)
+                for layer, y in zip(self.layers, ys)]
+
+
+def projection(layers: list[nn.Module], probe: Tensor) -> Projection:
+    """The fastest way to run `layers` on one input like `probe` (1, K): through their shared kernel
+    when all are compressed layers that picked the same one, else one call each."""
+    if len(layers) > 1 and all(is_compressed(layer) for layer in layers):
+        kernels = [layer.kernel_state(probe)[0] for layer in layers]
+        if all(k is kernels[0] for k in kernels):
+            return KernelProjection(layers, kernels[0])
+    return SeparateProjection(layers)
+
+
+# --- the plan: the model's modules per layer, and the choices made once -------------------------------
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    input_norm: nn.Module
+    post_norm: nn.Module
+    qkv: Projection  # normed hidden -> [q, k, v], (..., H·D), (..., Hkv·D), (..., Hkv·D)
+    q_norm: nn.Module | None  # Qwen3: per-head norms before RoPE
+    k_norm: nn.Module | None
+    o_proj: nn.Module
+    gate_up: Projection  # normed hidden -> [gate, up]
+    down_proj: nn.Module
+    window: int | None
+
+
+def identity(x: Tensor) -> Tensor:
+    return x
+
+
+@dataclasses.dataclass
+class DecoderPlan:
+    spec: DecoderSpec
+    embed: nn.Module
+    rotary: nn.Module
+    layers: list[LayerPlan]
+    norm: nn.Module
+    head: nn.Module
+    dtype: torch.dtype
+    # Sums the partial outputs of row-parallel projections (o_proj, down_proj) across the processes of
+    # a tensor-parallel group: THE one place tensor parallelism adds its all-reduce. Identity on one process.
+    reduce: Callable[[Tensor], Tensor] = identity
+
+
+def build_plan(model: nn.Module, spec: DecoderSpec) -> DecoderPlan:
+    """Gather the modules the loop calls and decide, once, which projections share a kernel call."""
+    base = model.model
+    dtype = float_dtype(model)
+    device = next(model.parameters()).device
+    probe = torch.zeros(1, base.embed_tokens.weight.shape[1], dtype=dtype, device=device)
     d = spec.head_dim
-    if spec.fused_qkv:
-        qkv = attn.qkv_proj(x)
-        q, k, v = qkv.split([spec.n_heads * d, spec.n_kv_heads * d, spec.n_kv_heads * d], dim=-1)
-    else:
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    q, k, v = q.view(b, t, -1, d), k.view(b, t, -1, d), v.view(b, t, -1, d)  # (B, T, H, D)
-    if spec.qk_norm:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    layers = []
+    for layer, window in zip(base.layers, spec.windows):
+        attn, mlp = layer.self_attn, layer.mlp
+        if spec.fused_qkv:
+            qkv = SplitProjection(attn.qkv_proj, [spec.n_heads * d, spec.n_kv_heads * d, spec.n_kv_heads * d])
+        else:
+            qkv = projection([attn.q_proj, attn.k_proj, attn.v_proj], probe)
+        if spec.fused_gate_up:
+            half = mlp.gate_up_proj.out_features // 2
+            gate_up = SplitProjection(mlp.gate_up_proj, [half, half])
+        else:
+            gate_up = projection([mlp.gate_proj, mlp.up_proj], probe)
+        layers.append(LayerPlan(
+            input_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm, qkv=qkv,
+            q_norm=attn.q_norm if spec.qk_norm else None, k_norm=attn.k_norm if spec.qk_norm else None,
+            o_proj=attn.o_proj, gate_up=gate_up, down_proj=mlp.down_proj, window=window))
+    return DecoderPlan(spec, base.embed_tokens, base.rotary_emb, layers, base.norm, model.lm_head, dtype)
 
 
-def _mlp(spec: DecoderSpec, mlp: nn.Module, x: Tensor) -> Tensor:
-    if spec.fused_gate_up:
-        gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
-    else:
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    return mlp.down_proj(F.silu(gate) * up)
+# --- one step: the loop, and what an op set must provide ----------------------------------------------
+
+
+@dataclasses.dataclass
+class Batch:
+    """Tokens ids (B, T) at positions (B, T) of cache slots `rows` (B,), all on the model's device.
+    contiguous: rows are 0..B-1 (the cache is read by slicing); last_only: logits of each row's last
+    token only; fresh: one prompt from position 0 that may attend to its own keys directly."""
+
+    ids: Tensor
+    positions: Tensor
+    rows: Tensor
+    contiguous: bool
+    last_only: bool = True
+    fresh: bool = False
+
+
+class Ops(Protocol):
+    """What one way of running a step provides; tensors' layouts are the op set's own business."""
+
+    def begin(self, plan: DecoderPlan, batch: Batch) -> tuple[Tensor, Any]:
+        """The embedded tokens h and whatever the step shares across layers (RoPE tables, masks)."""
+
+    def add_norm(self, h: Tensor, delta: Tensor | None, norm: nn.Module) -> tuple[Tensor, Tensor]:
+        """(h + delta, norm(h + delta)): the residual add and the next norm."""
+
+    def project_qkv(self, layer: LayerPlan, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of normed hidden states x (QK-norm applied)."""
+
+    def attend(self, index: int, layer: LayerPlan, q: Tensor, k: Tensor, v: Tensor, ctx: Any) -> Tensor:
+        """RoPE on q and k, the KV-cache write of layer `index`, attention; the heads' outputs concatenated."""
+
+    def mlp(self, layer: LayerPlan, x: Tensor) -> Tensor:
+        """down(silu(gate(x)) · up(x))."""
+
+    def logits(self, plan: DecoderPlan, h: Tensor, delta: Tensor, ctx: Any) -> Tensor:
+        """The final residual add, norm and output head."""
 
 
 @torch.no_grad()
-def forward(
-    model: nn.Module, spec: DecoderSpec, ids: Tensor, positions: Tensor, cache: KVCache, rows: Tensor,
-    contiguous_rows: bool, last_only: bool = True, fresh_prompt_fast_path: bool = True,
-) -> Tensor:
-    """Run tokens ids (B, T) at positions (B, T) of cache slots `rows` (B,), appending their keys
-    and values; returns logits (B, V) of each row's last token (or (B, T, V)).
-
-    A fresh single prompt attends to its own keys directly (SDPA's causal kernel);
-    `fresh_prompt_fast_path=False` makes it read them back from the cache like every other call
-    (what measuring a quantized cache needs)."""
-    base = model.model
-    h = base.embed_tokens(ids)  # (B, T, C)
-    cos, sin = base.rotary_emb(h, positions)  # (B, T, R)
-    length = int(positions.max()) + 1
-    full_causal = fresh_prompt_fast_path and ids.shape[0] == 1 and int(positions[0, 0]) == 0
-    masks: dict[int | None, Tensor] = {}
-    for i, layer in enumerate(base.layers):
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        q, k, v = _project_qkv(spec, attn, x)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.write(i, rows, positions, k, v)
-        window = spec.windows[i]
-        if full_causal and (window is None or window >= length):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scaling,
-                                                 enable_gqa=spec.n_kv_heads != spec.n_heads)
-        else:
-            keys, values = cache.read(i, rows, length, contiguous_rows)
-            if window not in masks:
-                masks[window] = attention_mask(positions, length, window)
-            if ids.shape[1] == 1:
-                out = decode_attention(q, keys, values, masks[window], spec.scaling)
-            else:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[window], scale=spec.scaling,
-                                                     enable_gqa=spec.n_kv_heads != spec.n_heads)
-        h = h + attn.o_proj(out.transpose(1, 2).reshape(*ids.shape, -1))
-        h = h + _mlp(spec, layer.mlp, layer.post_attention_layernorm(h))
-    h = base.norm(h[:, -1:] if last_only else h)
-    logits = model.lm_head(h)
-    return logits[:, -1] if last_only else logits
+def forward(plan: DecoderPlan, ops: Ops, batch: Batch) -> Tensor:
+    """Run one step (prefill or decode) with op set `ops`: returns logits (B, V) of each row's last
+    token, or (B, T, V) when `batch.last_only` is False. The cache is written in place."""
+    h, ctx = ops.begin(plan, batch)
+    delta = None
+    for i, layer in enumerate(plan.layers):
+        h, x = ops.add_norm(h, delta, layer.input_norm)
+        q, k, v = ops.project_qkv(layer, x)
+        attended = ops.attend(i, layer, q, k, v, ctx)
+        h, x = ops.add_norm(h, plan.reduce(layer.o_proj(attended)), layer.post_norm)
+        delta = plan.reduce(ops.mlp(layer, x))
+    return ops.logits(plan, h, delta, ctx)

@@ -41,10 +41,15 @@ class KVCache:
         tensors = self.k + self.v + (self.k_scale + self.v_scale if self.quantized else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def check_room(self, length: int) -> None:
+        """Refuse a sequence of `length` tokens where a slot holds fewer (the one bounds check: callers
+        know their lengths on the host, so writes never read positions back from the device)."""
+        if length > self.max_len:
+            raise SlimError(f"sequence of {length} tokens is longer than the KV cache ({self.max_len} tokens per "
+                            "sequence); raise max_len or shorten the prompt")
+
     def write(self, layer: int, rows: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
-        """Store k, v (B, kv_heads, T, D) of slots `rows` (B,) at `positions` (B, T)."""
-        if int(positions.max()) >= self.max_len:
-            raise SlimError(f"sequence longer than the cache ({self.max_len} tokens); raise max_len")
+        """Store k, v (B, kv_heads, T, D) of slots `rows` (B,) at `positions` (B, T) (checked by `check_room`)."""
         b = rows[:, None].expand_as(positions)  # (B, T)
         for store, scales, x in ((self.k, getattr(self, "k_scale", None), k), (self.v, getattr(self, "v_scale", None), v)):
             x = x.transpose(1, 2)  # (B, T, H, D): indexed by (slot, position)
@@ -54,6 +59,18 @@ class KVCache:
                 scales[layer].transpose(1, 2)[b, positions] = scale
             else:
                 store[layer].transpose(1, 2)[b, positions] = x.to(self.dtype)
+
+    def static_index(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Indices (slot, head, position) for `write_static` of slots 0..B-1 at positions (B,), built on
+        the device: nothing syncs with the host, so a step using them can be captured in a CUDA graph."""
+        b, heads = positions.shape[0], self.k[0].shape[1]
+        rows = torch.arange(b, device=positions.device)[:, None]  # (B, 1)
+        return rows, torch.arange(heads, device=positions.device)[None, :], positions[:, None].expand(b, heads)
+
+    def write_static(self, layer: int, index: tuple[Tensor, Tensor, Tensor], k: Tensor, v: Tensor) -> None:
+        """Store one token's k, v (B, kv_heads, 1, D) per slot at `static_index` (unquantized cache only)."""
+        self.k[layer].index_put_(index, k[:, :, 0].to(self.dtype))  # (B, Hkv, D) at each row's position
+        self.v[layer].index_put_(index, v[:, :, 0].to(self.dtype))
 
     def read(self, layer: int, rows: Tensor, length: int, contiguous_rows: bool) -> tuple[Tensor, Tensor]:
         """Keys and values (B, kv_heads, length, D) of slots `rows` in the compute dtype."""

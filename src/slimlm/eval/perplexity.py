@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.core.errors import SlimError
+from slimlm.core.layers import context_length
 from slimlm.eval.metrics import kl_divergence, token_nll, top1_agreement
 
 
@@ -48,8 +49,9 @@ def window_spans(n_tokens: int, max_length: int, stride: int) -> list[tuple[int,
     return spans
 
 
-def context_length(model: nn.Module, requested: int | None) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or 2048
+def window_length(model: nn.Module, requested: int | None) -> int:
+    """The perplexity window: `requested` checked against the model's context, else min(context, 512)."""
+    limit = context_length(model) or 2048
     if requested is None:
         return min(limit, 512)
     if requested < 2 or requested > limit:
@@ -67,7 +69,7 @@ def evaluate_quality(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> QualityResult:
     """Perplexity of `model` on ids (T,), and KL / top-1 agreement against `reference` if given."""
-    max_length = context_length(model, max_length)
+    max_length = window_length(model, max_length)
     stride = stride or max_length
     if not 1 <= stride <= max_length:
         raise SlimError(f"stride {stride} must be between 1 and the window length {max_length}")

@@ -30,3 +30,14 @@ def plot_report(report, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def try_plot_report(report, path: Path) -> None:
+    """Write the report's plot when matplotlib (the `report` extra) is installed; log a hint otherwise."""
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("matplotlib") is None:
+        logging.getLogger(__name__).warning("no %s: pip install 'slimlm[report]' (matplotlib) for plots", path.name)
+        return
+    plot_report(report, path)

@@ -6,12 +6,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from slimlm.core.targeting import is_linear, output_head_name
-
-
-def _compressed(module: nn.Module) -> bool:
-    """A compressed linear layer (QuantizedLinear, W8A8Linear, ...): it knows its own size and scheme."""
-    return hasattr(module, "slimlm_kind")
+from slimlm.core.layers import is_compressed, is_linear, output_head_name, weight_matrix
 
 
 def _persistent_tensors(model: nn.Module):
@@ -30,7 +25,7 @@ def parameter_count(model: nn.Module) -> int:
     total = 0
     seen = set()
     for module in model.modules():
-        if _compressed(module):
+        if is_compressed(module):
             total += module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
         else:
             for p in module.parameters(recurse=False):
@@ -64,7 +59,7 @@ def measure_size(model: nn.Module) -> SizeResult:
     for name, module in model.named_modules():
         if name == head:
             continue
-        if _compressed(module):
+        if is_compressed(module):
             lin_bits += 8 * module.storage_bytes()
             lin_count += module.in_features * module.out_features
         elif is_linear(module):
@@ -77,12 +72,11 @@ def describe_layers(model: nn.Module) -> list[dict]:
     """One row per linear layer: name, shape, scheme, bytes (what `slimlm inspect` prints)."""
     rows = []
     for name, module in model.named_modules():
-        if _compressed(module):
+        if is_compressed(module):
             rows.append(dict(name=name, shape=[module.out_features, module.in_features], scheme=module.scheme.label(),
                              bytes=module.storage_bytes(), kernel=module.kernel))
         elif is_linear(module) and name:
-            w = module.weight
-            shape = [w.shape[1], w.shape[0]] if type(module).__name__ == "Conv1D" else list(w.shape)
-            rows.append(dict(name=name, shape=shape, scheme=str(w.dtype).removeprefix("torch."),
+            w = weight_matrix(module)
+            rows.append(dict(name=name, shape=list(w.shape), scheme=str(w.dtype).removeprefix("torch."),
                              bytes=sum(p.numel() * p.element_size() for p in module.parameters(recurse=False)), kernel=None))
     return rows

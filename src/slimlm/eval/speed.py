@@ -11,30 +11,36 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 
 import torch
 from torch import nn
 
+from slimlm.core.config import Config, field
 from slimlm.core.errors import SlimError
+from slimlm.core.layers import context_length
 from slimlm.engine.engine import Engine
 from slimlm.engine.generate import decode_step, prefill
 from slimlm.eval.memory import PeakMemory
 from slimlm.eval.size import weight_bytes
 
 
-@dataclass
-class BenchSettings:
-    prompt_tokens: int = 128
-    new_tokens: int = 64
-    batch_sizes: tuple[int, ...] = (1, 4)
-    repeats: int = 3
-    warmup: int = 1
-    seed: int = 0
-    engine: bool | None = None  # None: slimlm's engine when it supports the model
-    kv_dtype: str = "auto"
+@dataclass(frozen=True)
+class BenchSettings(Config):
+    name = "bench"
+    prompt_tokens: int = field(128, "prompt tokens (time to first token and prefill speed)")
+    new_tokens: int = field(64, "tokens generated per decode run")
+    batch_sizes: tuple[int, ...] = field((1, 4), "decode batch sizes, e.g. 1,4,8")
+    repeats: int = field(3, "timed runs per figure (the median is reported)")
+    warmup: int = field(1, "untimed runs first")
+    seed: int = field(0, "seed of the random prompts")
+    engine: bool | None = field(None, "time slimlm's engine (default: when it supports the model; --no-engine "
+                                      "times the model's own forward)")
+    kv_dtype: str = field("auto", "engine KV cache storage: auto or int8")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
         if self.prompt_tokens < 1 or self.new_tokens < 2:
             raise SlimError("benchmark needs at least 1 prompt token and 2 new tokens; raise --prompt-tokens/--new-tokens")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -47,12 +53,13 @@ class BenchSettings:
 class SpeedResult:
     ttft_ms: float  # batch 1: prompt in, first token out
     prefill_tps: float  # batch 1 prompt tokens per second
-    decode_tps: dict[int, float] = field(default_factory=dict)  # batch size -> generated tokens/s
+    decode_tps: dict[int, float] = dataclass_field(default_factory=dict)  # batch size -> generated tokens/s
     decode_gbps: float = 0.0  # achieved weight-read bandwidth at batch 1
     peak_memory_bytes: int = 0  # peak increase over the loaded model while benchmarking
     runtime: str = "engine"  # "engine" (slimlm) or "transformers" (the model's own forward)
+    decode_ops: str = ""  # the engine's decode op set: "fused", "torch" or "cuda-graphs"
     bandwidth_gbps: float = 0.0  # the machine's measured read bandwidth (0: not measured)
-    settings: dict = field(default_factory=dict)
+    settings: dict = dataclass_field(default_factory=dict)
 
     @property
     def bandwidth_share(self) -> float:
@@ -91,7 +98,7 @@ class _Runner:
                  fused_step: bool | None = None) -> None:
         self.model, self.cache = model, None
         self.engine = Engine(model, slots=batch, max_len=max_len, kv_dtype=kv_dtype, fused_step=fused_step) if engine else None
-        self.slots = torch.arange(batch, device=next(model.parameters()).device)
+        self.slots = torch.arange(batch)
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         if self.engine is not None:
@@ -145,7 +152,7 @@ def measure_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
 def measure_speed(model: nn.Module, settings: BenchSettings = BenchSettings(), vocab_size: int | None = None) -> SpeedResult:
     device = next(model.parameters()).device
     vocab = vocab_size or model.config.vocab_size
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
+    limit = context_length(model) or 2048
     if settings.prompt_tokens + settings.new_tokens > limit:
         raise SlimError(
             f"prompt {settings.prompt_tokens} + new {settings.new_tokens} tokens exceed the model's context {limit}; lower them"
@@ -183,6 +190,7 @@ def measure_speed(model: nn.Module, settings: BenchSettings = BenchSettings(), v
         decode_gbps=decode_bytes_per_step(model) * step_rate / 1e9,
         peak_memory_bytes=mem.peak_bytes,
         runtime="engine" if use_engine else "transformers",
+        decode_ops=r1.engine.decode_ops if r1.engine is not None else "",
         bandwidth_gbps=measure_bandwidth() if device.type == "cpu" else 0.0,
         settings=asdict(settings),
     )

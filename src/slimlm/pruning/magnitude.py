@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from slimlm.pruning.config import PruneConfig
-from slimlm.pruning.methods import PRUNERS, Pruner
-from slimlm.pruning.unstructured import layer_weight, prune_by_scores_
+from slimlm.pruning.config import MagnitudeConfig, PruneConfig, RandomConfig
+from slimlm.pruning.unstructured import prunable_weight, prune_by_scores_, unstructured_step
 
 
 def magnitude_scores(w: Tensor) -> Tensor:
@@ -25,18 +24,16 @@ def random_scores(w: Tensor, generator: torch.Generator) -> Tensor:
     return torch.rand(w.shape, generator=generator)  # (N, K)
 
 
-def magnitude_prune_(model: nn.Module, config: PruneConfig, samples=None, on_block=None) -> nn.Module:
-    layers = config.targets(model)
-    prune_by_scores_(layers, {n: magnitude_scores(layer_weight(m)) for n, m in layers.items()}, config, "layer")
-    return model
+def magnitude_prune_(model: nn.Module, layers: dict[str, nn.Module], config: PruneConfig, samples=None,
+                     on_block=None) -> None:
+    prune_by_scores_(layers, {n: magnitude_scores(prunable_weight(m)) for n, m in layers.items()}, config)
 
 
-def random_prune_(model: nn.Module, config: PruneConfig, samples=None, on_block=None) -> nn.Module:
-    layers = config.targets(model)
+def random_prune_(model: nn.Module, layers: dict[str, nn.Module], config: PruneConfig, samples=None,
+                  on_block=None) -> None:
     gen = torch.Generator().manual_seed(config.seed)
-    prune_by_scores_(layers, {n: random_scores(layer_weight(m), gen) for n, m in layers.items()}, config, "layer")
-    return model
+    prune_by_scores_(layers, {n: random_scores(prunable_weight(m), gen) for n, m in layers.items()}, config)
 
 
-PRUNERS.register("magnitude")(Pruner(PruneConfig, magnitude_prune_))
-PRUNERS.register("random")(Pruner(PruneConfig, random_prune_))
+MAGNITUDE = unstructured_step(MagnitudeConfig, magnitude_prune_, False, "the smallest weights by |w|")
+RANDOM = unstructured_step(RandomConfig, random_prune_, False, "random weights (the baseline)")

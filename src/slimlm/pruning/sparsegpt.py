@@ -1,5 +1,5 @@
 """SparseGPT as a calibrated step: each layer's Hessian from its calibration inputs (shared with
-GPTQ, `quant/hessian.py`), then `sparsegpt_solver.sparsegpt_prune` (arXiv 2301.00774)."""
+GPTQ, `core/hessian.py`), then `sparsegpt_solver.sparsegpt_prune` (arXiv 2301.00774)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.core.calibrate import run_blockwise
-from slimlm.pruning.config import PruneConfig
-from slimlm.pruning.methods import PRUNERS, Pruner
+from slimlm.core.hessian import HessianObserver
+from slimlm.pruning.config import PruneConfig, SparseGPTConfig
 from slimlm.pruning.sparsegpt_solver import sparsegpt_prune
-from slimlm.pruning.unstructured import layer_weight
-from slimlm.quant.hessian import HessianObserver
+from slimlm.pruning.unstructured import prunable_weight, unstructured_step
 
 
 class SparseGPTStep(HessianObserver):
@@ -22,15 +21,17 @@ class SparseGPTStep(HessianObserver):
     @torch.no_grad()
     def compress(self, name: str, module: nn.Module) -> None:
         h = self.pop_hessian(name)
-        w = layer_weight(module)
+        w = prunable_weight(module)
         c = self.config
         pruned = sparsegpt_prune(w.cpu(), h.cpu(), c.target_sparsity, c.nm, c.block_size, c.damp)
         w.copy_(pruned.to(w.dtype))
         return None
 
 
-def sparsegpt_prune_(model: nn.Module, config: PruneConfig, samples: Tensor, on_block=None) -> nn.Module:
-    return run_blockwise(model, samples, config.targets(model), SparseGPTStep(config), config.batch_size, on_block)
+def sparsegpt_prune_(model: nn.Module, layers: dict[str, nn.Module], config: PruneConfig, samples: Tensor,
+                     on_block=None) -> None:
+    run_blockwise(model, samples, layers, SparseGPTStep(config), config.batch_size, on_block)
 
 
-PRUNERS.register("sparsegpt")(Pruner(PruneConfig, sparsegpt_prune_, calibrated=True))
+SPARSEGPT = unstructured_step(SparseGPTConfig, sparsegpt_prune_, True,
+                              "SparseGPT: prune and reconstruct with the inverse Hessian (arXiv 2301.00774)")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from slimlm.quant.gptq_solver import inverse_hessian_factor_
+from slimlm.core.hessian import inverse_hessian_factor_
 
 
 def sparsegpt_prune(w: Tensor, h: Tensor, sparsity: float, nm: tuple[int, int] | None = None, block_size: int = 128,

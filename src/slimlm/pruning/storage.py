@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from slimlm.core.model_io import STATE_DECODERS
+from slimlm.core import format as F
 
 SUFFIXES = (".bitmask", ".values")
 
@@ -42,7 +42,7 @@ def unpack_bitmask(bitmask: Tensor, values: Tensor, k: int) -> Tensor:
 def encode_sparse_(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Replace the dense weights of the pruned layers named in config.slimlm_sparsity by bitmask +
     values, where that is smaller; in place on the state dict about to be written."""
-    record = getattr(model.config, "slimlm_sparsity", None) or {}
+    record = getattr(model.config, F.SPARSITY, None) or {}
     stored = []
     for layer in record.get("targets", []):
         key = f"{layer}.weight"
@@ -69,5 +69,3 @@ def decode_sparse_(raw: dict, state: dict[str, Tensor]) -> None:
         shape = state.pop(base + ".shape").tolist()
         state[base] = unpack_bitmask(state.pop(key), state.pop(base + ".values"), shape[1]).view(shape)
 
-
-STATE_DECODERS.register("bitmask")(decode_sparse_)

@@ -30,11 +30,13 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from slimlm.core.calibrate import find_blocks
-from slimlm.core.config import Config, check
+from slimlm.core import format as F
+from slimlm.core.calibrate import CalibrationFields
+from slimlm.core.config import Config, check, field
 from slimlm.core.errors import SlimError
-from slimlm.pruning.methods import PRUNERS, Pruner
-from slimlm.quant.calibration import CalibrationFields
+from slimlm.core.layers import find_blocks, keep_blocks_
+from slimlm.core.steps import Step
+from slimlm.pruning.gradients import weight_gradient_products
 
 IMPORTANCE = ("magnitude", "activation", "gradient")
 
@@ -44,16 +46,45 @@ class StructuredConfig(CalibrationFields, Config):
     """sparsity: the fraction of heads / channels / blocks removed (rounded to whole units)."""
 
     name = "structured"
-    sparsity: float = 0.25
-    importance: str = "magnitude"
-    scope: str = "layer"  # channels: 'global' ranks all layers' channels together (layers end up different sizes)
+    sparsity: float = field(0.25, "fraction of the heads / channels / blocks removed (rounded to whole units)")
+    importance: str = field("magnitude", "how heads and channels are ranked: magnitude, activation or gradient "
+                                         "(blocks use Block Influence)")
+    scope: str = field("layer", "channels: 'global' ranks all layers' channels together (layers end up different sizes)")
 
     def __post_init__(self) -> None:
         CalibrationFields.__post_init__(self)
         check(self.scope in ("layer", "global"), f"scope '{self.scope}' must be layer or global")
-        check(isinstance(self.sparsity, (int, float)) and 0 < self.sparsity < 1,
+        check(isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool) and 0 < self.sparsity < 1,
               f"sparsity {self.sparsity!r} must be in (0, 1), e.g. 0.25")
         check(self.importance in IMPORTANCE, f"importance '{self.importance}' must be one of {', '.join(IMPORTANCE)}")
+
+    def describe(self) -> str:
+        return f"{self.name} {self.sparsity:.0%}"
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsConfig(StructuredConfig):
+    name = "heads"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.scope == "layer", "heads are removed evenly from every layer; scope 'global' applies to channels")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelsConfig(StructuredConfig):
+    name = "channels"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlocksConfig(StructuredConfig):
+    name = "blocks"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.scope == "layer", "scope 'global' applies to channels, not blocks")
+        check(self.importance in ("magnitude", "activation"),
+              "blocks are ranked by how much they change their input (Block Influence); importance 'gradient' does not apply")
 
 
 def _layout(model: nn.Module) -> nn.ModuleList:
@@ -113,30 +144,6 @@ def _run_with_hooks(model: nn.Module, samples: Tensor, batch_size: int, hooks: l
             h.remove()
 
 
-def _gradients(model: nn.Module, samples: Tensor, params: list[nn.Parameter], batch_size: int) -> list[Tensor]:
-    """Σ_batches w ⊙ ∂L/∂w for each of `params` (signed; callers sum over a unit, then take |.|)."""
-    was = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    totals = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    device = next(model.parameters()).device
-    try:
-        for batch in samples.split(batch_size):
-            batch = batch.to(device)
-            with torch.enable_grad():
-                model(input_ids=batch, labels=batch).loss.backward()
-            with torch.no_grad():
-                for total, p in zip(totals, params):
-                    total += p.detach().float() * p.grad.float()
-                    p.grad = None
-    finally:
-        for p, flag in was.items():
-            p.requires_grad_(flag)
-    return totals
-
-
 def channel_scores(model: nn.Module, config: StructuredConfig, samples: Tensor | None) -> list[Tensor]:
     blocks = _layout(model)
     mlps = [b.mlp for b in blocks]
@@ -148,7 +155,7 @@ def channel_scores(model: nn.Module, config: StructuredConfig, samples: Tensor |
                          lambda x: x.norm(dim=0))  # (I,): ‖h_c‖ over the batch's tokens
         return [norms[str(i)] * m.down_proj.weight.float().norm(dim=0) for i, m in enumerate(mlps)]
     params = [p for m in mlps for p in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)]
-    g = _gradients(model, samples, params, config.batch_size)
+    g = weight_gradient_products(model, samples, params, config.batch_size)
     return [(g[3 * i].sum(1) + g[3 * i + 1].sum(1) + g[3 * i + 2].sum(0)).abs() for i in range(len(mlps))]
 
 
@@ -180,9 +187,9 @@ def prune_channels_(model: nn.Module, config: StructuredConfig, samples: Tensor 
         model.config.intermediate_size = sizes.pop()
     else:  # one config cannot say it: record each layer's shapes, which slimlm.load restores
         path, _ = find_blocks(model)
-        model.config.slimlm_module_shapes = {
+        setattr(model.config, F.MODULE_SHAPES, F.shapes_block({
             f"{path}.{i}.mlp.{proj}": list(getattr(b.mlp, proj).weight.shape)
-            for i, b in enumerate(blocks) for proj in ("gate_proj", "up_proj", "down_proj")}
+            for i, b in enumerate(blocks) for proj in ("gate_proj", "up_proj", "down_proj")}))
     return model
 
 
@@ -212,14 +219,13 @@ def head_scores(model: nn.Module, config: StructuredConfig, samples: Tensor | No
                          lambda x: x.view(x.shape[0], heads, d).pow(2).sum((0, 2)).sqrt())
         return [norms[str(i)] * per_head_cols(a.o_proj.weight) for i, a in enumerate(attns)]
     params = [p for a in attns for p in (a.q_proj.weight, a.o_proj.weight)]
-    g = _gradients(model, samples, params, config.batch_size)
+    g = weight_gradient_products(model, samples, params, config.batch_size)
     return [(g[2 * i].view(heads, d, -1).sum((1, 2)) + g[2 * i + 1].view(-1, heads, d).sum((0, 2))).abs()
             for i in range(len(attns))]
 
 
 @torch.no_grad()
 def prune_heads_(model: nn.Module, config: StructuredConfig, samples: Tensor | None = None, on_block=None) -> nn.Module:
-    check(config.scope == "layer", "heads are removed evenly from every layer; scope 'global' applies to channels")
     heads, kv, d = _head_geometry(model)
     group = heads // kv
     scores = head_scores(model, config, samples)
@@ -278,37 +284,30 @@ def block_influence(model: nn.Module, samples: Tensor, batch_size: int = 1) -> T
 
 @torch.no_grad()
 def prune_blocks_(model: nn.Module, config: StructuredConfig, samples: Tensor | None = None, on_block=None) -> nn.Module:
-    check(config.scope == "layer", "scope 'global' applies to channels, not blocks")
     path, blocks = find_blocks(model)
     remove = int(round(len(blocks) * config.sparsity))
     check(0 < remove < len(blocks), f"removing {config.sparsity:.0%} of {len(blocks)} blocks removes none or all")
-    check(config.importance in ("magnitude", "activation"),
-          "blocks are ranked by how much they change their input (Block Influence); importance 'gradient' does not apply")
     kept = _keep(block_influence(model, samples, config.batch_size), remove).tolist()
     return keep_blocks_(model, kept)
-
-
-def keep_blocks_(model: nn.Module, kept: list[int]) -> nn.Module:
-    """Keep only the transformer blocks `kept` (in that order), renumbered, with the config to match."""
-    path, blocks = find_blocks(model)
-    parent_name, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, nn.ModuleList([blocks[i] for i in kept]))
-    for new_index, block in enumerate(getattr(parent, child)):
-        for module in block.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_index  # the KV cache is indexed by it
-    c = model.config
-    c.num_hidden_layers = len(kept)
-    if getattr(c, "layer_types", None):
-        c.layer_types = [c.layer_types[i] for i in kept]
-    return model
 
 
 def _needs_data(config: StructuredConfig) -> bool:
     return config.importance != "magnitude"
 
 
-PRUNERS.register("channels")(Pruner(StructuredConfig, prune_channels_, calibrated=_needs_data, structured=True))
-PRUNERS.register("heads")(Pruner(StructuredConfig, prune_heads_, calibrated=_needs_data, structured=True))
-PRUNERS.register("blocks")(Pruner(StructuredConfig, prune_blocks_, calibrated=True, structured=True))
+def structured_step(config_cls: type[StructuredConfig], prune, calibrated, summary: str) -> Step:
+    """A step that shrinks the model with `prune` and records how the units were chosen on model.config."""
+
+    def apply(model: nn.Module, config: StructuredConfig, samples: Tensor | None = None, on_block=None) -> nn.Module:
+        prune(model, config, samples, on_block)
+        setattr(model.config, F.STRUCTURED, {"version": F.STRUCTURED_VERSION, "method": config.name,
+                                             "sparsity": config.sparsity, "importance": config.importance})
+        return model
+
+    return Step(config_cls, apply, "prune", calibrated=calibrated, summary=summary)
+
+
+CHANNELS = structured_step(ChannelsConfig, prune_channels_, _needs_data, "remove MLP channels (the model shrinks)")
+HEADS = structured_step(HeadsConfig, prune_heads_, _needs_data, "remove attention heads (the model shrinks)")
+BLOCKS = structured_step(BlocksConfig, prune_blocks_, True,
+                         "remove whole blocks by Block Influence (ShortGPT, arXiv 2403.03853)")

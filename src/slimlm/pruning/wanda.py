@@ -14,9 +14,8 @@ from torch import Tensor, nn
 
 from slimlm.core.calibrate import run_blockwise
 from slimlm.pruning import masks as M
-from slimlm.pruning.config import PruneConfig
-from slimlm.pruning.methods import PRUNERS, Pruner
-from slimlm.pruning.unstructured import layer_weight, mask_for
+from slimlm.pruning.config import PruneConfig, WandaConfig
+from slimlm.pruning.unstructured import mask_for, prunable_weight, unstructured_step
 
 
 def wanda_scores(w: Tensor, input_sq_norm: Tensor) -> Tensor:
@@ -35,17 +34,14 @@ class WandaStep:
 
     @torch.no_grad()
     def compress(self, name: str, module: nn.Module) -> None:
-        w = layer_weight(module)
-        M.apply_mask_(w, mask_for(wanda_scores(w, self.norms.pop(name).to(w.device)), self.config, "row"))
+        w = prunable_weight(module)
+        M.apply_mask_(w, mask_for(wanda_scores(w, self.norms.pop(name).to(w.device)), self.config))
         return None
 
 
-def wanda_prune_(model: nn.Module, config: PruneConfig, samples: Tensor, on_block=None) -> nn.Module:
-    if config.scope == "global" and not config.nm:
-        from slimlm.core.errors import SlimError
-
-        raise SlimError("wanda compares weights within a row or a layer, not globally; use scope row or layer")
-    return run_blockwise(model, samples, config.targets(model), WandaStep(config), config.batch_size, on_block)
+def wanda_prune_(model: nn.Module, layers: dict[str, nn.Module], config: PruneConfig, samples: Tensor,
+                 on_block=None) -> None:
+    run_blockwise(model, samples, layers, WandaStep(config), config.batch_size, on_block)
 
 
-PRUNERS.register("wanda")(Pruner(PruneConfig, wanda_prune_, calibrated=True))
+WANDA = unstructured_step(WandaConfig, wanda_prune_, True, "Wanda: |W|·‖X‖ per output row (arXiv 2306.11695)")

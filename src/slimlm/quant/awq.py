@@ -17,14 +17,14 @@ from fnmatch import fnmatchcase
 import torch
 from torch import Tensor, nn
 
-from slimlm.core.calibrate import replay_observing, run_blockwise
-from slimlm.core.config import check
+from slimlm.core.calibrate import CalibrationFields, replay_observing, run_blockwise
+from slimlm.core.config import check, field
+from slimlm.core.layers import weight_matrix
+from slimlm.core.steps import Step
+from slimlm.core.targeting import as_globs
 from slimlm.quant import primitives as P
 from slimlm.quant.awq_math import search_clip, search_scales
-from slimlm.quant.calibration import CalibrationFields
-from slimlm.quant.gptq import layer_weight
 from slimlm.quant.linear import QuantizedLinear, check_finite_weight
-from slimlm.quant.methods import METHODS, Method
 from slimlm.quant.rtn import RTNConfig
 from slimlm.quant.smoothing import find_scale_groups, fold_scales_
 
@@ -43,21 +43,21 @@ class AWQConfig(CalibrationFields, RTNConfig):
     max_tokens / clip_tokens: how many calibration tokens score the scale and clipping candidates."""
 
     name = "awq"
-    grid: int = 20
-    duo_scaling: bool = True
-    clip: bool = True
-    clip_grid: int = 20
-    max_shrink: float = 0.5
-    clip_skip: tuple[str, ...] = ()
-    max_tokens: int = 4096
-    clip_tokens: int = 512
-    quantize: bool = True  # False: only search and fold the scales, leaving float layers for a later step (e.g. gptq)
+    grid: int = field(20, "AWQ: exponents tried in the scale search")
+    duo_scaling: bool = field(True, "AWQ: divide the scales by the weight magnitude too (the released code's default)")
+    clip: bool = field(True, "AWQ: search each group's clipping range")
+    clip_grid: int = field(20, "AWQ: shrink factors tried in the clipping search")
+    max_shrink: float = field(0.5, "AWQ: the most the clipping search shrinks a range, in [0, 1)")
+    clip_skip: tuple[str, ...] = field((), "AWQ: name globs of layers that skip the clipping search (repeatable)")
+    max_tokens: int = field(4096, "AWQ: calibration tokens that score the scale candidates")
+    clip_tokens: int = field(512, "AWQ: calibration tokens that score the clipping candidates")
+    quantize: bool = field(True, "AWQ: quantize after folding the scales (false leaves float layers for a later "
+                                 "step, e.g. gptq)")
 
     def __post_init__(self) -> None:
         RTNConfig.__post_init__(self)
         CalibrationFields.__post_init__(self)
-        if isinstance(self.clip_skip, (str, list)):
-            object.__setattr__(self, "clip_skip", (self.clip_skip,) if isinstance(self.clip_skip, str) else tuple(self.clip_skip))
+        object.__setattr__(self, "clip_skip", as_globs(self.clip_skip, "clip_skip"))
         for field in ("grid", "clip_grid", "max_tokens", "clip_tokens"):
             value = getattr(self, field)
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{field} {value!r} must be a positive integer")
@@ -108,7 +108,7 @@ class AWQStep:
             layers = [modules[n] for n in g.layers]
             for n, m in zip(g.layers, layers):
                 check_finite_weight(n, m.weight)
-            weights = [layer_weight(m).cpu() for m in layers]
+            weights = [weight_matrix(m).cpu() for m in layers]
             sample = samples.pop(g.producer)
             scheme = c.scheme_for(g.layers[0])  # layers sharing an input share a scheme in any sane override
             s, error, rtn_error, alpha = search_scales(sample.tokens(), weights, sample.mean_abs(), scheme, c.grid, c.duo_scaling)
@@ -130,7 +130,7 @@ class AWQStep:
             return None
         scheme = c.scheme_for(name)
         check_finite_weight(name, module.weight)
-        w = layer_weight(module).float().cpu()  # (N, K), already scaled
+        w = weight_matrix(module).float().cpu()  # (N, K), already scaled
         sample = self.clip_samples.pop(name, None)
         if sample is not None:
             scale, zero = search_clip(w, sample.tokens(), scheme, c.clip_grid, c.max_shrink)
@@ -144,4 +144,5 @@ def awq_quantize_(model: nn.Module, config: AWQConfig, samples: Tensor, on_block
     return run_blockwise(model, samples, config.targets(model), AWQStep(config), config.batch_size, on_block)
 
 
-METHODS.register("awq")(Method(AWQConfig, awq_quantize_, calibrated=True))
+AWQ = Step(AWQConfig, awq_quantize_, "quantize", calibrated=True,
+           summary="AWQ: activation-aware scales folded into the producers, then a clipping search (arXiv 2306.00978)")

@@ -7,8 +7,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from slimlm.core.config import Config, check
-from slimlm.quant.methods import METHODS, Method
+from slimlm.core.config import Config, check, field
+from slimlm.core.layers import is_compressed
+from slimlm.core.steps import Step
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -16,13 +17,16 @@ FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 @dataclasses.dataclass(frozen=True)
 class CastConfig(Config):
     name = "cast"
-    dtype: str = "bfloat16"
+    dtype: str = field("bfloat16", "float dtype of the weights: float32, bfloat16 or float16")
 
     def __post_init__(self) -> None:
         check(self.dtype in FLOAT_DTYPES, f"dtype '{self.dtype}' is not supported; use one of {', '.join(FLOAT_DTYPES)}")
 
+    def describe(self) -> str:
+        return self.dtype
 
-def cast_(model: nn.Module, config: CastConfig) -> nn.Module:
+
+def cast_(model: nn.Module, config: CastConfig, samples=None, on_block=None) -> nn.Module:
     """Cast the model's floating-point weights in place; returns the model.
 
     Unlike `model.to(dtype)`, non-persistent buffers (RoPE frequency tables) stay in float32, as
@@ -35,10 +39,10 @@ def cast_(model: nn.Module, config: CastConfig) -> nn.Module:
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
         for name, b in module.named_buffers(recurse=False):
-            keep = name in module._non_persistent_buffers_set or (hasattr(module, "slimlm_kind") and name == "scale")
+            keep = name in module._non_persistent_buffers_set or (is_compressed(module) and name == "scale")
             if b.is_floating_point() and not keep:
                 setattr(module, name, b.to(dtype))
-        if hasattr(module, "slimlm_kind"):  # a compressed layer: codes and scales keep their precision
+        if is_compressed(module):  # a compressed layer: codes and scales keep their precision
             module.compute_dtype = dtype
             module.set_kernel_(module.kernel_name)
     if hasattr(model, "config"):
@@ -46,4 +50,4 @@ def cast_(model: nn.Module, config: CastConfig) -> nn.Module:
     return model
 
 
-METHODS.register("cast")(Method(CastConfig, cast_))
+CAST = Step(CastConfig, cast_, "quantize", summary="cast the weights to float16/bfloat16")

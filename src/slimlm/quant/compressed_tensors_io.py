@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from slimlm.core.errors import SlimError
 from slimlm.core.files import read_safetensors
-from slimlm.core.model_io import FOREIGN_FORMATS, assign_state_, float_dtype, params_on_meta
-from slimlm.core.targeting import is_linear, output_head_name, replace_module_
+from slimlm.core.layers import float_dtype, is_compressed, is_linear, output_head_name, replace_module_
+from slimlm.core.model_io import assign_state_, params_on_meta
 from slimlm.quant import primitives as P
 from slimlm.quant.linear import QuantizedLinear
 from slimlm.quant.scheme import SCALE_DTYPES, QuantScheme
@@ -77,7 +77,7 @@ def _linear_slots(model: nn.Module) -> dict[str, bool]:
 def export_reason(model: nn.Module) -> str | None:
     """Why the model cannot be saved as compressed-tensors, or None if it can."""
     dtype = float_dtype(model)
-    quantized = [(n, m) for n, m in model.named_modules() if hasattr(m, "slimlm_kind")]
+    quantized = [(n, m) for n, m in model.named_modules() if is_compressed(m)]
     if not quantized:
         return "it has no quantized layers"
     slots = None
@@ -214,5 +214,3 @@ def load_compressed_tensors(path, raw: dict[str, Any], qblock: dict[str, Any], d
     assign_state_(model, state, path)
     return model
 
-
-FOREIGN_FORMATS.register(QUANT_METHOD)(load_compressed_tensors)

@@ -7,14 +7,13 @@ import dataclasses
 
 from torch import Tensor, nn
 
-from slimlm.core.calibrate import run_blockwise
-from slimlm.core.config import check
-from slimlm.core.targeting import is_conv1d
-from slimlm.quant.calibration import CalibrationFields
+from slimlm.core.calibrate import CalibrationFields, run_blockwise
+from slimlm.core.config import check, field
+from slimlm.core.hessian import HessianObserver
+from slimlm.core.layers import weight_matrix
+from slimlm.core.steps import Step
 from slimlm.quant.gptq_solver import gptq_quantize
-from slimlm.quant.hessian import HessianObserver
 from slimlm.quant.linear import QuantizedLinear, check_finite_weight
-from slimlm.quant.methods import METHODS, Method
 from slimlm.quant.rtn import RTNConfig
 
 
@@ -27,11 +26,12 @@ class GPTQConfig(CalibrationFields, RTNConfig):
     closing 35% to 51% of RTN's perplexity gap (benchmarks/quantization_quality.py)."""
 
     name = "gptq"
-    block_size: int = 128
-    damp: float = 0.01
-    act_order: bool = True  # free at run time: static groups keep the original column order
-    clip_search: bool = True  # MSE range search per group (GPTQ reference quantizer's mse=True)
-    true_sequential: bool = True  # later layers of a block see the earlier ones already quantized
+    block_size: int = field(128, "GPTQ: columns per lazy-update block")
+    damp: float = field(0.01, "GPTQ: Hessian dampening, a fraction of mean(diag H)")
+    act_order: bool = field(True, "GPTQ: quantize columns by decreasing H_ii (free at run time: static groups "
+                                  "keep the original column order)")
+    clip_search: bool = field(True, "GPTQ: MSE search of each group's range (the reference quantizer's mse=True)")
+    true_sequential: bool = field(True, "GPTQ: later layers of a block see the earlier ones already quantized")
 
     def __post_init__(self) -> None:
         RTNConfig.__post_init__(self)
@@ -41,12 +41,6 @@ class GPTQConfig(CalibrationFields, RTNConfig):
         check(isinstance(self.act_order, bool), f"act_order must be true or false, got {self.act_order!r}")
         check(isinstance(self.clip_search, bool), f"clip_search must be true or false, got {self.clip_search!r}")
         check(isinstance(self.true_sequential, bool), f"true_sequential must be true or false, got {self.true_sequential!r}")
-
-
-def layer_weight(module: nn.Module) -> Tensor:
-    """(N, K) weight of a Linear or Conv1D."""
-    w = module.weight.detach()
-    return w.t() if is_conv1d(module) else w
 
 
 class GPTQStep(HessianObserver):
@@ -59,7 +53,7 @@ class GPTQStep(HessianObserver):
         check_finite_weight(name, module.weight)
         c = self.config
         scheme = c.scheme_for(name)
-        codes, scale, zero = gptq_quantize(layer_weight(module).cpu(), h.cpu(), scheme, c.block_size, c.damp, c.act_order,
+        codes, scale, zero = gptq_quantize(weight_matrix(module).cpu(), h.cpu(), scheme, c.block_size, c.damp, c.act_order,
                                           c.clip_search)
         return QuantizedLinear.from_codes(codes, scale, zero, module, scheme)
 
@@ -70,4 +64,5 @@ def gptq_quantize_(model: nn.Module, config: GPTQConfig, samples: Tensor, on_blo
                          sequential=config.true_sequential)
 
 
-METHODS.register("gptq")(Method(GPTQConfig, gptq_quantize_, calibrated=True))
+GPTQ = Step(GPTQConfig, gptq_quantize_, "quantize", calibrated=True,
+            summary="GPTQ: second-order error compensation column by column (arXiv 2210.17323)")

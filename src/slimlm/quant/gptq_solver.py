@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from slimlm.core.hessian import inverse_hessian_factor_
 from slimlm.quant import primitives as P
 from slimlm.quant.scheme import QuantScheme
 
@@ -34,16 +35,6 @@ def _quantize_column(w: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme
     """Codes (N,) uint8 and dequantized values (N,) of one column w (N,) with per-row scale/zero (N,)."""
     codes = P.encode(w / scale, zero, scheme)
     return codes, P.decode(codes, zero, scheme) * scale
-
-
-def inverse_hessian_factor_(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹ (K, K). Dampens h in place and keeps at
-    most two (K, K) matrices alive (for an 11008-wide input each is 485 MB)."""
-    h.diagonal().add_(damp * h.diagonal().mean())
-    lower = torch.linalg.cholesky(h)
-    inverse = torch.cholesky_inverse(lower)
-    del lower
-    return torch.linalg.cholesky(inverse, upper=True)
 
 
 def gptq_quantize(

@@ -1,4 +1,7 @@
-"""QuantizedLinear: a linear layer whose weight is stored as packed integer codes plus scales.
+"""Compressed linear layers: `CompressedLinear`, what every such layer shares (a kernel from the
+kernel table, chosen on first use and repacked once per device and dtype; `.to()` that keeps codes and
+scales in their stored precision; size and spec for the saved format), and `QuantizedLinear`, whose
+weight is stored as packed integer codes plus scales.
 
 The buffers are the portable layout saved to disk: `qweight` (packed codes, see
 `primitives.pack`), `scale` (N, G), `zero` (N, G) uint8 for asymmetric schemes, and `bias`. The
@@ -11,14 +14,13 @@ kernel is tested against.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from slimlm.core.errors import SlimError
-from slimlm.core.model_io import COMPRESSED_MODULES
-from slimlm.core.targeting import is_conv1d
+from slimlm.core.layers import in_features, out_features, weight_matrix
 from slimlm.quant import primitives as P
 from slimlm.quant.scheme import QuantScheme
 
@@ -29,82 +31,25 @@ def check_finite_weight(name: str, weight: Tensor) -> None:
         raise SlimError(f"layer '{name}' has NaN or infinite weights; the checkpoint is corrupt, restore it")
 
 
-class QuantizedLinear(nn.Module):
-    slimlm_kind = "quantized_linear"  # how config.json names this layer kind (see core.model_io)
+class CompressedLinear(nn.Module):
+    """Base of compressed linear layers. Subclasses set `slimlm_kind` (how config.json names the kind),
+    `scheme` (with `label()` and `to_dict()`), `in_features`, `out_features`, `compute_dtype`, the
+    buffers `qweight`, `scale` and `bias`, and define `dequantize(dtype)` and `reference_matmul(x)`
+    (the exact float32 oracle the `reference` kernel runs)."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        scheme: QuantScheme,
-        bias: bool = False,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> None:
+    slimlm_kind: ClassVar[str]
+
+    def __init__(self) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
-        kp = P.padded_k(in_features, scheme)
-        groups = kp // P.group_size_for(in_features, scheme)
-        packed_cols = kp if scheme.bits == 8 else -(-kp // 8) * scheme.bits
-        packed_dtype = torch.int8 if scheme.bits == 8 else torch.uint8
-        self.register_buffer("qweight", torch.empty(out_features, packed_cols, dtype=packed_dtype, device=device))
-        self.register_buffer("scale", torch.empty(out_features, groups, dtype=scheme.torch_scale_dtype, device=device))
-        if not scheme.symmetric:
-            self.register_buffer("zero", torch.empty(out_features, groups, dtype=torch.uint8, device=device))
-        else:
-            self.zero = None
-        if bias:
-            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
-        else:
-            self.bias = None
-        self.compute_dtype = dtype  # activations' dtype the layer was built for
         self.kernel_name: str | None = None  # None: pick the fastest kernel that supports the layer
         self._kernel_cache: tuple[Any, ...] | None = None  # (key, kernel, state)
 
-    @classmethod
-    def from_float(cls, module: nn.Module, scheme: QuantScheme) -> "QuantizedLinear":
-        """Quantize an nn.Linear (or GPT-2 Conv1D) with round-to-nearest."""
-        weight = module.weight.detach()
-        if is_conv1d(module):
-            weight = weight.t()  # Conv1D stores (in, out)
-        scale, zero = P.compute_qparams(weight, scheme)
-        return cls.from_codes(P.quantize(weight, scale, zero, scheme), scale, zero, module, scheme)
+    def set_kernel_(self, name: str | None) -> "CompressedLinear":
+        """Force a kernel by its name in the kernel table (None: automatic); checked on the next forward."""
+        from slimlm.quant.kernels import KERNELS
 
-    @classmethod
-    def from_codes(
-        cls, codes: Tensor, scale: Tensor, zero: Tensor, module: nn.Module, scheme: QuantScheme
-    ) -> "QuantizedLinear":
-        """Build from codes (N, K_padded) and qparams (N, G), taking shape and bias from `module`."""
-        n = codes.shape[0]
-        weight = module.weight
-        k = weight.shape[0] if is_conv1d(module) else weight.shape[1]
-        bias = getattr(module, "bias", None)
-        layer = cls(k, n, scheme, bias=bias is not None, dtype=weight.dtype, device=weight.device)
-        layer.qweight.copy_(P.pack(codes, scheme.bits))
-        layer.scale.copy_(scale)
-        if layer.zero is not None:
-            layer.zero.copy_(zero.to(torch.uint8))
-        if bias is not None:
-            layer.bias.copy_(bias.detach())
-        return layer
-
-    def codes(self) -> Tensor:
-        """Unpacked codes (N, K_padded) uint8."""
-        return P.unpack(self.qweight, self.scheme.bits, P.padded_k(self.in_features, self.scheme))
-
-    def zero_points(self) -> Tensor:
-        """Integer zero points (N, G) int32 (the fixed midpoint for symmetric schemes)."""
-        if self.zero is not None:
-            return self.zero.to(torch.int32)
-        return torch.full(self.scale.shape, 2 ** (self.scheme.bits - 1), dtype=torch.int32, device=self.scale.device)
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The weight (N, K) this layer represents: the oracle for every kernel."""
-        return P.dequantize(self.codes(), self.scale, self.zero_points(), self.in_features, dtype or self.compute_dtype,
-                            self.scheme)
-
-    def set_kernel_(self, name: str | None) -> "QuantizedLinear":
-        """Force a kernel by registry name (None: automatic). Validated on the next forward."""
+        if name is not None:
+            KERNELS.get(name)  # an unknown name fails now, with the valid ones
         self.kernel_name, self._kernel_cache = name, None
         return self
 
@@ -143,17 +88,91 @@ class QuantizedLinear(nn.Module):
         return {"scheme": self.scheme.to_dict()}
 
     def storage_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero, self.bias) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, getattr(self, "zero", None),
+                                                           self.bias) if t is not None)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.label()}"
 
 
-@COMPRESSED_MODULES.register(QuantizedLinear.slimlm_kind)
-def _skeleton(group: dict[str, Any], original: nn.Module) -> QuantizedLinear:
-    """An empty QuantizedLinear on the meta device shaped like `original` (Linear or Conv1D)."""
+class QuantizedLinear(CompressedLinear):
+    slimlm_kind = "quantized_linear"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        kp = P.padded_k(in_features, scheme)
+        groups = kp // P.group_size_for(in_features, scheme)
+        packed_cols = kp if scheme.bits == 8 else -(-kp // 8) * scheme.bits
+        packed_dtype = torch.int8 if scheme.bits == 8 else torch.uint8
+        self.register_buffer("qweight", torch.empty(out_features, packed_cols, dtype=packed_dtype, device=device))
+        self.register_buffer("scale", torch.empty(out_features, groups, dtype=scheme.torch_scale_dtype, device=device))
+        if not scheme.symmetric:
+            self.register_buffer("zero", torch.empty(out_features, groups, dtype=torch.uint8, device=device))
+        else:
+            self.zero = None
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+        self.compute_dtype = dtype  # activations' dtype the layer was built for
+
+    @classmethod
+    def from_float(cls, module: nn.Module, scheme: QuantScheme) -> "QuantizedLinear":
+        """Quantize an nn.Linear (or GPT-2 Conv1D) with round-to-nearest."""
+        weight = weight_matrix(module)
+        scale, zero = P.compute_qparams(weight, scheme)
+        return cls.from_codes(P.quantize(weight, scale, zero, scheme), scale, zero, module, scheme)
+
+    @classmethod
+    def from_codes(
+        cls, codes: Tensor, scale: Tensor, zero: Tensor, module: nn.Module, scheme: QuantScheme
+    ) -> "QuantizedLinear":
+        """Build from codes (N, K_padded) and qparams (N, G), taking shape and bias from `module`."""
+        weight = module.weight
+        bias = getattr(module, "bias", None)
+        layer = cls(in_features(module), codes.shape[0], scheme, bias=bias is not None, dtype=weight.dtype,
+                    device=weight.device)
+        layer.qweight.copy_(P.pack(codes, scheme.bits))
+        layer.scale.copy_(scale)
+        if layer.zero is not None:
+            layer.zero.copy_(zero.to(torch.uint8))
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def codes(self) -> Tensor:
+        """Unpacked codes (N, K_padded) uint8."""
+        return P.unpack(self.qweight, self.scheme.bits, P.padded_k(self.in_features, self.scheme))
+
+    def zero_points(self) -> Tensor:
+        """Integer zero points (N, G) int32 (the fixed midpoint for symmetric schemes)."""
+        if self.zero is not None:
+            return self.zero.to(torch.int32)
+        return torch.full(self.scale.shape, 2 ** (self.scheme.bits - 1), dtype=torch.int32, device=self.scale.device)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The weight (N, K) this layer represents: the oracle for every kernel."""
+        return P.dequantize(self.codes(), self.scale, self.zero_points(), self.in_features, dtype or self.compute_dtype,
+                            self.scheme)
+
+    def reference_matmul(self, x: Tensor) -> Tensor:
+        """x (M, K) @ the dequantized weight, in float32: what this layer means."""
+        return (x.float() @ self.dequantize(torch.float32).t()).to(x.dtype)  # (M, N)
+
+
+def quantized_skeleton(group: dict[str, Any], original: nn.Module) -> QuantizedLinear:
+    """An empty QuantizedLinear on the meta device shaped like `original` (Linear or Conv1D): what the
+    loader builds for a saved layer of kind "quantized_linear" before assigning its tensors."""
     scheme = QuantScheme.from_dict(group["scheme"])
-    w = original.weight
-    k, n = (w.shape[0], w.shape[1]) if is_conv1d(original) else (w.shape[1], w.shape[0])
-    return QuantizedLinear(k, n, scheme, bias=getattr(original, "bias", None) is not None, dtype=w.dtype, device="meta")
+    return QuantizedLinear(in_features(original), out_features(original), scheme,
+                           bias=getattr(original, "bias", None) is not None, dtype=original.weight.dtype, device="meta")
 

@@ -12,36 +12,29 @@ from typing import Any
 
 from torch import nn
 
-from slimlm.core.config import check
-from slimlm.core.targeting import replace_module_, select_linear
+from slimlm.core.config import check, field
+from slimlm.core.layers import replace_module_
+from slimlm.core.steps import Step
+from slimlm.core.targeting import TargetFields
 from slimlm.quant.linear import QuantizedLinear, check_finite_weight
-from slimlm.quant.methods import METHODS, Method
 from slimlm.quant.scheme import QuantScheme
 
 
 @dataclasses.dataclass(frozen=True)
-class RTNConfig(QuantScheme):
+class RTNConfig(TargetFields, QuantScheme):
     """A QuantScheme plus which layers to quantize (name globs; the output head is excluded by default)
     and per-layer exceptions: `overrides` maps a name glob to scheme fields that replace the defaults
     for the layers it matches (`{"*.self_attn.*": {"bits": 8, "group_size": None}}`) or to "skip" to
     leave them as they are (e.g. the first and last blocks of a bf16 model). The first matching glob wins."""
 
     name = "rtn"
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    overrides: dict[str, Any] = field(dict, "per-layer scheme, first matching glob wins: "
+                                      "'*.self_attn.*=bits:8,group_size:none' or 'model.layers.0.*=skip' (repeatable)",
+                                      metavar="GLOB=SETTINGS", factory=True)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        for field in ("include", "exclude"):
-            value = getattr(self, field)
-            if isinstance(value, str):
-                object.__setattr__(self, field, (value,))
-            elif isinstance(value, list):
-                object.__setattr__(self, field, tuple(value))
-            value = getattr(self, field)
-            check(isinstance(value, tuple) and all(isinstance(g, str) for g in value),
-                  f"{field} must be a list of name globs, not {value!r}")
+        QuantScheme.__post_init__(self)
+        TargetFields.__post_init__(self)
         check(isinstance(self.overrides, dict), "overrides must map name globs to scheme settings or 'skip'")
         fields = set(QuantScheme.field_names())
         for glob, value in self.overrides.items():
@@ -69,14 +62,22 @@ class RTNConfig(QuantScheme):
 
     def targets(self, model: nn.Module) -> dict[str, nn.Module]:
         """The selected layers that are not skipped by an override; an override glob matching none is an error."""
-        selected = select_linear(model, self.include, self.exclude)
+        selected = self.select(model)
         for glob in self.overrides:
             check(any(fnmatchcase(name, glob) for name in selected),
                   f"override glob '{glob}' matches none of the {len(selected)} selected layers, e.g. {next(iter(selected), '-')}")
         return {name: m for name, m in selected.items() if self.scheme_for(name) is not None}
 
+    def layer_plan(self, model: nn.Module) -> dict[str, str]:
+        """Layer name -> the scheme it gets (what `--dry-run` prints)."""
+        return {name: self.scheme_for(name).label() for name in self.targets(model)}
 
-def rtn_quantize_(model: nn.Module, config: RTNConfig) -> nn.Module:
+    def describe(self) -> str:
+        overrides = f" ({len(self.overrides)} overrides)" if self.overrides else ""
+        return f"{self.name} {self.scheme.label()}{overrides}"
+
+
+def rtn_quantize_(model: nn.Module, config: RTNConfig, samples=None, on_block=None) -> nn.Module:
     """Quantize the selected linear layers of `model` in place; returns the model."""
     for name, module in config.targets(model).items():
         check_finite_weight(name, module.weight)
@@ -84,4 +85,4 @@ def rtn_quantize_(model: nn.Module, config: RTNConfig) -> nn.Module:
     return model
 
 
-METHODS.register("rtn")(Method(RTNConfig, rtn_quantize_))
+RTN = Step(RTNConfig, rtn_quantize_, "quantize", summary="round-to-nearest weight quantization (data-free)")

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from slimlm.core.config import Config, check
+from slimlm.core.config import Config, check, field
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 GROUP_SIZES = (32, 64, 128, 256)
@@ -31,11 +31,12 @@ class QuantScheme(Config):
     """
 
     name = "quantization scheme"
-    bits: int = 4
-    group_size: int | None = 128
-    symmetric: bool = False
-    scale_dtype: str = "float16"
-    format: str = "int"
+    bits: int = field(4, "weight bits: 8, 4, 3 or 2 (8 and 4 have fast kernels)")
+    group_size: int | None = field(128, "input columns sharing a scale: 32, 64, 128, 256, or none for per-channel")
+    symmetric: bool | None = field(None, "zero point fixed at the middle of the range (default: asymmetric for int, "
+                                         "symmetric for log and fp8, which store a sign)")
+    scale_dtype: str = field("float16", "precision the scales are stored in: float16, bfloat16 or float32")
+    format: str = field("int", "code format: int (uniform), log (powers of two; bits 4/3/2) or fp8 (e4m3; bits 8)")
 
     def __post_init__(self) -> None:
         check(
@@ -47,6 +48,8 @@ class QuantScheme(Config):
             f"group size {self.group_size!r} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}"
             " or none for per-channel scales",
         )
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", self.format in ("log", "fp8"))
         check(isinstance(self.symmetric, bool), f"symmetric must be true or false, got {self.symmetric!r}")
         check(
             self.scale_dtype in SCALE_DTYPES,

@@ -17,12 +17,11 @@ the layers they feed keep their inputs unscaled (the fallback, logged by the cal
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from slimlm.core.targeting import is_conv1d, is_linear
+from slimlm.core.layers import block_output, in_features, is_linear, out_features, weight_matrix
 
 
 @dataclasses.dataclass
@@ -33,38 +32,26 @@ class ScaleGroup:
     layers: list[str]
 
 
-def in_features(module: nn.Module) -> int:
-    return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
-
-
-def out_features(module: nn.Module) -> int:
-    return module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0]
-
-
 @torch.no_grad()
 def fold_scales_(producer: nn.Module, layers: list[nn.Module], s: Tensor) -> None:
     """Divide the producer's output channels by s (K,) and multiply the layers' input columns by s."""
     if is_linear(producer):
-        w = producer.weight
-        w.div_(s.to(w.dtype)[None, :] if is_conv1d(producer) else s.to(w.dtype)[:, None])  # Conv1D is (in, out)
+        w = weight_matrix(producer)  # (out, in) view
+        w.div_(s.to(w.dtype)[:, None])
     else:
         producer.weight.div_(s.to(producer.weight.dtype))
     bias = getattr(producer, "bias", None)
     if isinstance(bias, Tensor):
         bias.div_(s.to(bias.dtype))
     for layer in layers:
-        w = layer.weight
-        w.mul_(s.to(w.dtype)[:, None] if is_conv1d(layer) else s.to(w.dtype)[None, :])
-
-
-def _hidden(output: Any) -> Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
+        w = weight_matrix(layer)  # (out, in) view
+        w.mul_(s.to(w.dtype)[None, :])
 
 
 def _fold_is_exact(block: nn.Module, args: tuple, kwargs: dict, producer: nn.Module, layers: list[nn.Module]) -> bool:
     """Fold random scales in, run the block, restore the weights: did the block's output stay the same?"""
     x = args[0]
-    reference = _hidden(block(*args, **kwargs))
+    reference = block_output(block(*args, **kwargs))
     update = (reference.float() - x.float()).abs().max() if reference.shape == x.shape else reference.float().abs().max()
     saved = [p.detach().clone() for m in (producer, *layers) for p in m.parameters(recurse=False)]
     k = in_features(layers[0])
@@ -72,7 +59,7 @@ def _fold_is_exact(block: nn.Module, args: tuple, kwargs: dict, producer: nn.Mod
     s = torch.exp(torch.empty(k).uniform_(-1.4, 1.4, generator=g)).to(x.device)  # in [1/4, 4]
     try:
         fold_scales_(producer, layers, s)
-        changed = (_hidden(block(*args, **kwargs)).float() - reference.float()).abs().max()
+        changed = (block_output(block(*args, **kwargs)).float() - reference.float()).abs().max()
     finally:
         for p, old in zip((p for m in (producer, *layers) for p in m.parameters(recurse=False)), saved):
             p.data.copy_(old)

@@ -21,13 +21,12 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from slimlm.core.calibrate import replay_observing, run_blockwise
-from slimlm.core.config import Config, check
-from slimlm.core.targeting import select_linear
-from slimlm.quant.calibration import CalibrationFields
-from slimlm.quant.gptq import layer_weight
+from slimlm.core.calibrate import CalibrationFields, replay_observing, run_blockwise
+from slimlm.core.config import Config, check, field
+from slimlm.core.layers import weight_matrix
+from slimlm.core.steps import Step
+from slimlm.core.targeting import TargetFields
 from slimlm.quant.linear import check_finite_weight
-from slimlm.quant.methods import METHODS, Method
 from slimlm.quant.smoothing import find_scale_groups, fold_scales_
 from slimlm.quant.w8a8 import W8A8Linear
 
@@ -41,21 +40,20 @@ def smoothing_factors(x_absmax: Tensor, w_absmax: Tensor, alpha: float) -> Tenso
 
 
 @dataclasses.dataclass(frozen=True)
-class SmoothQuantConfig(CalibrationFields, Config):
+class SmoothQuantConfig(CalibrationFields, TargetFields, Config):
     name = "smoothquant"
-    alpha: float = 0.5
-    smooth: bool = True  # False: plain W8A8 without migration (the baseline SmoothQuant improves on)
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
+    alpha: float = field(0.5, "SmoothQuant: migration strength in [0, 1] (0.5 is the paper's default)")
+    smooth: bool = field(True, "SmoothQuant: migrate activation outliers into the weights (false: plain W8A8)")
 
     def __post_init__(self) -> None:
         CalibrationFields.__post_init__(self)
+        TargetFields.__post_init__(self)
         check(isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 <= self.alpha <= 1,
               f"alpha {self.alpha!r} must be in [0, 1] (migration strength; 0.5 is the paper's default)")
         check(isinstance(self.smooth, bool), f"smooth must be true or false, got {self.smooth!r}")
-        for field in ("include", "exclude"):
-            value = getattr(self, field)
-            object.__setattr__(self, field, (value,) if isinstance(value, str) else tuple(value))
+
+    def describe(self) -> str:
+        return f"smoothquant w8a8 α={self.alpha}" if self.smooth else "w8a8 (unsmoothed)"
 
 
 class SmoothQuantStep:
@@ -82,7 +80,7 @@ class SmoothQuantStep:
             layers = [modules[n] for n in g.layers]
             for n, m in zip(g.layers, layers):
                 check_finite_weight(n, m.weight)
-            w_absmax = torch.cat([layer_weight(m).abs().float() for m in layers]).amax(0)  # (K,)
+            w_absmax = torch.cat([weight_matrix(m).abs().float() for m in layers]).amax(0)  # (K,)
             x_absmax = absmax.pop(g.producer)
             s = smoothing_factors(x_absmax, w_absmax.to(x_absmax.device), self.config.alpha)
             fold_scales_(modules[g.producer], layers, s)
@@ -100,8 +98,9 @@ class SmoothQuantStep:
 
 def smoothquant_(model: nn.Module, config: SmoothQuantConfig, samples: Tensor, on_block=None) -> nn.Module:
     """Smooth and quantize the selected linear layers to W8A8 using calibration samples (n, T); in place."""
-    return run_blockwise(model, samples, select_linear(model, config.include, config.exclude), SmoothQuantStep(config),
+    return run_blockwise(model, samples, config.select(model), SmoothQuantStep(config),
                          config.batch_size, on_block)
 
 
-METHODS.register("smoothquant")(Method(SmoothQuantConfig, smoothquant_, calibrated=True))
+SMOOTHQUANT = Step(SmoothQuantConfig, smoothquant_, "quantize", calibrated=True,
+                   summary="SmoothQuant W8A8: int8 weights and activations, outliers migrated (arXiv 2211.10438)")

@@ -1,8 +1,9 @@
-"""Kernel registry for QuantizedLinear.
+"""The kernel table for compressed linear layers (see `base.Kernel` for what a kernel is).
 
-A kernel has a `name`, `supports(layer, device)`, `prepare(layer, dtype)` (repack once; returns
-the state it needs) and `run(x, layer, state)` for x (M, K) -> (M, N) without bias. Automatic
-choice tries `PRIORITY` in order; `reference` supports everything and is the oracle.
+Built-in kernels are listed here, by name, and loaded on first use; users add theirs with
+`KERNELS.register(name, kernel)`. Automatic choice tries the kernels users registered first, then
+the built-ins of the layer's kind in `PRIORITY` order; `reference` runs every layer (the layer's own
+`reference_matmul`) and is the oracle the fast kernels are tested against.
 """
 
 from __future__ import annotations
@@ -11,33 +12,43 @@ import torch
 
 from slimlm.core.errors import SlimError
 from slimlm.core.registry import Registry
+from slimlm.quant.kernels.base import Kernel, KernelBase
 
-KERNELS: Registry = Registry("kernel")
-PRIORITY = ("cuda_int4", "cuda_int8", "cpu_int4_avx512", "cpu_int4", "cpu_int8_avx512", "cpu_int8", "cpu_fp8", "reference")  # cpu_*_a8: on request only
+__all__ = ["KERNELS", "PRIORITY", "Kernel", "KernelBase", "choose_kernel", "get_kernel", "kernel_names"]
 
+KERNELS: Registry[Kernel] = Registry("kernel", builtins={
+    "reference": "slimlm.quant.kernels.reference:REFERENCE",
+    "cpu_int8": "slimlm.quant.kernels.cpu_int8:CPU_INT8",
+    "cpu_int4": "slimlm.quant.kernels.cpu_int4:CPU_INT4",
+    "cpu_fp8": "slimlm.quant.kernels.cpu_fp8:CPU_FP8",
+    "cpu_int4_avx512": "slimlm.quant.kernels.cpu_avx512:CPU_INT4_AVX512",
+    "cpu_int4_a8": "slimlm.quant.kernels.cpu_avx512:CPU_INT4_A8",
+    "cpu_int8_avx512": "slimlm.quant.kernels.cpu_avx512:CPU_INT8_AVX512",
+    "cpu_int8_a8": "slimlm.quant.kernels.cpu_avx512:CPU_INT8_A8",
+    "cuda_int4": "slimlm.quant.kernels.cuda:CUDA_INT4",
+    "cuda_int8": "slimlm.quant.kernels.cuda:CUDA_INT8",
+    "w8a8_int_mm": "slimlm.quant.kernels.w8a8:W8A8_INT_MM",
+})
 
-def _register_builtin() -> None:
-    if KERNELS.names():
-        return
-    from slimlm.quant.kernels import cpu_avx512, cpu_fp8, cpu_int4, cpu_int8, cuda, reference
-
-    for kernel in (reference.KERNEL, cpu_int8.KERNEL, cpu_int4.KERNEL, cpu_fp8.KERNEL, *cpu_avx512.KERNELS, *cuda.KERNELS):
-        KERNELS.register(kernel.name)(kernel)
+# Automatic choice per layer kind, fastest first (cpu_*_a8 run only on request: they round activations to int8)
+PRIORITY = {
+    "quantized_linear": ("cuda_int4", "cuda_int8", "cpu_int4_avx512", "cpu_int4", "cpu_int8_avx512", "cpu_int8",
+                         "cpu_fp8", "reference"),
+    "w8a8_linear": ("w8a8_int_mm", "reference"),
+}
 
 
 def kernel_names() -> list[str]:
-    _register_builtin()
     return KERNELS.names()
 
 
-def get_kernel(name: str):
-    _register_builtin()
+def get_kernel(name: str) -> Kernel:
     return KERNELS.get(name)
 
 
-def choose_kernel(layer, device: torch.device, name: str | None = None):
-    """The named kernel (an error if it cannot run this layer), else the first in PRIORITY that can."""
-    _register_builtin()
+def choose_kernel(layer, device: torch.device, name: str | None = None) -> Kernel:
+    """The named kernel (an error if it cannot run this layer), else the first that can: kernels users
+    registered, then the built-ins of the layer's kind in PRIORITY order."""
     if name is not None:
         kernel = KERNELS.get(name)
         if not kernel.supports(layer, device):
@@ -46,8 +57,9 @@ def choose_kernel(layer, device: torch.device, name: str | None = None):
                 f"({layer.out_features}, {layer.in_features}) on {device}; use 'reference' or let slimlm choose"
             )
         return kernel
-    for candidate in PRIORITY:
+    users = [n for n in KERNELS.names() if n not in KERNELS.builtins]
+    for candidate in users + list(PRIORITY.get(layer.slimlm_kind, ())):
         kernel = KERNELS.get(candidate)
         if kernel.supports(layer, device):
             return kernel
-    raise AssertionError("the reference kernel supports every layer")
+    raise SlimError(f"no kernel can run a {layer.slimlm_kind} layer on {device}; register one for this layer kind")

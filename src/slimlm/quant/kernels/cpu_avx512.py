@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slimlm.core.cpp_ext import load_cpp
+from slimlm.quant.kernels.base import KernelBase
 from slimlm.quant.kernels.cpu_int4 import COMPUTE
 from slimlm.quant.primitives import group_size_for
 
@@ -59,14 +60,16 @@ def repack_int8(layer) -> tuple[Tensor, Tensor, Tensor]:
     return qw, layer.scale.float().reshape(n).contiguous(), layer.zero_points().float().reshape(n).contiguous()
 
 
-class _Avx512Kernel:
+class _Avx512Kernel(KernelBase):
     bits = 4
     activations = "bf16"
     dense_rows = DENSE_ROWS
 
     def supports(self, layer, device: torch.device) -> bool:
+        if device.type != "cpu" or layer.slimlm_kind != "quantized_linear":
+            return False
         s = layer.scheme
-        if device.type != "cpu" or s.format != "int" or s.bits != self.bits:
+        if s.format != "int" or s.bits != self.bits:
             return False
         n, k = layer.out_features, layer.in_features
         if n % 16 or k % 32:
@@ -113,12 +116,12 @@ class _Avx512Kernel:
 class CpuInt4Avx512Kernel(_Avx512Kernel):
     name = "cpu_int4_avx512"
 
-    def run_many(self, x: Tensor, layers: list, states: list) -> list[Tensor] | None:
-        """x (M, K) against several layers at once (q/k/v, gate/up) in one parallel region; None when
-        they cannot share a call (different group sizes, or enough rows for the dense path)."""
+    def run_many(self, x: Tensor, layers: list, states: list) -> list[Tensor]:
+        """x (M, K) against several layers at once (q/k/v, gate/up) in one parallel region; one call per
+        layer when they cannot share one (different group sizes, or enough rows for the dense path)."""
         groups = {state[0][3] for state in states}
         if len(groups) != 1 or x.shape[0] >= self.dense_rows:
-            return None
+            return super().run_many(x, layers, states)
         packed = [state[0] for state in states]
         ys = extension().q4bf16_mm_many(x.to(COMPUTE).contiguous(), [p[0] for p in packed], [p[1] for p in packed],
                                         [p[2] for p in packed], groups.pop(), x.dtype == COMPUTE)
@@ -141,4 +144,7 @@ class CpuInt8A8Kernel(_Avx512Kernel):
     activations = "int8"
 
 
-KERNELS = (CpuInt4Avx512Kernel(), CpuInt4A8Kernel(), CpuInt8Avx512Kernel(), CpuInt8A8Kernel())
+CPU_INT4_AVX512 = CpuInt4Avx512Kernel()
+CPU_INT4_A8 = CpuInt4A8Kernel()
+CPU_INT8_AVX512 = CpuInt8Avx512Kernel()
+CPU_INT8_A8 = CpuInt8A8Kernel()

@@ -22,17 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slimlm.quant.kernels.base import KernelBase
+
 COMPUTE = torch.bfloat16
 BIAS_SHIFT = 2.0**120  # 2^(127 - 7): bfloat16 and e4m3 exponent biases
 KEEP = -30736  # 0x87F0 as int16: the sign bit and the 7 bits e4m3 shares with bfloat16 after the shift
 
 
-class CpuFp8Kernel:
+class CpuFp8Kernel(KernelBase):
     name = "cpu_fp8"
 
     def supports(self, layer, device: torch.device) -> bool:
         # |scale| * 2^120 must stay finite in bfloat16 (< 2^128): scales below 2^7, i.e. max|w| < 57344
-        return (device.type == "cpu" and layer.scheme.format == "fp8"
+        return (device.type == "cpu" and layer.slimlm_kind == "quantized_linear" and layer.scheme.format == "fp8"
                 and bool(layer.scale.float().abs().max() < 2.0**7))
 
     def prepare(self, layer, dtype: torch.dtype) -> Tensor:
@@ -49,4 +51,4 @@ class CpuFp8Kernel:
         return F.linear(x.to(COMPUTE), self.dense_weight(layer, state)).to(x.dtype)
 
 
-KERNEL = CpuFp8Kernel()
+CPU_FP8 = CpuFp8Kernel()

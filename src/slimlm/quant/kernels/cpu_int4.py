@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slimlm.quant.kernels.base import KernelBase
 from slimlm.quant.primitives import group_size_for
 from slimlm.quant.scheme import GROUP_SIZES
 
@@ -22,11 +23,13 @@ COMPUTE = torch.bfloat16
 DENSE_ROWS = 128  # measured crossover of op vs dequantize + GEMM at 2048x2048, benchmarks/kernels.py
 
 
-class CpuInt4Kernel:
+class CpuInt4Kernel(KernelBase):
     name = "cpu_int4"
     dense_rows = DENSE_ROWS
 
     def supports(self, layer, device: torch.device) -> bool:
+        if layer.slimlm_kind != "quantized_linear":
+            return False
         g = group_size_for(layer.in_features, layer.scheme)
         return (
             device.type == "cpu"
@@ -80,4 +83,4 @@ def dense_from_nibbles(layer, group: int, scale: Tensor, zero: Tensor) -> Tensor
     return ((q - zero) * scale).view(n, k)
 
 
-KERNEL = CpuInt4Kernel()
+CPU_INT4 = CpuInt4Kernel()

@@ -15,15 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slimlm.quant.kernels.base import KernelBase
+
 COMPUTE = torch.bfloat16
 ALIGN = 64  # bytes
 
 
-class CpuInt8Kernel:
+class CpuInt8Kernel(KernelBase):
     name = "cpu_int8"
     dense_rows = 64  # measured crossover, benchmarks/kernels.py
 
     def supports(self, layer, device: torch.device) -> bool:
+        if layer.slimlm_kind != "quantized_linear":
+            return False
         per_channel = layer.scale.shape[1] == 1
         # K % 16: with bf16 activations the op crashes or returns garbage otherwise (torch 2.13)
         return (device.type == "cpu" and layer.scheme.format == "int" and layer.scheme.bits == 8 and per_channel
@@ -57,4 +61,4 @@ class CpuInt8Kernel:
         return y.to(x.dtype)
 
 
-KERNEL = CpuInt8Kernel()
+CPU_INT8 = CpuInt8Kernel()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slimlm.quant.kernels.base import KernelBase
 from slimlm.quant.kernels.cpu_int4 import CpuInt4Kernel, tinygemm_params
 from slimlm.quant.primitives import group_size_for
 
@@ -43,8 +44,10 @@ class CudaInt4Kernel(CpuInt4Kernel):
     dense_rows = 128
 
     def supports(self, layer, device: torch.device) -> bool:
+        if device.type != "cuda" or layer.slimlm_kind != "quantized_linear":
+            return False
         s = layer.scheme
-        if device.type != "cuda" or s.format != "int" or s.bits != 4:
+        if s.format != "int" or s.bits != 4:
             return False
         g = group_size_for(layer.in_features, s)
         return (g in TINYGEMM_GROUPS and layer.in_features % g == 0 and layer.out_features % 8 == 0
@@ -61,12 +64,14 @@ class CudaInt4Kernel(CpuInt4Kernel):
         return torch.ops.aten._weight_int4pack_mm(xin, packed, group, scale_and_zero)
 
 
-class CudaInt8Kernel:
+class CudaInt8Kernel(KernelBase):
     name = "cuda_int8"
 
     def supports(self, layer, device: torch.device) -> bool:
+        if device.type != "cuda" or layer.slimlm_kind != "quantized_linear":
+            return False
         s = layer.scheme
-        return device.type == "cuda" and s.format == "int" and s.bits == 8 and layer.scale.shape[1] == 1
+        return s.format == "int" and s.bits == 8 and layer.scale.shape[1] == 1
 
     def prepare(self, layer, dtype: torch.dtype) -> tuple[torch.dtype, Tensor, Tensor | None]:
         compute = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
@@ -75,6 +80,11 @@ class CudaInt8Kernel:
         if layer.zero is not None:
             shift = ((128 - layer.zero[:, 0].float()) * layer.scale[:, 0].float()).to(compute)  # (N,)
         return compute, scale, shift
+
+    def dense_weight(self, layer, state) -> Tensor:
+        compute, scale, shift = state
+        w = layer.qweight.to(compute) * scale[:, None]  # (N, K)
+        return w + shift[:, None] if shift is not None else w
 
     def run(self, x: Tensor, layer, state) -> Tensor:
         compute, scale, shift = state
@@ -85,4 +95,5 @@ class CudaInt8Kernel:
         return y.to(x.dtype)
 
 
-KERNELS = (CudaInt4Kernel(), CudaInt8Kernel())
+CUDA_INT4 = CudaInt4Kernel()
+CUDA_INT8 = CudaInt8Kernel()

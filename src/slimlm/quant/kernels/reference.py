@@ -1,12 +1,15 @@
-"""Reference kernel: dequantize the whole weight, then a dense matmul. Always works; the oracle."""
+"""Reference kernel: the layer's own definition of what it computes (`reference_matmul`: for a
+QuantizedLinear the dequantized weight in a float32 matmul). Runs every compressed layer; the oracle."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from slimlm.quant.kernels.base import KernelBase
 
-class ReferenceKernel:
+
+class ReferenceKernel(KernelBase):
     name = "reference"
 
     def supports(self, layer, device: torch.device) -> bool:
@@ -16,8 +19,7 @@ class ReferenceKernel:
         return None
 
     def run(self, x: Tensor, layer, state: None) -> Tensor:
-        w = layer.dequantize(torch.float32)  # (N, K)
-        return (x.float() @ w.t()).to(x.dtype)  # (M, N)
+        return layer.reference_matmul(x)  # (M, N)
 
 
-KERNEL = ReferenceKernel()
+REFERENCE = ReferenceKernel()

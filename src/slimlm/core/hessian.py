@@ -1,4 +1,5 @@
-"""Running input second moments of a linear layer: H = 2/n Σ x xᵀ (GPTQ, arXiv 2210.17323, eq. 1).
+"""Running input second moments of a linear layer: H = 2/n Σ x xᵀ (GPTQ, arXiv 2210.17323, eq. 1),
+and the factor of its inverse that the solvers use.
 
 Shared by GPTQ and SparseGPT (arXiv 2301.00774): both solve a layer-wise least-squares problem whose
 Hessian with respect to a row of W is H = 2 X Xᵀ over the calibration inputs X.
@@ -32,3 +33,13 @@ class HessianObserver:
 
     def pop_hessian(self, name: str) -> Tensor:
         return self.stats.pop(name)[0]
+
+
+def inverse_hessian_factor_(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹ (K, K). Dampens h in place and keeps at
+    most two (K, K) matrices alive (for an 11008-wide input each is 485 MB)."""
+    h.diagonal().add_(damp * h.diagonal().mean())
+    lower = torch.linalg.cholesky(h)
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    return torch.linalg.cholesky(inverse, upper=True)
