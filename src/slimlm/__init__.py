@@ -17,7 +17,8 @@ The public verbs (each modifies a model in place and returns it, or returns what
 
 Step configs for `quantize`, `prune` and `apply`: CastConfig, RTNConfig, GPTQConfig, AWQConfig,
 SmoothQuantConfig, MagnitudeConfig, RandomConfig, TaylorConfig, WandaConfig, SparseGPTConfig,
-HeadsConfig, ChannelsConfig, BlocksConfig.
+HeadsConfig, ChannelsConfig, BlocksConfig. Settings of `distill`/`finetune`: TrainConfig; of `bench`:
+BenchSettings; of `generate` and the server: SamplingParams.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ _CONFIGS = {
     "SparseGPTConfig": "slimlm.pruning.config", "HeadsConfig": "slimlm.pruning.structured",
     "ChannelsConfig": "slimlm.pruning.structured", "BlocksConfig": "slimlm.pruning.structured",
 }
-_OTHER = {"SlimError": "slimlm.core.errors"}
+_OTHER = {"SlimError": "slimlm.core.errors", "TrainConfig": "slimlm.distillation.trainer",
+          "BenchSettings": "slimlm.eval.speed", "SamplingParams": "slimlm.engine.sampling"}
 _LAZY = {**_VERBS, **_CONFIGS, **_OTHER}
 
 __all__ = [*_VERBS, *_CONFIGS, *_OTHER, "__version__"]

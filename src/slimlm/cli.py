@@ -1,4 +1,5 @@
-"""`slimlm <verb>`: one module per verb in slimlm.commands, imported only when that verb runs."""
+"""`slimlm <verb>`: one module per verb in slimlm.commands, imported only when that verb runs (its
+flags are derived from the library's configs, which imports torch: `slimlm --help` stays instant)."""
 
 from __future__ import annotations
 
@@ -20,23 +21,27 @@ VERBS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verbs: tuple[str, ...] = tuple(VERBS)) -> argparse.ArgumentParser:
+    """The parser, with the flags of `verbs` (the others are listed by name only)."""
     from slimlm import __version__
 
     parser = argparse.ArgumentParser(prog="slimlm", description="Make language models smaller and faster, and prove it.")
     parser.add_argument("--version", action="version", version=f"slimlm {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, help_text in VERBS.items():
-        module = importlib.import_module(f"slimlm.commands.{verb}")  # light: heavy imports live in run()
         p = sub.add_parser(verb, help=help_text, description=help_text)
-        module.add_args(p)
-        p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
-        p.set_defaults(run=module.run)
+        if verb in verbs:
+            module = importlib.import_module(f"slimlm.commands.{verb}")
+            module.add_args(p)
+            p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
+            p.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser((chosen,) if chosen in VERBS else ())
     args = parser.parse_args(argv)
     if args.verb is None:
         parser.print_help()

@@ -151,3 +151,43 @@ def test_chunked_prefill_equals_one_prefill():
     with torch.no_grad():
         expected = model(prompt[None]).logits[0, 5:]
     torch.testing.assert_close(chunks, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fusion_is_chosen_once_when_the_engine_is_built():
+    """Float q/k/v run one call each; int4 layers sharing a kernel run through its run_many; Phi-3's
+    fused projections are split. The choice is in the plan, not probed per call."""
+    from slimlm.engine.decoder import KernelProjection, SeparateProjection, SplitProjection
+
+    plan = Engine(model_for("llama"), slots=1, max_len=16).plan
+    assert all(isinstance(layer.qkv, SeparateProjection) for layer in plan.layers)
+    model = model_for("llama").to(torch.bfloat16)
+    slimlm.quantize(model, "rtn", bits=4, group_size=32)
+    plan = Engine(model, slots=1, max_len=16).plan
+    assert all(isinstance(layer.qkv, KernelProjection) and isinstance(layer.gate_up, KernelProjection)
+               for layer in plan.layers)
+    assert isinstance(Engine(model_for("phi3"), slots=1, max_len=16).plan.layers[0].qkv, SplitProjection)
+
+
+@pytest.mark.parametrize("fused", [False, None])
+def test_the_cache_checks_its_bounds_on_the_host(fused):
+    engine = Engine(model_for("llama"), slots=2, max_len=8, fused_step=fused)
+    logits = engine.prefill(1, ids(6))
+    engine.decode(torch.tensor([1]), logits.argmax(-1)[None])  # position 6
+    engine.decode(torch.tensor([1]), logits.argmax(-1)[None])  # position 7, the last
+    with pytest.raises(SlimError, match="longer than the KV cache"):
+        engine.decode(torch.tensor([1]), logits.argmax(-1)[None])
+    assert int(engine.lengths[1]) == 8  # the refused step changed nothing
+    with pytest.raises(SlimError, match="at least one slot"):
+        Engine(model_for("llama"), slots=0)
+
+
+def test_the_all_reduce_hook_sees_every_row_parallel_output():
+    """DecoderPlan.reduce is the one place tensor parallelism sums partial outputs: it is called on
+    o_proj's and down_proj's output of every layer, for prefill and decode alike."""
+    model = model_for("llama")
+    engine = Engine(model, slots=1, max_len=16, fused_step=False)
+    seen = []
+    engine.plan.reduce = lambda x: seen.append(x.shape) or x
+    logits = engine.prefill(0, ids(5))
+    engine.decode(torch.tensor([0]), logits.argmax(-1)[None])
+    assert len(seen) == 2 * 2 * len(model.model.layers)

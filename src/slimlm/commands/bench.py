@@ -11,7 +11,7 @@ from slimlm.commands._flags import add_config_flags, int_list, settings_from_arg
 
 
 def bench_settings():
-    from slimlm.eval.speed import BenchSettings
+    from slimlm import BenchSettings
 
     return BenchSettings
 

@@ -9,7 +9,7 @@ from slimlm.commands._flags import add_config_flags, settings_from_args
 
 
 def bench_settings():
-    from slimlm.eval.speed import BenchSettings
+    from slimlm import BenchSettings
 
     return BenchSettings
 

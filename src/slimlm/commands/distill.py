@@ -15,7 +15,7 @@ from slimlm.commands._flags import add_config_flags, int_list, settings_from_arg
 
 
 def train_config():
-    from slimlm.distillation.trainer import TrainConfig
+    from slimlm import TrainConfig
 
     return TrainConfig
 

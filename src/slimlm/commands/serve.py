@@ -68,6 +68,5 @@ def run(args: argparse.Namespace) -> int:
         raise
     print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1 "
           f"({'API key required' if settings.api_key else 'no API key'})", flush=True)
-    serve_until_stopped(app, sock)
-    print("slimlm serve: stopped", flush=True)
+    serve_until_stopped(app, sock)  # SIGTERM ends the process by that signal, SIGINT as an interrupt (130)
     return 0
