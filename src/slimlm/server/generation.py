@@ -27,7 +27,6 @@ from slimlm.server.state import ServedModel, ServerState
 
 # finish reasons of the scheduler that end a request with an error: (HTTP status, OpenAI error type)
 FAILURES = {"error": (500, "server_error"), "timeout": (504, "timeout_error"), "shutdown": (503, "server_error")}
-DISCONNECT_POLL = 0.1  # seconds between checks that the client is still there
 
 
 class EventStream:
@@ -72,17 +71,16 @@ def start(state: ServerState, served: ServedModel, prompt: list[int], params: Sa
 
 
 def watch(state: ServerState, http, requests: list[Request]) -> None:
-    """Cancel `requests` as soon as the client of `http` hangs up (checked every DISCONNECT_POLL s)."""
+    """Cancel `requests` the moment the client of `http` hangs up. Once the body is read, the next
+    ASGI message is http.disconnect, sent when the connection drops (or the response completes,
+    when there is nothing left to cancel): waiting for it costs nothing and reacts at once."""
 
-    async def poll() -> None:
-        while any(r.finish_reason is None for r in requests):
-            if await http.is_disconnected():
-                for r in requests:
-                    r.cancel()
-                return
-            await asyncio.sleep(DISCONNECT_POLL)
+    async def wait_for_hangup() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        cancel_unfinished(requests)
 
-    state.background(poll())
+    state.background(wait_for_hangup())
 
 
 def cancel_unfinished(requests: list[Request]) -> None:

@@ -74,18 +74,19 @@ class Request:
             self.wake.set()
 
 
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise SlimError(f"{name} must be an integer >= 1, got {value!r}")
+def check_settings(slots: int, max_len: int | None, max_queue: int, prefill_chunk: int = 256) -> None:
+    """Raise SlimError for settings a scheduler cannot work with (no slots, no queue, ...)."""
+    for name, value in (("slots", slots), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SlimError(f"{name} must be an integer >= 1, got {value!r}")
+    if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 2):
+        raise SlimError(f"max_len must be an integer >= 2 (prompt + output tokens), got {max_len!r}")
 
 
 class Scheduler:
     def __init__(self, model: nn.Module, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
                  prefill_chunk: int = 256, metrics: Any = None, name: str = "model") -> None:
-        for key, value in (("slots", slots), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
-            _positive(key, value)
-        if max_len is not None and (not isinstance(max_len, int) or max_len < 2):
-            raise SlimError(f"max_len must be an integer >= 2 (prompt + output tokens), got {max_len!r}")
+        check_settings(slots, max_len, max_queue, prefill_chunk)
         if not Engine.supports(model):
             from slimlm.engine.decoder import decoder_spec
 
@@ -197,6 +198,7 @@ class Scheduler:
             if r.slot is not None and self.running.get(r.slot) is r:
                 del self.running[r.slot]
                 self.engine.release(r.slot)
+                r.slot = None
             elif r in self.waiting:
                 self.waiting.remove(r)
             else:

@@ -1,0 +1,140 @@
+"""The scheduler alone (no HTTP): one failing sequence fails alone, sampling survives any
+temperature, the KV cache empties when idle, impossible settings are refused, shutdown is explicit."""
+
+import time
+
+import pytest
+import torch
+
+from slimlm.core.errors import SlimError
+from slimlm.engine.sampling import SamplingParams, sample_next
+from slimlm.server.scheduler import Request, Scheduler, ShuttingDown
+from slimlm.testing import tiny_model
+
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9], [10, 11], [20, 21, 22, 23], [30]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", vocab=320)
+
+
+def run(scheduler, request, timeout=30.0):
+    """Submit `request` and wait for it: (generated tokens, finish reason, message)."""
+    scheduler.submit(request)
+    return drain(request, timeout)
+
+
+def drain(request, timeout=30.0):
+    tokens, deadline = [], time.monotonic() + timeout
+    while True:
+        event = request.events.get(timeout=max(deadline - time.monotonic(), 0.01))
+        if event[0] == "done":
+            return tokens, event[1], event[2]
+        tokens.append(event[1])
+
+
+def greedy(n=12, **kw):
+    return SamplingParams(max_new_tokens=n, temperature=0.0, **kw)
+
+
+def test_a_failing_sequence_fails_alone_and_the_others_keep_their_solo_outputs(model):
+    sched = Scheduler(model, slots=4, max_len=64)
+    try:
+        solo = [run(sched, Request(p, greedy()))[0] for p in PROMPTS[:3]]
+        poisoned = Request([40, 41, 42], greedy(30))
+        decode = sched.engine.decode
+
+        def failing_decode(slots, tokens):  # a step that includes the poisoned sequence raises
+            if poisoned.slot is not None and poisoned.slot in slots.tolist():
+                raise RuntimeError("boom")
+            return decode(slots, tokens)
+
+        sched.engine.decode = failing_decode
+        bad_prefill = Request([1, 5000], greedy())  # bypasses submit's check: the engine's lookup fails
+        good = [Request(p, greedy()) for p in PROMPTS[:3]]
+        for r in [good[0], poisoned, good[1]]:
+            sched.submit(r)
+        with sched.lock:
+            sched.waiting.append(bad_prefill)
+        sched.submit(good[2])
+        results = [drain(r) for r in good]
+        assert [tokens for tokens, _, _ in results] == solo and all(reason == "length" for _, reason, _ in results)
+        assert drain(poisoned)[1:] == ("error", "generation failed: RuntimeError: boom")
+        assert drain(bad_prefill)[1] == "error"
+        assert run(sched, Request(PROMPTS[0], greedy()))[0] == solo[0]  # and the scheduler goes on
+    finally:
+        sched.close()
+
+
+def test_sampling_survives_tiny_temperatures_and_bad_logits():
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next(logits, 1e-40), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, 5e-324, top_k=3, top_p=0.5), logits.argmax(-1))
+    weird = logits.clone()
+    weird[0, 3] = float("nan")  # NaN never wins
+    weird[1] = float("-inf")  # nothing finite: the argmax
+    weird[2, 7] = float("inf")  # +inf: that token
+    got = sample_next(weird, 1.0, generator=torch.Generator().manual_seed(0))
+    assert got[0] != 3 and got[1] == 0 and got[2] == 7
+    assert sample_next(logits, 1e300).shape == (4,)
+
+
+def test_a_tiny_temperature_is_greedy_in_the_scheduler(model):
+    sched = Scheduler(model, slots=2, max_len=64)
+    try:
+        want = run(sched, Request(PROMPTS[1], greedy()))[0]
+        assert run(sched, Request(PROMPTS[1], SamplingParams(12, temperature=1e-40, seed=1)))[0] == want
+    finally:
+        sched.close()
+
+
+def test_the_kv_cache_empties_when_requests_end(model):
+    sched = Scheduler(model, slots=2, max_len=64)
+    try:
+        run(sched, Request(PROMPTS[0], greedy(5)))
+        r = Request(PROMPTS[1], greedy(40))
+        sched.submit(r)
+        assert r.events.get(timeout=10)[0] == "token"
+        r.cancel()
+        assert drain(r)[1] == "cancelled"
+        assert sched.stats()["kv_tokens"] == 0 and sched.stats()["running"] == 0
+    finally:
+        sched.close()
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    ({"slots": 0}, "slots"), ({"max_queue": 0}, "max_queue"), ({"prefill_chunk": 0}, "prefill_chunk"),
+    ({"max_len": 1}, "max_len"),
+])
+def test_impossible_settings_are_refused(model, kwargs, text):
+    with pytest.raises(SlimError, match=text):
+        Scheduler(model, **kwargs)
+
+
+def test_prompts_outside_the_vocabulary_are_refused_at_submit(model):
+    sched = Scheduler(model, slots=1, max_len=64)
+    try:
+        for prompt in ([1, 320], [1, -1], [True, False], []):
+            with pytest.raises(SlimError):
+                sched.submit(Request(prompt, greedy()))
+    finally:
+        sched.close()
+
+
+def test_shutdown_fails_waiting_requests_at_once_and_running_ones_after_the_grace(model):
+    sched = Scheduler(model, slots=1, max_len=256)
+    running, waiting = Request([1, 2], greedy(250)), Request([3, 4], greedy(5))
+    sched.submit(running)
+    sched.submit(waiting)
+    assert running.events.get(timeout=10)[0] == "token"
+    decode = sched.engine.decode
+    sched.engine.decode = lambda *a: (time.sleep(0.01), decode(*a))[1]  # slow enough to outlast the grace
+    t0 = time.monotonic()
+    sched.shutdown(grace=0.3)
+    assert drain(waiting)[1:] == ("shutdown", "the server is shutting down")
+    assert drain(running)[1] == "shutdown" and 0.25 < time.monotonic() - t0 < 2
+    with pytest.raises(ShuttingDown):
+        sched.submit(Request([1], greedy()))
+    sched.thread.join(timeout=5)
+    assert not sched.thread.is_alive() and sched.stats()["kv_tokens"] == 0
