@@ -77,3 +77,13 @@ def test_the_load_test_client_is_named_for_what_it_is():
     from slimlm.server.metrics import Metrics
 
     assert callable(load_test_client.compare_batching) and not hasattr(Metrics(), "started")
+
+
+def test_unknown_routes_and_methods_answer_in_openai_shape_and_head_health_works(server):
+    url, _ = server
+    code, body = call(url, "/v2/nothing")
+    assert code == 404 and body["error"]["code"] == "not_found" and "/v2/nothing" in body["error"]["message"]
+    code, body = call(url, "/v1/completions")  # GET on a POST route
+    assert code == 405 and body["error"]["code"] == "method_not_allowed"
+    code, body = call(url, "/health", method="HEAD")
+    assert code == 200 and body == b""

@@ -54,19 +54,14 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise SlimError("serving needs the 'serve' extra: pip install 'slimlm[serve]'") from None
-    from slimlm.server.app import ServeSettings
-    from slimlm.server.server import build_app, listen, run as serve_until_stopped
+    from slimlm.server.server import run_server
 
-    settings = ServeSettings(api_key=args.api_key or os.environ.get("SLIMLM_API_KEY"), max_tokens_limit=args.max_tokens,
-                             request_timeout=args.timeout, shutdown_grace=args.shutdown_grace)
-    sock = listen(args.host, args.port)  # before loading: a taken port fails at once
-    try:
-        app, models = build_app(args.model, settings, slots=args.slots, max_len=args.max_len, max_queue=args.max_queue,
-                                dtype=args.dtype, device=args.device)
-    except BaseException:
-        sock.close()
-        raise
-    print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1 "
-          f"({'API key required' if settings.api_key else 'no API key'})", flush=True)
-    serve_until_stopped(app, sock)  # SIGTERM ends the process by that signal, SIGINT as an interrupt (130)
+    def announce(names: list[str], url: str) -> None:
+        print(f"serving {', '.join(names)} on {url} ({'API key required' if api_key else 'no API key'})", flush=True)
+
+    api_key = args.api_key or os.environ.get("SLIMLM_API_KEY")
+    # SIGTERM ends the process by that signal once requests are finished or failed; SIGINT as an interrupt (130)
+    run_server(args.model, args.host, args.port, api_key=api_key, max_tokens=args.max_tokens, timeout=args.timeout,
+               shutdown_grace=args.shutdown_grace, slots=args.slots, max_len=args.max_len, max_queue=args.max_queue,
+               dtype=args.dtype, device=args.device, on_ready=announce)
     return 0

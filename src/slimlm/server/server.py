@@ -11,18 +11,22 @@ waiting for connections shortly after. A second SIGINT quits at once.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import uvicorn
 
 from slimlm.core.errors import SlimError
 from slimlm.server.app import ServedModel, ServeSettings, create_app
 from slimlm.server.metrics import Metrics
-from slimlm.server.scheduler import Scheduler
+from slimlm.server.scheduler import Scheduler, check_settings
 from slimlm.server.state import ServerState
+
+logger = logging.getLogger(__name__)
 
 
 def model_paths(source: str) -> dict[str, str]:
@@ -41,7 +45,7 @@ def model_paths(source: str) -> dict[str, str]:
 
 def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
                 dtype: str | None = None, device: str = "cpu") -> dict[str, ServedModel]:
-    from slimlm.api import load
+    from slimlm import load  # the public verb (not slimlm.api: api.serve imports this module)
 
     served = {}
     for name, path in model_paths(source).items():
@@ -84,6 +88,7 @@ def listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        sock.listen(2048)  # clients may connect now; uvicorn accepts them once it runs
     except OSError as e:
         sock.close()
         raise SlimError(f"cannot listen on {host}:{port}: {e.strerror}") from None
@@ -97,6 +102,33 @@ def run(app, sock: socket.socket) -> None:
     finally:
         for served in app.state.slimlm.models.values():
             served.scheduler.close()
+
+
+def run_server(source: str, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
+               max_tokens: int = 2048, timeout: float = 600.0, shutdown_grace: float = 5.0, slots: int = 8,
+               max_len: int | None = None, max_queue: int = 64, dtype: str | None = None, device: str = "cpu",
+               on_ready: Callable[[list[str], str], None] | None = None) -> None:
+    """Serve `source` (a model folder, 'demo', or a folder of model folders) until SIGTERM/SIGINT.
+
+    Settings are `slimlm serve`'s flags. They are checked, and the port bound, before any model
+    loads, so a mistake fails at once. on_ready(model names, base URL) runs when serving starts
+    (default: an INFO log line)."""
+    settings = ServeSettings(api_key=api_key, max_tokens_limit=max_tokens, request_timeout=timeout,
+                             shutdown_grace=shutdown_grace)
+    check_settings(slots, max_len, max_queue)
+    sock = listen(host, port)
+    try:
+        app, models = build_app(source, settings, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
+                                device=device)
+    except BaseException:
+        sock.close()
+        raise
+    url = f"http://{host}:{port}/v1"
+    if on_ready is None:
+        logger.info("serving %s on %s", ", ".join(models), url)
+    else:
+        on_ready(list(models), url)
+    run(app, sock)
 
 
 class BackgroundServer:
