@@ -1,10 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import slimlm
 from slimlm.core.errors import SlimError
+from slimlm.distillation.checkpoint import load_checkpoint
 from slimlm.distillation.students import layer_subset
 from slimlm.distillation.trainer import TrainConfig, lr_factor, train
 from slimlm.pruning import masks as M
@@ -127,10 +129,52 @@ def test_a_process_killed_mid_run_resumes_to_the_same_result(tmp_path):
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.replace("{config}", repr(config)), str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9  # SIGKILL
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert load_checkpoint(tmp_path)["step"] == 4
     resumed = tiny_model("llama", seed=5)
     train(resumed, BLOCKS, None, TrainConfig(**config), out=tmp_path, resume=True)
     whole = tiny_model("llama")
     train(whole, BLOCKS, None, TrainConfig(**config))
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+class _Payload:
+    """Unpickling this runs code (what a crafted checkpoint.pt did with --resume)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_pickled_checkpoint_is_refused_and_never_run(tmp_path):
+    from pathlib import Path as P
+
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "payload": _Payload(str(marker))}, tmp_path / "checkpoint.pt")
+    with pytest.raises(SlimError, match="pickled checkpoint .* not loaded"):
+        train(tiny_model("llama"), BLOCKS, None, TrainConfig(**FAST), out=tmp_path, resume=True)
+    assert not marker.exists() and P(tmp_path / "checkpoint.pt").exists()
+
+
+def test_checkpoints_hold_no_pickle(tmp_path):
+    train(tiny_model("llama"), BLOCKS, None, TrainConfig(**{**FAST, "steps": 2}), out=tmp_path)
+    folder = tmp_path / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == ["state.json", "tensors.safetensors"]
+    json.loads((folder / "state.json").read_text())  # plain JSON
+    assert not list(tmp_path.glob("*.pt"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage json", "other model"])
+def test_a_damaged_checkpoint_is_one_clear_error(tmp_path, damage):
+    train(tiny_model("llama"), BLOCKS, None, TrainConfig(**{**FAST, "steps": 2}), out=tmp_path)
+    folder = tmp_path / "checkpoint"
+    if damage == "truncate":
+        data = (folder / "tensors.safetensors").read_bytes()
+        (folder / "tensors.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "garbage json":
+        (folder / "state.json").write_text("{not json")
+    student = tiny_model("llama", hidden=32) if damage == "other model" else tiny_model("llama")
+    with pytest.raises(SlimError, match="checkpoint .* (corrupt|does not fit)"):
+        train(student, BLOCKS, None, TrainConfig(**FAST), out=tmp_path, resume=True)

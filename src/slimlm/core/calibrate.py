@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from slimlm.core.config import check, field
 from slimlm.core.errors import SlimError
 from slimlm.core.layers import block_output, find_blocks, replace_module_
-from slimlm.core.memory import release_freed_memory
+from slimlm.core.memory import check_fits, release_freed_memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +54,12 @@ def sample_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int = 0) -> 
             f"calibration data has {ids.numel()} tokens, fewer than one {seq_len}-token window; "
             "pass more text or a smaller --seq-len"
         )
+    distinct = ids.numel() - seq_len
+    if n_samples > distinct:
+        raise SlimError(f"n_samples {n_samples} asks for more windows than the calibration data has: {ids.numel()} "
+                        f"tokens hold {distinct} distinct {seq_len}-token windows; pass more text or a smaller --n-samples")
     rng = random.Random(seed)
-    starts = [rng.randrange(0, ids.numel() - seq_len) for _ in range(n_samples)]
+    starts = [rng.randrange(0, distinct) for _ in range(n_samples)]
     return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
@@ -156,6 +160,11 @@ def run_blockwise(
     names = list(targets)
     del targets  # holding the modules would keep every replaced float weight alive until the end
     prefix, blocks = find_blocks(model)
+    embed = model.get_input_embeddings().weight
+    # the captured block inputs, and the next block's as they are computed
+    check_fits(2 * samples.numel() * embed.shape[1] * embed.element_size(),
+               f"calibrating on {samples.shape[0]} windows of {samples.shape[1]} tokens",
+               "lower --n-samples or --seq-len", embed.device)
     inputs = capture_block_inputs(model, blocks[0], samples, batch_size)
     for index, block in enumerate(blocks):
         block_prefix = f"{prefix}.{index}."

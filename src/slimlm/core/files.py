@@ -100,13 +100,56 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
         raise SlimError(f"output folder '{out}' already exists; pass --overwrite (overwrite=True) or choose another path")
     if not out.parent.exists():
         raise SlimError(f"parent folder of '{out}' does not exist; create it or choose another output path")
+    if not out.parent.is_dir():
+        raise SlimError(f"'{out.parent}' is a file, so '{out}' cannot be created under it; choose another output path")
+    if out.exists() and not out.is_dir():
+        raise SlimError(f"output '{out}' is a file, not a folder; choose another output path")
     return out
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` folders beside `out` left by processes that died
+    mid-write (a killed save); those of live processes are left alone."""
+    for stale in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = stale.name[len(out.name) + 2:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _process_alive(int(pid)) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def normalize_modes_(folder: Path) -> None:
+    """Give every file written into `folder` the same permissions (safetensors writes 0600, the others
+    are 0666 minus the umask)."""
+    mode = 0o666 & ~_umask()
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(mode)
 
 
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path`, on error it is removed."""
     out = check_output_path(path, overwrite)
+    remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -115,6 +158,7 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    normalize_modes_(tmp)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         out.rename(old)

@@ -98,13 +98,24 @@ def _causal_lm_config(path: Path, raw: dict[str, Any]):
     except Exception as e:  # ValueError, KeyError, huggingface_hub's StrictDataclassClassValidationError
         config = _pruned_heads_config(raw)
         if config is None:
-            raise SlimError(f"model type '{raw['model_type']}' in {path} is not supported by this transformers ({e})") from None
+            import transformers
+
+            known = raw["model_type"] in _model_types()
+            why = f"its config is invalid: {_first_line(e)[:200]}" if known else "the architecture is unknown"
+            raise SlimError(f"model type '{raw['model_type']}' in {path} is not supported by transformers "
+                            f"{transformers.__version__} ({why}); upgrade transformers or fix config.json") from None
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise SlimError(
             f"model type '{raw['model_type']}' in {path} is not a causal language model; "
             "slimlm compresses decoder LMs such as llama, mistral, qwen2, gpt2, opt, phi3"
         )
     return config
+
+
+def _model_types() -> set[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return set(CONFIG_MAPPING_NAMES)
 
 
 def _pruned_heads_config(raw: dict[str, Any]):
@@ -176,10 +187,25 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     else:
         model = _load_plain(path, raw, dtype)
     model.eval()
+    check_finite_(model, path)
     if device != "cpu":
         model.to(device)
     tokenizer = load_tokenizer(path, model.config)
     return model, tokenizer
+
+
+def check_finite_(model: nn.Module, where: Any) -> None:
+    """Refuse a model whose stored floating-point tensors hold NaN or infinity, naming the first one
+    (checked in chunks, so the check never needs more than a few MB beyond the weights)."""
+    chunk = 1 << 24
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not t.is_floating_point() or t.is_meta:
+            continue
+        flat = t.detach().reshape(-1)
+        for start in range(0, flat.numel(), chunk):
+            if not bool(torch.isfinite(flat[start:start + chunk]).all()):
+                raise SlimError(f"weights in {where} hold NaN or infinite values in '{name}'; the checkpoint is corrupt, "
+                                "restore or re-create it")
 
 
 def _sparse_storage(raw: dict[str, Any], path: Path) -> str | None:
@@ -231,10 +257,18 @@ def _load_plain(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -> n
     from transformers import AutoModelForCausalLM
 
     config = _causal_lm_config(path, raw)
+    import pickle
+
     try:
         return AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=dtype or "auto")
+    except pickle.UnpicklingError:
+        raise SlimError(f"the .bin weights in {path} hold pickled objects other than tensors, which slimlm does not load "
+                        "(a pickle can run code); convert the checkpoint to safetensors from a trusted copy") from None
     except (OSError, ValueError, RuntimeError, ImportError) as e:
-        raise SlimError(f"could not load the weights in {path}: {_first_line(e)}; re-save or re-download the model") from None
+        text = _first_line(e)
+        if "mismatched" in text or "size mismatch" in text:
+            text = "a tensor's shape differs from what config.json describes"
+        raise SlimError(f"could not load the weights in {path}: {text}; re-save or re-download the model") from None
     except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
         if type(e).__name__ == "SafetensorError":
             raise SlimError(f"weights in {path} are corrupt or truncated ({e}); re-save or re-download them") from None
@@ -275,7 +309,13 @@ def _load_compressed(path: Path, raw: dict[str, Any], qblock: dict[str, Any], dt
 
 def assign_state_(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """Assign a checkpoint's tensors to a skeleton built on meta (no copies), tie weights, and
-    fail with a clear message if any tensor is missing or left over."""
+    fail with a clear message if any tensor is missing, left over or of the wrong shape."""
+    expected = model.state_dict(keep_vars=True)
+    wrong = [k for k, t in state.items() if k in expected and tuple(t.shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise SlimError(f"weights in {path} do not match its config ('{k}' is {list(state[k].shape)}, the config says "
+                        f"{list(expected[k].shape)}); the folder is corrupt, re-save it")
     _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

@@ -10,8 +10,8 @@ gloo on CPU, NCCL on GPUs) each process takes its slice of every global batch an
 gradients, so the loss curve is the one-process curve on the same global batch (tested with two CPU
 processes); only rank 0 writes.
 
-Checkpoints hold everything a resumed run needs (student, optimizer, schedule, step, history, RNG
-state); batches are a pure function of (seed, step), so a run killed after a checkpoint and resumed
+Checkpoints (`checkpoint.py`: safetensors + JSON, no pickle) hold everything a resumed run needs
+(student, optimizer, schedule, step, history, RNG state); batches are a pure function of (seed, step), so a run killed after a checkpoint and resumed
 ends bit-identical to one that never stopped (tested). Pruned layers keep their zeros: with
 `keep_masks`, gradients and weights are masked after every step.
 """
@@ -31,10 +31,11 @@ from torch import Tensor, nn
 
 from slimlm.core import format as F
 from slimlm.core.config import Config, check, field
+from slimlm.core.errors import SlimError
+from slimlm.distillation.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from slimlm.distillation.losses import distillation_loss, hard_loss, hidden_loss
 from slimlm.distillation.teacher_cache import TopKTeacher, soft_loss_topk
 
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +149,7 @@ def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, 
     check(train_blocks.dim() == 2 and train_blocks.shape[0] >= 1, "training data must be token blocks (n, T)")
     rank, world = _distributed()
     check(config.batch_size % world == 0, f"batch_size {config.batch_size} must be divisible by the {world} processes")
+    _check_batch_fits(student, teacher, config, world, train_blocks.shape[1])
     device = next(student.parameters()).device
     use_bf16 = native_bf16(device) if config.bf16 is None else config.bf16
     folder = Path(out) if out is not None else None
@@ -161,13 +163,8 @@ def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, 
     history: list[dict] = []
     start = 0
     if resume:
-        check(folder is not None and (folder / CHECKPOINT).is_file(), f"no checkpoint to resume in {folder}")
-        state = torch.load(folder / CHECKPOINT, map_location=device, weights_only=False)
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start, history = state["step"], state["history"]
-        torch.set_rng_state(state["rng"])
+        check(has_checkpoint(folder), f"no checkpoint to resume in {folder}; start without --resume")
+        start, history = _restore(load_checkpoint(folder), folder, student, optimizer, schedule)
     if isinstance(teacher, TopKTeacher):
         check(teacher.indices.shape[0] == train_blocks.shape[0], "the cached teacher outputs are for other blocks")
         check(not pairs, "hidden-state matching needs a live teacher, not cached logits")
@@ -239,6 +236,17 @@ def train(student: nn.Module, train_blocks: Tensor, eval_blocks: Tensor | None, 
     return history
 
 
+def _check_batch_fits(student: nn.Module, teacher, config: TrainConfig, world: int, seq_len: int) -> None:
+    """Refuse a micro-batch whose logits (student, its gradient, the teacher's) cannot be held."""
+    from slimlm.core.memory import check_fits
+
+    param = next(student.parameters())
+    copies = 3 if isinstance(teacher, nn.Module) else 2
+    check_fits(copies * config.batch_size // world * seq_len * student.config.vocab_size * 4,
+               f"a micro-batch of {config.batch_size // world} blocks x {seq_len} tokens",
+               "lower --batch-size (raise --grad-accum to keep the global batch)", param.device)
+
+
 def _hidden_pairs(student: nn.Module, teacher: nn.Module | None, config: TrainConfig,
                   device: torch.device) -> tuple[list[tuple[int, int]], list[nn.Module | None]]:
     """Hidden-state pairs (indices into `hidden_states`: 0 = embeddings, i = after block i) and a learned
@@ -284,12 +292,24 @@ def _mask_(model: nn.Module, masks: dict[str, Tensor], grads: bool) -> None:
 
 
 def _save(folder: Path, student, optimizer, schedule, step: int, history: list[dict]) -> None:
-    """Checkpoint atomically (write, then rename): a crash mid-save leaves the previous one."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (CHECKPOINT + ".tmp")
-    torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "step": step, "history": history, "rng": torch.get_rng_state()}, tmp)
-    tmp.replace(folder / CHECKPOINT)
+    """Checkpoint atomically (a crash mid-save leaves the previous one), as safetensors + JSON."""
+    save_checkpoint(folder, {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                             "schedule": schedule.state_dict(), "step": step, "history": history,
+                             "rng": torch.get_rng_state()})
+
+
+def _restore(state: dict, folder: Path, student, optimizer, schedule) -> tuple[int, list[dict]]:
+    """Load a checkpoint's state into the run; (step, history) to continue from."""
+    try:
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        step, history = int(state["step"]), list(state["history"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise SlimError(f"the checkpoint in {folder} does not fit this run ({str(e).splitlines()[0][:200]}); "
+                        "start again without --resume") from None
+    return step, history
 
 
 def _write_history(folder: Path, history: list[dict]) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from slimlm.core.errors import SlimError
+from slimlm.core.memory import check_fits
 
 
 def quantize_heads(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -30,6 +31,9 @@ class KVCache:
         self.n_layers, self.slots, self.max_len, self.dtype, self.quantized = n_layers, slots, max_len, dtype, quantized
         shape = (slots, kv_heads, max_len, head_dim)
         store = torch.int8 if quantized else dtype
+        per_token = 2 * n_layers * kv_heads * (head_dim * store.itemsize + (2 if quantized else 0))
+        check_fits(per_token * slots * max_len, f"a KV cache of {slots} sequences x {max_len} tokens",
+                   "use fewer sequences (--slots, --batch-sizes) or shorter ones (--max-len)", torch.device(device))
         self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
         if quantized:

@@ -136,6 +136,21 @@ def _time_decode(runner: _Runner, ids: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - t0
 
 
+def _check_batches_fit(model: nn.Module, settings: BenchSettings, max_len: int, device: torch.device) -> None:
+    """Refuse, before allocating, batch sizes whose key/value cache and logits the device cannot hold."""
+    from slimlm.core.memory import check_fits
+
+    c = model.config
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 1)
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 1)
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 1)
+    kv_width = (getattr(c, "num_key_value_heads", None) or heads) * (getattr(c, "head_dim", None) or hidden // heads)
+    per_sequence = 2 * layers * kv_width * max_len * 4 + c.vocab_size * 4 * 2  # fp32 cache (a bound), logits
+    batch = max(settings.batch_sizes)
+    check_fits(per_sequence * batch, f"benchmarking a batch of {batch} sequences of {max_len} tokens",
+               "lower --batch-sizes (or --prompt-tokens / --new-tokens)", device)
+
+
 def measure_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     """The machine's memory read bandwidth in GB/s with torch's current threads: the median time of
     summing a float32 buffer much larger than the caches."""
@@ -168,6 +183,8 @@ def measure_speed(model: nn.Module, settings: BenchSettings = BenchSettings(), v
 
     def runner(batch: int) -> _Runner:
         return _Runner(model, batch, max_len, use_engine, settings.kv_dtype)
+
+    _check_batches_fit(model, settings, max_len, device)
 
     with PeakMemory(device) as mem:
         p1, r1 = prompt(1), runner(1)
