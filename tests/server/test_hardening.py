@@ -99,28 +99,41 @@ BAD = [  # (body, what the message names)
 
 
 def test_bad_requests_are_400s_and_requests_in_flight_are_unharmed(server):
-    url, _, _ = server
+    url, sched, _ = server
     prompts = ["Once upon", "The quick brown fox", "def add(a, b):", "0123"]
-    solo = {p: text_of(stream_events(url, {"prompt": p, "max_tokens": 60, "temperature": 0})) for p in prompts}
-    got, errors = {}, []
+    body = {"max_tokens": 40, "temperature": 0}
+    solo = {p: text_of(stream_events(url, {**body, "prompt": p})) for p in prompts}
+    got, errors, started = {}, [], threading.Barrier(len(prompts) + 1)
 
     def ask(p):
-        events = stream_events(url, {"prompt": p, "max_tokens": 60, "temperature": 0})
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "prompt": p, "stream": True})
+                                     .encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            events = [r.readline()[6:].strip().decode()]
+            started.wait()  # every stream is running: now the bad requests arrive
+            events += [line[6:].strip().decode() for line in r if line.startswith(b"data: ")]
         got[p] = (text_of(events), events[-1])
 
+    decode = sched.engine.decode
+    sched.engine.decode = lambda *a: (time.sleep(0.005), decode(*a))[1]  # the streams outlast the bad requests
     threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
-    for t in threads:
-        t.start()
-    for body, text in BAD:
-        path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
-        code, reply = post(url, body if isinstance(body, bytes) else json.dumps(body, allow_nan=True).encode(), path)
-        if code != 400 or text not in reply["error"]["message"] or reply["error"]["type"] != "invalid_request_error":
-            errors.append((str(body)[:60], code, reply))
-    for t in threads:
-        t.join()
-    assert not errors
-    assert {p: v for p, v in got.items()} == {p: (solo[p], "[DONE]") for p in prompts}
-    tiny = post(url, {"prompt": "Once upon", "max_tokens": 60, "temperature": 1e-40, "seed": 5})
+    try:
+        for t in threads:
+            t.start()
+        started.wait()
+        for bad, text in BAD:
+            path = "/v1/chat/completions" if isinstance(bad, dict) and "messages" in bad else "/v1/completions"
+            code, reply = post(url, bad if isinstance(bad, bytes) else json.dumps(bad, allow_nan=True).encode(), path)
+            if code != 400 or text not in reply["error"]["message"] or reply["error"]["type"] != "invalid_request_error":
+                errors.append((str(bad)[:60], code, reply))
+        running_during = sched.stats()["running"]
+        for t in threads:
+            t.join()
+    finally:
+        sched.engine.decode = decode
+    assert not errors and running_during > 0
+    assert got == {p: (solo[p], "[DONE]") for p in prompts}
+    tiny = post(url, {**body, "prompt": "Once upon", "temperature": 1e-40, "seed": 5})
     assert tiny[0] == 200 and tiny[1]["choices"][0]["text"] == solo["Once upon"]  # a tiny temperature is greedy
     metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
     assert 'slimlm_kv_cache_tokens{model="m"} 0.0' in metrics  # every slot freed once idle

@@ -138,3 +138,16 @@ def test_shutdown_fails_waiting_requests_at_once_and_running_ones_after_the_grac
         sched.submit(Request([1], greedy()))
     sched.thread.join(timeout=5)
     assert not sched.thread.is_alive() and sched.stats()["kv_tokens"] == 0
+
+
+def test_a_bug_outside_the_per_request_guards_fails_the_requests_in_flight_not_the_scheduler(model):
+    sched = Scheduler(model, slots=1, max_len=64)
+    try:
+        release = sched.engine.release
+        sched.engine.release = lambda slot: (_ for _ in ()).throw(RuntimeError("bug"))  # admission fails
+        stranded = Request(PROMPTS[0], greedy())
+        assert run(sched, stranded)[1:] == ("error", "generation failed: internal error in the scheduler")
+        sched.engine.release = release
+        assert run(sched, Request(PROMPTS[0], greedy(3)))[1] == "length"
+    finally:
+        sched.close()

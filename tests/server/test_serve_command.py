@@ -68,7 +68,8 @@ def test_sigterm_fails_in_flight_requests_explicitly_and_exits(tiny_folder):
         waiting = {}
 
         def wait_in_queue():
-            req = urllib.request.Request(url + "/v1/completions", data=json.dumps({"prompt": "x", "max_tokens": 5}).encode())
+            body = json.dumps({"prompt": "x", "max_tokens": 5}).encode()
+            req = urllib.request.Request(url + "/v1/completions", data=body)
             try:
                 urllib.request.urlopen(req, timeout=30)
             except urllib.error.HTTPError as e:

@@ -1,16 +1,12 @@
 """Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, for every failure: bad
-requests, unknown routes (404) and methods (405), and anything unexpected (500, logged with its
-traceback, never shown to the client)."""
+requests, unknown routes (404) and methods (405), and anything unexpected (500; the traceback goes
+to the server's log, never to the client)."""
 
 from __future__ import annotations
-
-import logging
 
 from pydantic import ValidationError
 
 from slimlm.server.protocol import ErrorBody, ErrorResponse
-
-logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -69,6 +65,5 @@ def install(app) -> None:
         return error_response(APIError(e.status_code, message, code=code, headers=getattr(e, "headers", None)))
 
     @app.exception_handler(Exception)
-    async def _unexpected(request, e: Exception):  # a bug in slimlm: logged; the client gets no traceback
-        logger.error("%s %s failed", request.method, request.url.path, exc_info=e)
+    async def _unexpected(request, e: Exception):  # a bug in slimlm: Starlette re-raises it for uvicorn to log
         return error_response(APIError(500, f"internal error: {type(e).__name__}", kind="server_error"))

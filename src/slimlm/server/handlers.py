@@ -107,7 +107,8 @@ async def completions(http: HTTPRequest):
     want_logprobs = body.logprobs is not None
     params = sampling_params(state, served, body, prompt, max(body.logprobs or 0, 1) if want_logprobs else 0)
     reply = generation.Reply("completion", served.name)
-    scores = await score(served, prompt, body.logprobs or 0) if body.echo and want_logprobs else None
+    scored = body.echo and want_logprobs and not (body.stream and params.max_new_tokens)  # streams carry no logprobs
+    scores = await score(served, prompt, body.logprobs or 0) if scored else None
     head = tok.decode(prompt) if body.echo else ""
     if params.max_new_tokens == 0:  # scoring only (evaluation harnesses): echo the prompt
         if not body.echo:

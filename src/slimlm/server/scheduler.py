@@ -165,7 +165,13 @@ class Scheduler:
             self._run_calls()
             if self.deadline is not None and self._wind_down():
                 return
-            if not self._iteration():
+            try:
+                busy = self._iteration()
+            except Exception:  # noqa: BLE001 - a bug outside the per-request guards: fail what is in flight, go on
+                logger.exception("a scheduler iteration failed; failing the requests in flight")
+                self._fail_everything("generation failed: internal error in the scheduler")
+                busy = False
+            if not busy:
                 self.wake.wait(0.05)  # nothing to do: sleep until work arrives (timeouts still checked)
 
     def _run_calls(self) -> None:
@@ -191,6 +197,21 @@ class Scheduler:
             future.set_exception(ShuttingDown())
         with self.lock:
             return not self.running and not self.waiting
+
+    def _fail_everything(self, message: str) -> None:
+        """Fail every request in flight without trusting the engine (the last resort after a bug)."""
+        with self.lock:
+            stranded = list(self.running.values()) + self.waiting
+            self.running.clear()
+            self.waiting.clear()
+        for r in stranded:
+            r.slot = None
+            self._finish(r, "error", message)
+        for slot in range(self.slots):
+            try:
+                self.engine.release(slot)
+            except Exception:  # noqa: BLE001 - already failing; the log has the first error
+                logger.exception("could not free slot %d", slot)
 
     def _drop(self, r: Request, reason: str, message: str | None = None) -> None:
         """Take r out of the queue or the batch, free its slot, and tell its client why."""
@@ -220,8 +241,8 @@ class Scheduler:
             while free and self.waiting:
                 r = self.waiting.pop(0)
                 r.slot = free.pop(0)
-                self.engine.release(r.slot)
                 self.running[r.slot] = r
+                self.engine.release(r.slot)
             active = list(self.running.values())
         budget = self.prefill_chunk
         for r in active:  # chunked prefill, oldest first
