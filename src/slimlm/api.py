@@ -28,12 +28,6 @@ def load(path: str | os.PathLike = "demo", dtype: torch.dtype | str | None = Non
     """Load `(model, tokenizer)` from 'demo' or a local Hugging Face folder (compressed or not)."""
     from slimlm.core.model_io import load_model
 
-    if isinstance(dtype, str):
-        from slimlm.quant.cast import FLOAT_DTYPES
-
-        if dtype not in FLOAT_DTYPES:
-            raise SlimError(f"dtype '{dtype}' is not supported; use one of {', '.join(FLOAT_DTYPES)}")
-        dtype = FLOAT_DTYPES[dtype]
     return load_model(path, dtype=dtype, device=device)
 
 
@@ -229,9 +223,18 @@ def finetune(model: nn.Module, tokenizer, data: str = "demo", eval_data: str | N
             merge_lora_(model)
 
 
-def serve(model: str | os.PathLike = "demo", host: str = "127.0.0.1", port: int = 8000, **settings: Any) -> None:
+def serve(model: str | os.PathLike = "demo", on_ready: Callable[[list[str], str], None] | None = None,
+          **settings: Any) -> None:
     """Serve a model folder (or 'demo', or a folder of model folders) with the OpenAI-compatible API
-    until interrupted; settings as `slimlm serve`'s flags (api_key, slots, max_len, max_queue, ...)."""
+    until SIGTERM/SIGINT. Settings: the fields of `slimlm.server.config.ServeConfig`, as `slimlm serve`'s
+    flags (host, port, api_key, slots, max_len, max_queue, max_tokens, timeout, ...), checked before
+    anything loads. on_ready(model names, base URL) runs once serving starts."""
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise SlimError("serving needs the 'serve' extra: pip install 'slimlm[serve]'") from None
     from slimlm.server.server import run_server
 
-    run_server(str(model), host=host, port=port, **settings)
+    run_server(str(model), on_ready=on_ready, **settings)

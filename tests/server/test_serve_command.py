@@ -21,9 +21,9 @@ from slimlm.cli import main  # noqa: E402
 
 
 @pytest.mark.parametrize("flags, text", [
-    (["--slots", "0"], "--slots 0 must be at least 1"),
-    (["--port", "70000"], "--port 70000 must be in 1..65535"),
-    (["--port", "0"], "--port 0 must be in 1..65535"),
+    (["--slots", "0"], "slots 0 must be at least 1 (--slots)"),
+    (["--port", "70000"], "port 70000 must be in 1..65535 (--port)"),
+    (["--port", "0"], "port 0 must be in 1..65535 (--port)"),
     (["--max-queue", "0"], "--max-queue"),
     (["--max-tokens", "-1"], "--max-tokens"),
     (["--max-len", "1"], "--max-len"),
@@ -99,6 +99,6 @@ def test_the_serve_verb_checks_its_settings_before_loading():
     from slimlm.core.errors import SlimError
 
     for settings, text in (({"slots": 0}, "slots"), ({"port": 70000}, "port"), ({"max_queue": 0}, "max_queue"),
-                           ({"timeout": -1}, "request_timeout"), ({"api_key": "caf\u00e9"}, "ASCII")):
+                           ({"timeout": -1}, "timeout"), ({"api_key": "caf\u00e9"}, "ASCII")):
         with pytest.raises(SlimError, match=text):
             slimlm.serve("no/such/folder", **settings)  # refused before the (missing) model is looked for

@@ -61,13 +61,20 @@ def test_completions_chat_streaming_and_models(server):
 
 
 def test_stop_strings_cut_the_text(server):
+    """The reply ends right before the first stop string (of several), with finish_reason 'stop', in
+    plain and streamed replies; the uncut greedy text is the reference."""
     url, models = server
-    c = client(url)
-    text = c.completions.create(model=next(iter(models)), prompt="one, two", max_tokens=20, temperature=0).choices[0].text
-    if len(text) > 3:
-        stop = text[2:4]
-        cut = c.completions.create(model=next(iter(models)), prompt="one, two", max_tokens=20, temperature=0, stop=stop)
-        assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    c, name = client(url), next(iter(models))
+    text = c.completions.create(model=name, prompt="one, two", max_tokens=20, temperature=0).choices[0].text
+    assert len(text) >= 8, f"the tiny model must say enough to cut: {text!r}"
+    first, later = text[3:5], text[6:8]
+    want = text[: min(text.find(first), text.find(later))]
+    cut = c.completions.create(model=name, prompt="one, two", max_tokens=20, temperature=0, stop=[later, first])
+    assert cut.choices[0].text == want and cut.choices[0].finish_reason == "stop"
+    assert len(want) < len(text)
+    streamed = list(c.completions.create(model=name, prompt="one, two", max_tokens=20, temperature=0, stop=[later, first],
+                                         stream=True))
+    assert "".join(ch.choices[0].text for ch in streamed) == want and streamed[-1].choices[0].finish_reason == "stop"
 
 
 def test_concurrent_requests_get_their_solo_outputs(server):

@@ -33,7 +33,7 @@ from slimlm.core.files import (
     write_safetensors,
 )
 from slimlm.core.files import first_line as _first_line
-from slimlm.core.layers import float_dtype, is_compressed, replace_module_
+from slimlm.core.layers import FLOAT_DTYPES, float_dtype, is_compressed, replace_module_
 from slimlm.core.registry import Registry
 
 DEMO = "demo"
@@ -163,11 +163,16 @@ def load_tokenizer(path: Path, config: Any = None):
         raise SlimError(f"no usable tokenizer in {path} ({str(e).splitlines()[0]}); add tokenizer.json") from None
 
 
-def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu"):
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str = "cpu"):
     """Load (model, tokenizer) from 'demo' or a local HF causal-LM folder, compressed or not.
 
-    dtype None keeps the checkpoint's float dtype, except float16 on CPU, which loads as float32.
+    dtype (a torch dtype or its name) None keeps the checkpoint's float dtype, except float16 on CPU,
+    which loads as float32.
     """
+    if isinstance(dtype, str):
+        if dtype not in FLOAT_DTYPES:
+            raise SlimError(f"dtype '{dtype}' is not supported; use one of {', '.join(FLOAT_DTYPES)}")
+        dtype = FLOAT_DTYPES[dtype]
     path = resolve_model_path(name_or_path)
     raw = read_config_json(path)
     if dtype is None and device == "cpu" and raw.get("dtype", raw.get("torch_dtype")) == "float16":

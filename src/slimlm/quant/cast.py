@@ -8,10 +8,8 @@ import torch
 from torch import nn
 
 from slimlm.core.config import Config, check, field
-from slimlm.core.layers import is_compressed
+from slimlm.core.layers import FLOAT_DTYPES, is_compressed
 from slimlm.core.steps import Step
-
-FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)

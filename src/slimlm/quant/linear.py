@@ -25,6 +25,12 @@ from slimlm.quant import primitives as P
 from slimlm.quant.scheme import QuantScheme
 
 
+def take(t: Tensor, dim: int, ranges: list[tuple[int, int]]) -> Tensor:
+    """The index ranges [a, b) of `t` along `dim`, concatenated (a view when there is one range)."""
+    parts = [t.narrow(dim, a, b - a) for a, b in ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def check_finite_weight(name: str, weight: Tensor) -> None:
     """Refuse to quantize NaN/inf weights: they would poison every scale of their group."""
     if not torch.isfinite(weight).all():
@@ -90,6 +96,37 @@ class CompressedLinear(nn.Module):
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, getattr(self, "zero", None),
                                                            self.bias) if t is not None)
+
+    # --- tensor parallelism: shards in the portable layout, so parallel code never reads the codes ---
+
+    def shard_slices(self, dim: int, ranges: list[tuple[int, int]], name: str = "layer") -> dict[str, tuple]:
+        """What a shard keeping outputs (dim 0) or inputs (dim 1) `ranges` keeps of each stored tensor:
+        name -> (tensor dim, index ranges) (the bias is handled by `empty_shard`'s keep_bias). A split that
+        would cut a quantization group or a packed byte raises a SlimError naming the layer and the sizes."""
+        raise SlimError(f"{name}: {type(self).__name__} cannot be split for tensor parallelism")
+
+    def empty_shard(self, dim: int, ranges: list[tuple[int, int]], keep_bias: bool) -> "CompressedLinear":
+        """A layer of this kind on the meta device with the shard's shapes, to be filled (`fill_`)."""
+        raise NotImplementedError
+
+    def shard(self, dim: int, ranges: list[tuple[int, int]], keep_bias: bool = True,
+              name: str = "layer") -> "CompressedLinear":
+        """The shard keeping outputs (dim 0, column-parallel) or inputs (dim 1, row-parallel) `ranges`, as a
+        new layer of the same kind and scheme; keep_bias False drops a row shard's bias (added once, after
+        the partial outputs are summed)."""
+        tensors = {key: take(getattr(self, key), d, rs) for key, (d, rs) in self.shard_slices(dim, ranges, name).items()}
+        if self.bias is not None and (dim == 0 or keep_bias):
+            tensors["bias"] = take(self.bias, 0, ranges) if dim == 0 else self.bias
+        return self.empty_shard(dim, ranges, keep_bias).fill_(tensors)
+
+    def fill_(self, tensors: dict[str, Tensor]) -> "CompressedLinear":
+        """Put the stored tensors in place (assign, no copies); returns the layer."""
+        for key, value in tensors.items():
+            if getattr(self, key, None) is None:
+                raise SlimError(f"a shard of {type(self).__name__} has no tensor '{key}'")
+            setattr(self, key, value)
+        self._kernel_cache = None
+        return self
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.label()}"
@@ -167,6 +204,32 @@ class QuantizedLinear(CompressedLinear):
     def reference_matmul(self, x: Tensor) -> Tensor:
         """x (M, K) @ the dequantized weight, in float32: what this layer means."""
         return (x.float() @ self.dequantize(torch.float32).t()).to(x.dtype)  # (M, N)
+
+    def shard_slices(self, dim: int, ranges: list[tuple[int, int]], name: str = "layer") -> dict[str, tuple]:
+        stored = ["qweight", "scale"] + (["zero"] if self.zero is not None else [])
+        if dim == 0:
+            return {key: (0, ranges) for key in stored}
+        k, bits = self.in_features, self.scheme.bits
+        g = P.group_size_for(k, self.scheme)
+        if P.padded_k(k, self.scheme) != k:
+            raise SlimError(f"{name}: its {k} inputs are padded to whole groups of {g}; it cannot be split along its "
+                            "inputs (quantize with a group size that divides it)")
+        per_channel = g == k
+        for a, b in ranges:
+            if (not per_channel and (a % g or b % g)) or a % 8 or b % 8:
+                unit = 8 if per_channel else g
+                raise SlimError(f"{name}: splitting its {k} inputs at {a}..{b} would cut a quantization group of {unit}; "
+                                f"use a tensor-parallel size that divides {k // unit} groups evenly")
+        slices = {"qweight": (1, [(a * bits // 8, b * bits // 8) for a, b in ranges])}
+        for key in stored[1:]:
+            slices[key] = (1, [(0, 1)] if per_channel else [(a // g, b // g) for a, b in ranges])
+        return slices
+
+    def empty_shard(self, dim: int, ranges: list[tuple[int, int]], keep_bias: bool) -> "QuantizedLinear":
+        size = sum(b - a for a, b in ranges)
+        n, k = (size, self.in_features) if dim == 0 else (self.out_features, size)
+        bias = self.bias is not None and (dim == 0 or keep_bias)
+        return QuantizedLinear(k, n, self.scheme, bias=bias, dtype=self.compute_dtype, device="meta")
 
 
 def quantized_skeleton(group: dict[str, Any], original: nn.Module) -> QuantizedLinear:

@@ -66,6 +66,18 @@ class W8A8Linear(CompressedLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return (self.qweight.float() * self.scale[:, None]).to(dtype)  # (N, K)
 
+    def shard_slices(self, dim: int, ranges: list[tuple[int, int]], name: str = "layer") -> dict[str, tuple]:
+        if dim != 0:
+            from slimlm.core.errors import SlimError
+
+            raise SlimError(f"{name}: a W8A8 layer quantizes each token's activations over all its inputs, so it "
+                            "cannot be split along them; use a weight-only scheme for tensor parallelism")
+        return {"qweight": (0, ranges), "scale": (0, ranges)}
+
+    def empty_shard(self, dim: int, ranges: list[tuple[int, int]], keep_bias: bool) -> "W8A8Linear":
+        return W8A8Linear(self.in_features, sum(b - a for a, b in ranges), bias=self.bias is not None,
+                          dtype=self.compute_dtype, device="meta")
+
     def reference_matmul(self, x: Tensor) -> Tensor:
         """x (M, K) quantized per row, times the dequantized weight, in float32: what this layer means."""
         q, sx = quantize_rows(x)

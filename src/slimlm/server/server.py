@@ -23,7 +23,7 @@ import uvicorn
 from slimlm.core.errors import SlimError
 from slimlm.server.app import ServedModel, ServeSettings, create_app
 from slimlm.server.metrics import Metrics
-from slimlm.server.scheduler import Scheduler, check_settings
+from slimlm.server.scheduler import Scheduler
 from slimlm.server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -45,11 +45,11 @@ def model_paths(source: str) -> dict[str, str]:
 
 def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
                 dtype: str | None = None, device: str = "cpu") -> dict[str, ServedModel]:
-    from slimlm import load  # the public verb (not slimlm.api: api.serve imports this module)
+    from slimlm.core.model_io import load_model
 
     served = {}
     for name, path in model_paths(source).items():
-        model, tokenizer = load(path, dtype=dtype, device=device)
+        model, tokenizer = load_model(path, dtype=dtype, device=device)
         scheduler = Scheduler(model, slots=slots, max_len=max_len, max_queue=max_queue, metrics=metrics, name=name)
         served[name] = ServedModel(name, model, tokenizer, scheduler)
     return served
@@ -104,26 +104,22 @@ def run(app, sock: socket.socket) -> None:
             served.scheduler.close()
 
 
-def run_server(source: str, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
-               max_tokens: int = 2048, timeout: float = 600.0, shutdown_grace: float = 5.0, slots: int = 8,
-               max_len: int | None = None, max_queue: int = 64, dtype: str | None = None, device: str = "cpu",
-               on_ready: Callable[[list[str], str], None] | None = None) -> None:
+def run_server(source: str, on_ready: Callable[[list[str], str], None] | None = None, **settings) -> None:
     """Serve `source` (a model folder, 'demo', or a folder of model folders) until SIGTERM/SIGINT.
 
-    Settings are `slimlm serve`'s flags. They are checked, and the port bound, before any model
-    loads, so a mistake fails at once. on_ready(model names, base URL) runs when serving starts
-    (default: an INFO log line)."""
-    settings = ServeSettings(api_key=api_key, max_tokens_limit=max_tokens, request_timeout=timeout,
-                             shutdown_grace=shutdown_grace)
-    check_settings(slots, max_len, max_queue)
-    sock = listen(host, port)
+    Settings are the fields of `ServeConfig` (`slimlm serve`'s flags). They are checked, and the port
+    bound, before any model loads, so a mistake fails at once. on_ready(model names, base URL) runs
+    when serving starts (default: an INFO log line)."""
+    from slimlm.server.config import ServeConfig
+
+    config = ServeConfig.from_dict(settings)
+    sock = listen(config.host, config.port)
     try:
-        app, models = build_app(source, settings, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
-                                device=device)
+        app, models = build_app(source, config.http_settings(), **config.scheduler_settings())
     except BaseException:
         sock.close()
         raise
-    url = f"http://{host}:{port}/v1"
+    url = f"http://{config.host}:{config.port}/v1"
     if on_ready is None:
         logger.info("serving %s on %s", ", ".join(models), url)
     else:

@@ -1,0 +1,56 @@
+"""Everything `slimlm serve` and `slimlm.serve` accept, in one config: the CLI's flags derive from
+these fields, and the same checks run for both before anything loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from slimlm.core.config import Config, check, field
+from slimlm.server.state import ServeSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig(Config):
+    name = "serve"
+    host: str = field("127.0.0.1", "address to bind (127.0.0.1: this machine only)")
+    port: int = field(8000, "TCP port, 1..65535")
+    api_key: str | None = field(None, "require 'Authorization: Bearer KEY' on every route but /health; prefer "
+                                      "setting SLIMLM_API_KEY, which keeps the key out of the process list")
+    slots: int = field(8, "sequences decoded together per model (KV cache slots)")
+    max_len: int | None = field(None, "tokens per sequence, prompt + output (default: the model's context)")
+    max_queue: int = field(64, "waiting requests before answering 429")
+    max_tokens: int = field(2048, "the most max_tokens a request may ask for")
+    max_request_bytes: int = field(1 << 20, "largest request body, enforced while it streams in (413 beyond)")
+    timeout: float = field(600.0, "seconds a request may take (504 beyond)")
+    shutdown_grace: float = field(5.0, "seconds running requests may take to finish after SIGTERM/SIGINT before "
+                                       "they are failed")
+    dtype: str | None = field(None, "float32, bfloat16 or float16 (default: as stored)")
+    device: str = field("cpu", "cpu or cuda")
+
+    def __post_init__(self) -> None:
+        def whole(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        check(whole(self.port) and 1 <= self.port <= 65535, f"port {self.port!r} must be in 1..65535 (--port)")
+        for name in ("slots", "max_queue", "max_tokens", "max_request_bytes"):
+            value = getattr(self, name)
+            check(whole(value) and value >= 1, f"{name} {value!r} must be at least 1 (--{name.replace('_', '-')})")
+        check(self.max_len is None or (whole(self.max_len) and self.max_len >= 2),
+              f"max_len {self.max_len!r} must be at least 2: prompt + output tokens (--max-len)")
+        check(isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0,
+              f"timeout {self.timeout!r} must be a positive number of seconds (--timeout)")
+        check(isinstance(self.shutdown_grace, (int, float)) and math.isfinite(self.shutdown_grace)
+              and self.shutdown_grace >= 0, f"shutdown_grace {self.shutdown_grace!r} must be a number of seconds >= 0 "
+                                            "(--shutdown-grace)")
+        check(self.device.split(":")[0] in ("cpu", "cuda"), f"device {self.device!r} must be cpu or cuda (--device)")
+        self.http_settings()  # the API key and limits, checked now
+
+    def http_settings(self) -> ServeSettings:
+        return ServeSettings(api_key=self.api_key, max_tokens_limit=self.max_tokens,
+                             max_request_bytes=self.max_request_bytes, request_timeout=self.timeout,
+                             shutdown_grace=self.shutdown_grace)
+
+    def scheduler_settings(self) -> dict:
+        return dict(slots=self.slots, max_len=self.max_len, max_queue=self.max_queue, dtype=self.dtype,
+                    device=self.device)
