@@ -18,7 +18,8 @@ The public verbs (each modifies a model in place and returns it, or returns what
 Step configs for `quantize`, `prune` and `apply`: CastConfig, RTNConfig, GPTQConfig, AWQConfig,
 SmoothQuantConfig, MagnitudeConfig, RandomConfig, TaylorConfig, WandaConfig, SparseGPTConfig,
 HeadsConfig, ChannelsConfig, BlocksConfig. Settings of `distill`/`finetune`: TrainConfig; of `bench`:
-BenchSettings; of `generate` and the server: SamplingParams.
+BenchSettings; of `generate` and the server: SamplingParams; of `load` across processes (tp, pp):
+ParallelConfig.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ _CONFIGS = {
     "ChannelsConfig": "slimlm.pruning.structured", "BlocksConfig": "slimlm.pruning.structured",
 }
 _OTHER = {"SlimError": "slimlm.core.errors", "TrainConfig": "slimlm.distillation.trainer",
-          "BenchSettings": "slimlm.eval.speed", "SamplingParams": "slimlm.engine.sampling"}
+          "BenchSettings": "slimlm.eval.speed", "SamplingParams": "slimlm.engine.sampling",
+          "ParallelConfig": "slimlm.parallel.group"}
 _LAZY = {**_VERBS, **_CONFIGS, **_OTHER}
 
 __all__ = [*_VERBS, *_CONFIGS, *_OTHER, "__version__"]

@@ -24,10 +24,21 @@ log = logging.getLogger(__name__)
 OnBlock = Callable[[int, int], None]  # (blocks done, total)
 
 
-def load(path: str | os.PathLike = "demo", dtype: torch.dtype | str | None = None, device: str = "cpu"):
-    """Load `(model, tokenizer)` from 'demo' or a local Hugging Face folder (compressed or not)."""
+def load(path: str | os.PathLike = "demo", dtype: torch.dtype | str | None = None, device: str = "cpu",
+         tp: int = 1, pp: int = 1):
+    """Load `(model, tokenizer)` from 'demo' or a local Hugging Face folder (compressed or not).
+
+    tp / pp > 1 spread the model over that many processes (tensor / pipeline parallel, on
+    torch.distributed; started here, or joined under torchrun): the model returned is this process's
+    part, which `generate`, `bench` and `serve` run across all of them (`model.slimlm_parallel.close()`
+    stops the others; they stop at exit too)."""
     from slimlm.core.model_io import load_model
 
+    if tp > 1 or pp > 1:
+        from slimlm.parallel.group import ParallelConfig
+        from slimlm.parallel.launch import open_model
+
+        return open_model(str(path), ParallelConfig(tp=tp, pp=pp), dtype, device)
     return load_model(path, dtype=dtype, device=device)
 
 
@@ -171,9 +182,9 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
     from slimlm.engine.generate import generate_text
     from slimlm.engine.sampling import SamplingParams
 
-    if max_new_tokens < 1:
-        raise SlimError(f"max_new_tokens {max_new_tokens} must be at least 1")
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
+    if params.max_new_tokens < 1:
+        raise SlimError(f"max_new_tokens {max_new_tokens} must be at least 1")
     return generate_text(model, tokenizer, prompt, params, on_text)
 
 

@@ -128,3 +128,12 @@ def test_a_killed_write_is_cleaned_up_and_files_share_one_mode(tiny_folder, tmp_
     assert not stale.exists() and mine.exists() and not live.exists()
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "out").iterdir()}
     assert len(set(modes.values())) == 1, modes
+
+
+def test_a_vanishing_temperature_is_greedy_not_a_traceback(tiny_folder, capsys):
+    code, greedy, err = run(capsys, "generate", tiny_folder("llama"), "Once", "-n", 6)
+    assert code == 0, err
+    code, tiny, err = run(capsys, "generate", tiny_folder("llama"), "Once", "-n", 6, "--temperature", "1e-40")
+    assert code == 0 and tiny == greedy, err
+    code, _, err = run(capsys, "generate", tiny_folder("llama"), "Once", "--temperature", "nan")
+    one_line_error(code, err, "temperature nan must be a finite number")

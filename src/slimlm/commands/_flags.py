@@ -137,7 +137,8 @@ def add_config_flags(parser, classes: Iterable[type], skip: Iterable[str] = (), 
             kwargs["type"] = _parse_none_or(base) if optional and base is not str else base
         else:
             raise TypeError(f"no CLI parsing for field {cls.__name__}.{name}: {annotation}")
-        parser.add_argument(flag(name), **kwargs)
+        names = [f.metadata["short"]] if f.metadata.get("short") else []
+        parser.add_argument(*names, flag(name), **kwargs)
 
 
 def given_flags(args: argparse.Namespace, classes: Iterable[type]) -> list[str]:

@@ -16,9 +16,17 @@ def bench_settings():
     return BenchSettings
 
 
+def parallel_config():
+    from slimlm import ParallelConfig
+
+    return ParallelConfig
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face model folder, or 'demo'")
     add_config_flags(p, [bench_settings()])
+    add_config_flags(p.add_argument_group("parallelism (starts its own worker processes; torchrun works too)"),
+                     [parallel_config()])
     p.add_argument("--baseline", action="store_true", help="also time transformers' forward and print the ratio")
     p.add_argument("--serve", action="store_true",
                    help="load-test an OpenAI-compatible server on loopback instead: streaming clients at "
@@ -40,11 +48,20 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from slimlm.api import bench, load
 
+    from slimlm.core.errors import SlimError
+
     settings = settings_from_args(args, bench_settings())
-    model, tokenizer = load(args.model)
+    parallel = parallel_config().from_dict(settings_from_args(args, parallel_config()))
+    if parallel.parallel and (args.baseline or args.serve or settings.get("engine") is False):
+        raise SlimError("--baseline, --serve and --no-engine run in one process; drop --tp/--pp for them")
+    model, tokenizer = load(args.model, tp=parallel.tp, pp=parallel.pp)
     if args.serve:
         return _serve_load(args, model, tokenizer)
-    result = bench(model, **settings)
+    try:
+        result = bench(model, **settings)
+    finally:
+        if parallel.parallel:
+            model.slimlm_parallel.close()
     baseline = bench(model, **{**settings, "engine": False}) if args.baseline and result.runtime == "engine" else None
     if args.json:
         print_json({**result.to_dict(), "baseline": baseline.to_dict() if baseline else None})

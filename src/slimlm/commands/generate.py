@@ -1,4 +1,5 @@
-"""`slimlm generate MODEL PROMPT`: stream a continuation of the prompt to stdout."""
+"""`slimlm generate MODEL PROMPT`: stream a continuation of the prompt to stdout. The sampling flags
+derive from `SamplingParams`, the type the engine and the server use too."""
 
 from __future__ import annotations
 
@@ -6,29 +7,47 @@ import argparse
 import sys
 
 from slimlm.commands._common import quiet_libraries
+from slimlm.commands._flags import add_config_flags, settings_from_args
+
+
+def sampling_params():
+    from slimlm import SamplingParams
+
+    return SamplingParams
+
+
+def parallel_config():
+    from slimlm import ParallelConfig
+
+    return ParallelConfig
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face model folder, or 'demo'")
     p.add_argument("prompt", help="text to continue")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    add_config_flags(p, [sampling_params()])
+    add_config_flags(p.add_argument_group("parallelism (starts its own worker processes; torchrun works too)"),
+                     [parallel_config()])
 
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from slimlm.api import generate, load
 
-    model, tokenizer = load(args.model)
+    settings = settings_from_args(args, sampling_params())
+    settings.setdefault("max_new_tokens", sampling_params().max_new_tokens)
+    parallel = parallel_config().from_dict(settings_from_args(args, parallel_config()))
+    model, tokenizer = load(args.model, tp=parallel.tp, pp=parallel.pp)
     sys.stdout.write(args.prompt)
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, emit)
+    try:
+        generate(model, tokenizer, args.prompt, on_text=emit, **settings)
+    finally:
+        if parallel.parallel:
+            model.slimlm_parallel.close()
     sys.stdout.write("\n")
     return 0

@@ -16,10 +16,12 @@ from slimlm.core.errors import SlimError
 C = TypeVar("C", bound="Config")
 
 
-def field(default: Any, help: str, *, cli: bool = True, metavar: str | None = None, factory: bool = False):
+def field(default: Any, help: str, *, cli: bool = True, metavar: str | None = None, short: str | None = None,
+          factory: bool = False):
     """A config field with its help text (the CLI flag's help and the docs); cli=False keeps it out of
-    the command line (settable from Python and YAML only). factory: `default` is a zero-argument callable."""
-    metadata = {"help": help, "cli": cli, "metavar": metavar}
+    the command line (settable from Python and YAML only); short: a one-letter alias of the flag.
+    factory: `default` is a zero-argument callable."""
+    metadata = {"help": help, "cli": cli, "metavar": metavar, "short": short}
     if factory:
         return dataclasses.field(default_factory=default, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -21,15 +21,59 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def safetensors_files(path: Path) -> list[str]:
+    """The files of a (possibly sharded) safetensors checkpoint."""
+    index = path / "model.safetensors.index.json"
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    except (json.JSONDecodeError, KeyError, AttributeError):
+        raise SlimError(f"{index} is not a valid safetensors index; re-save the model") from None
+
+
+class SafetensorsReader:
+    """A (possibly sharded) safetensors checkpoint read tensor by tensor, whole or in slices, so a
+    process can take just its part of every tensor (tensor parallelism) without holding the rest."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path, self.where, self.aliases = path, {}, {}
+        self._open = {}
+        for name in safetensors_files(path):
+            try:
+                handle = safe_open(path / name, framework="pt")
+                self.aliases.update(json.loads((handle.metadata() or {}).get("aliases", "{}")))
+            except Exception as e:  # SafetensorError / OSError: corrupt, truncated or missing shard
+                raise SlimError(f"weights file {path / name} is corrupt or missing ({first_line(e)}); re-save the model") from None
+            self._open[name] = handle
+            self.where.update({key: name for key in handle.keys()})
+
+    def names(self) -> set[str]:
+        return set(self.where) | set(self.aliases)
+
+    def _handle(self, name: str):
+        key = self.aliases.get(name, name)
+        if key not in self.where:
+            raise SlimError(f"weights in {self.path} have no tensor '{name}'; the folder does not match its config")
+        return self._open[self.where[key]], key
+
+    def read(self, name: str) -> torch.Tensor:
+        handle, key = self._handle(name)
+        return handle.get_tensor(key)
+
+    def read_slice(self, name: str, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        """Index ranges [a, b) of tensor `name` along `dim` (0 or 1), concatenated; only they are read."""
+        handle, key = self._handle(name)
+        part = handle.get_slice(key)
+        pieces = [part[a:b] if dim == 0 else part[:, a:b] for a, b in ranges]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, memory-mapped."""
     from safetensors.torch import load_file
 
-    index = path / "model.safetensors.index.json"
-    try:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    except (json.JSONDecodeError, KeyError, AttributeError):
-        raise SlimError(f"{index} is not a valid safetensors index; re-save the model") from None
+    files = safetensors_files(path)
     state: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     for name in files:

@@ -53,6 +53,12 @@ COMPRESSED_MODULES: Registry[Callable[[dict[str, Any], nn.Module], nn.Module]] =
 FOREIGN_FORMATS: Registry[Callable[..., nn.Module]] = Registry("checkpoint format", {
     "compressed-tensors": "slimlm.quant.compressed_tensors_io:load_compressed_tensors",
 })
+# The same formats, one layer at a time: `quant_method` -> builder(path, name, float skeleton module,
+# quantization_config, read(key) -> tensor or None, dtype) returning the compressed layer (or None where
+# the format leaves the layer as it is). Tensor-parallel loading builds a layer at a time with it.
+FOREIGN_LAYERS: Registry[Callable[..., nn.Module | None]] = Registry("checkpoint format", {
+    "compressed-tensors": "slimlm.quant.compressed_tensors_io:build_ct_layer",
+})
 # config.json's slimlm_sparsity.storage.format -> decoder(raw config, state) that restores dense
 # tensors in place.
 STATE_DECODERS: Registry[Callable[[dict, dict], None]] = Registry("sparse storage format", {
@@ -90,7 +96,7 @@ def read_config_json(path: Path) -> dict[str, Any]:
     return config
 
 
-def _causal_lm_config(path: Path, raw: dict[str, Any]):
+def causal_lm_config(path: Path, raw: dict[str, Any]):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -180,12 +186,10 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None 
     qblock = raw.get(F.QUANTIZATION)
     method = qblock.get("quant_method") if isinstance(qblock, dict) else None
     F.read_block(raw, F.STRUCTURED, F.STRUCTURED_VERSION, path)
-    if method == F.QUANT_METHOD:
-        model = _load_compressed(path, raw, qblock, dtype)
-    elif _sparse_storage(raw, path) or raw.get(F.MODULE_SHAPES):
+    if method == F.QUANT_METHOD or _sparse_storage(raw, path) or raw.get(F.MODULE_SHAPES):
         model = _load_skeleton(path, raw, dtype)
     elif method in FOREIGN_FORMATS:
-        _causal_lm_config(path, raw)
+        causal_lm_config(path, raw)
         model = FOREIGN_FORMATS.get(method)(path, raw, qblock, dtype)
         if dtype is not None:
             model.to(dtype)
@@ -228,17 +232,45 @@ def read_state(path: Path, raw: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_skeleton(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
-    """Build the model on meta from its config and assign the (decoded) checkpoint tensors."""
+def build_skeleton(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
+    """The model of a folder built on the meta device (no memory): its config's architecture, the layer
+    shapes config.json records per layer (structured pruning), and slimlm's compressed layers where its
+    quantization block names them. Loaders assign the checkpoint's tensors to it."""
     from transformers import AutoModelForCausalLM
 
-    config = _causal_lm_config(path, raw)
+    config = causal_lm_config(path, raw)
+    qblock = raw.get(F.QUANTIZATION)
+    compressed = isinstance(qblock, dict) and qblock.get("quant_method") == F.QUANT_METHOD
+    if compressed:
+        version = qblock.get("format_version")
+        F.check_version(F.QUANTIZATION, version, F.QUANT_VERSION, path)
+        if version is None:
+            raise SlimError(f"{path}: config.json's {F.QUANTIZATION} has no format_version; the folder is corrupt, re-save it")
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the layers below are built by slimlm, not by a transformers quantizer
     float_dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(float_dtype, str):
         float_dtype = getattr(torch, float_dtype)
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=float_dtype)
     _reshape_linears_(model, F.module_shapes(raw, path), path)
+    for group in qblock.get("groups", []) if compressed else []:
+        kind = group.get("kind")
+        if kind not in COMPRESSED_MODULES:
+            raise SlimError(f"{path} uses compressed layer kind '{kind}' that this slimlm does not know "
+                            f"(known: {', '.join(COMPRESSED_MODULES.names()) or 'none registered'}); upgrade slimlm")
+        for name in group["modules"]:
+            try:
+                original = model.get_submodule(name)
+            except AttributeError:
+                raise SlimError(f"{path}: config lists layer '{name}' that the architecture does not have; the folder is corrupt") from None
+            replace_module_(model, name, COMPRESSED_MODULES.get(kind)(group, original))
+    return model
+
+
+def _load_skeleton(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
+    """Build the model on meta (`build_skeleton`) and assign the (decoded) checkpoint tensors."""
+    model = build_skeleton(path, raw, dtype)
     assign_state_(model, read_state(path, raw), path)
     if dtype is not None:
         model.to(dtype)
@@ -261,7 +293,7 @@ def _reshape_linears_(model: nn.Module, shapes: dict[str, list[int]], path: Path
 def _load_plain(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    config = _causal_lm_config(path, raw)
+    config = causal_lm_config(path, raw)
     import pickle
 
     try:
@@ -278,38 +310,6 @@ def _load_plain(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -> n
         if type(e).__name__ == "SafetensorError":
             raise SlimError(f"weights in {path} are corrupt or truncated ({e}); re-save or re-download them") from None
         raise
-
-
-def _load_compressed(path: Path, raw: dict[str, Any], qblock: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    version = qblock.get("format_version")
-    F.check_version(F.QUANTIZATION, version, F.QUANT_VERSION, path)
-    if version is None:
-        raise SlimError(f"{path}: config.json's {F.QUANTIZATION} has no format_version; the folder is corrupt, re-save it")
-    config = _causal_lm_config(path, raw)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    float_dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(float_dtype, str):
-        float_dtype = getattr(torch, float_dtype)
-    with params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=float_dtype)
-    for group in qblock.get("groups", []):
-        kind = group.get("kind")
-        if kind not in COMPRESSED_MODULES:
-            raise SlimError(f"{path} uses compressed layer kind '{kind}' that this slimlm does not know "
-                            f"(known: {', '.join(COMPRESSED_MODULES.names()) or 'none registered'}); upgrade slimlm")
-        for name in group["modules"]:
-            try:
-                original = model.get_submodule(name)
-            except AttributeError:
-                raise SlimError(f"{path}: config lists layer '{name}' that the architecture does not have; the folder is corrupt") from None
-            replace_module_(model, name, COMPRESSED_MODULES.get(kind)(group, original))
-    assign_state_(model, read_state(path, raw), path)
-    if dtype is not None:
-        model.to(dtype)
-    return model
 
 
 def assign_state_(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

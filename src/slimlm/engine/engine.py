@@ -34,12 +34,16 @@ class Engine:
     once: build a new Engine after replacing modules of the model or forcing other kernels."""
 
     def __init__(self, model: nn.Module, slots: int = 1, max_len: int | None = None, kv_dtype: str = "auto",
-                 fused_step: bool | None = None, cuda_graphs: bool | None = None) -> None:
+                 fused_step: bool | None = None, cuda_graphs: bool | None = None,
+                 spec: decoder.DecoderSpec | None = None, reduce=None) -> None:
         """fused_step: decode with the fused C++ step on CPU (`fused.py`); cuda_graphs: replay decode
-        steps of slots 0..B-1 from CUDA graphs (`graphs.py`). None: whenever they can run."""
-        spec, reason = decoder.decoder_spec(model)
+        steps of slots 0..B-1 from CUDA graphs (`graphs.py`). None: whenever they can run.
+        spec, reduce: for a shard of a model (tensor parallelism): the heads this process holds, and the
+        function that sums the row-parallel outputs across processes (`DecoderPlan.reduce`)."""
         if spec is None:
-            raise SlimError(f"the engine cannot run this model: {reason}")
+            spec, reason = decoder.decoder_spec(model)
+            if spec is None:
+                raise SlimError(f"the engine cannot run this model: {reason}")
         if kv_dtype not in KV_DTYPES:
             raise SlimError(f"kv cache dtype '{kv_dtype}' is not supported; use one of {', '.join(KV_DTYPES)}")
         if not isinstance(slots, int) or slots < 1:
@@ -51,6 +55,8 @@ class Engine:
                              self.device, quantized=kv_dtype == "int8")
         self.lengths = torch.zeros(slots, dtype=torch.long)  # tokens held per slot, on the host
         self.plan = decoder.build_plan(model, spec)
+        if reduce is not None:
+            self.plan.reduce = reduce
         self.torch_ops = TorchOps(spec, self.cache)
         self.fused, self.fused_reason = FusedOps.build(self.plan, self.cache) if fused_step is not False else (None, "off")
         if fused_step and self.fused is None:
@@ -112,3 +118,12 @@ class Engine:
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
+
+
+def engine_for(model: nn.Module, slots: int = 1, max_len: int | None = None, kv_dtype: str = "auto", **settings):
+    """An engine for `model`: its own, or, for rank 0 of a model spread over processes (tensor or
+    pipeline parallel: `model.slimlm_parallel`), one that every process runs its part of."""
+    group = getattr(model, "slimlm_parallel", None)
+    if group is not None:
+        return group.engine(slots, max_len, kv_dtype)
+    return Engine(model, slots, max_len, kv_dtype, **settings)

@@ -57,9 +57,9 @@ def decode_step(model: nn.Module, tokens: Tensor, cache: object) -> tuple[Tensor
 
 def _steps_on_engine(model: nn.Module, ids: Tensor, max_new_tokens: int, kv_dtype: str):
     """(first logits (B, V), step(tokens) -> logits) on the engine: one slot per row."""
-    from slimlm.engine.engine import Engine
+    from slimlm.engine.engine import engine_for
 
-    engine = Engine(model, slots=ids.shape[0], max_len=ids.shape[1] + max_new_tokens + 1, kv_dtype=kv_dtype)
+    engine = engine_for(model, slots=ids.shape[0], max_len=ids.shape[1] + max_new_tokens + 1, kv_dtype=kv_dtype)
     logits = torch.stack([engine.prefill(b, ids[b]) for b in range(ids.shape[0])])
     slots = torch.arange(ids.shape[0])
     return logits, lambda tokens: engine.decode(slots, tokens)

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor
 
+from slimlm.core.config import field
 from slimlm.core.errors import SlimError
 
 
@@ -18,13 +19,13 @@ class SamplingParams:
     the sequence (the stop token is produced, then generation stops); logprobs N > 0 asks for each
     token's log-probability and the N most likely alternatives (the server's `logprobs`)."""
 
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_ids: tuple[int, ...] = ()
-    logprobs: int = 0
+    max_new_tokens: int = field(64, "tokens to generate at most", short="-n")
+    temperature: float = field(0.0, "softmax temperature; 0 is greedy")
+    top_k: int = field(0, "sample among the k most likely tokens (0: off)")
+    top_p: float = field(1.0, "sample from the smallest set of tokens whose probability reaches p (1: off)")
+    seed: int | None = field(None, "seed of the sampling (reproducible output)")
+    stop_ids: tuple[int, ...] = field((), "token ids that end the sequence (default: the model's EOS)", cli=False)
+    logprobs: int = field(0, "report the N most likely alternatives of each token", cli=False)
 
     def __post_init__(self) -> None:
         def integer(value) -> bool:

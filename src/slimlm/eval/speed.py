@@ -20,7 +20,7 @@ from torch import nn
 from slimlm.core.config import Config, field
 from slimlm.core.errors import SlimError
 from slimlm.core.layers import context_length
-from slimlm.engine.engine import Engine
+from slimlm.engine.engine import Engine, engine_for
 from slimlm.engine.generate import decode_step, prefill
 from slimlm.eval.memory import PeakMemory
 from slimlm.eval.size import weight_bytes
@@ -97,7 +97,8 @@ class _Runner:
     def __init__(self, model: nn.Module, batch: int, max_len: int, engine: bool, kv_dtype: str,
                  fused_step: bool | None = None) -> None:
         self.model, self.cache = model, None
-        self.engine = Engine(model, slots=batch, max_len=max_len, kv_dtype=kv_dtype, fused_step=fused_step) if engine else None
+        settings = {} if fused_step is None else {"fused_step": fused_step}
+        self.engine = engine_for(model, slots=batch, max_len=max_len, kv_dtype=kv_dtype, **settings) if engine else None
         self.slots = torch.arange(batch)
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:

@@ -165,14 +165,55 @@ def _scheme_for(name: str, module: nn.Module, qblock: dict[str, Any]) -> tuple[d
     return None
 
 
-def load_compressed_tensors(path, raw: dict[str, Any], qblock: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
-    """Build a slimlm model (QuantizedLinear layers) from a pack-quantized compressed-tensors folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def check_ct_format(path, qblock: dict[str, Any]) -> None:
     if qblock.get("format") not in (FORMAT, None) or any(
             g.get("format", FORMAT) != FORMAT for g in (qblock.get("config_groups") or {}).values()):
         raise SlimError(f"{path} uses compressed-tensors format '{qblock.get('format')}'; slimlm.load reads "
                         f"'{FORMAT}' (int4/int8 weight-only); load it with transformers")
+
+
+def build_ct_layer(path, name: str, module: nn.Module, qblock: dict[str, Any], read, dtype: torch.dtype):
+    """The QuantizedLinear of layer `name` (its float skeleton `module`, on meta) from a pack-quantized
+    compressed-tensors checkpoint, its tensors taken with read(key) -> Tensor or None; None when the
+    checkpoint does not quantize this layer."""
+    check_ct_format(path, qblock)
+    packed = read(f"{name}.weight_packed")
+    if not isinstance(module, nn.Linear) or packed is None:
+        return None
+    found = _scheme_for(name, module, qblock)
+    if found is None:
+        raise SlimError(f"{path}: layer {name} has packed weights but no config group targets it; the folder is corrupt")
+    _, scheme = found
+    scale = read(f"{name}.weight_scale")
+    if scale.dtype != torch.float16 and torch.equal(scale.to(torch.float16).to(scale.dtype), scale):
+        scale = scale.to(torch.float16)  # slimlm's own scale precision, widened on export: take it back
+    scale_dtype = str(scale.dtype).removeprefix("torch.")
+    if scale_dtype not in SCALE_DTYPES:
+        raise SlimError(f"{path}: layer {name} has {scale_dtype} scales; expected one of {', '.join(SCALE_DTYPES)}")
+    scheme = QuantScheme.from_dict({**scheme.to_dict(), "scale_dtype": scale_dtype})
+    n, k = module.out_features, module.in_features
+    shape = read(f"{name}.weight_shape")
+    if shape is not None and [int(v) for v in shape] != [n, k]:
+        raise SlimError(f"{path}: layer {name} is stored as {shape.tolist()} but the architecture has ({n}, {k})")
+    layer = QuantizedLinear(k, n, scheme, bias=module.bias is not None, dtype=dtype)
+    codes = unpack_int32(packed, scheme.bits, k)
+    layer.qweight.copy_(P.pack(codes, scheme.bits))
+    layer.scale.copy_(scale)
+    zero = read(f"{name}.weight_zero_point")
+    if layer.zero is not None:
+        if zero is None:
+            raise SlimError(f"{path}: asymmetric layer {name} has no weight_zero_point; the folder is corrupt")
+        layer.zero.copy_(unpack_int32(zero.t().contiguous(), scheme.bits, n).t())
+    if module.bias is not None:
+        layer.bias.copy_(read(f"{name}.bias"))
+    return layer
+
+
+def load_compressed_tensors(path, raw: dict[str, Any], qblock: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
+    """Build a slimlm model (QuantizedLinear layers) from a pack-quantized compressed-tensors folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_ct_format(path, qblock)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -182,35 +223,8 @@ def load_compressed_tensors(path, raw: dict[str, Any], qblock: dict[str, Any], d
         model = AutoModelForCausalLM.from_config(config, dtype=model_dtype)
     state = read_safetensors(path)
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or f"{name}.weight_packed" not in state:
-            continue
-        found = _scheme_for(name, module, qblock)
-        if found is None:
-            raise SlimError(f"{path}: layer {name} has packed weights but no config group targets it; the folder is corrupt")
-        _, scheme = found
-        scale = state.pop(f"{name}.weight_scale")
-        if scale.dtype != torch.float16 and torch.equal(scale.to(torch.float16).to(scale.dtype), scale):
-            scale = scale.to(torch.float16)  # slimlm's own scale precision, widened on export: take it back
-        scale_dtype = str(scale.dtype).removeprefix("torch.")
-        if scale_dtype not in SCALE_DTYPES:
-            raise SlimError(f"{path}: layer {name} has {scale_dtype} scales; expected one of {', '.join(SCALE_DTYPES)}")
-        scheme = QuantScheme.from_dict({**scheme.to_dict(), "scale_dtype": scale_dtype})
-        n, k = module.out_features, module.in_features
-        shape = state.pop(f"{name}.weight_shape", None)
-        if shape is not None and [int(v) for v in shape] != [n, k]:
-            raise SlimError(f"{path}: layer {name} is stored as {shape.tolist()} but the architecture has ({n}, {k})")
-        layer = QuantizedLinear(k, n, scheme, bias=module.bias is not None, dtype=model_dtype)
-        codes = unpack_int32(state.pop(f"{name}.weight_packed"), scheme.bits, k)
-        layer.qweight.copy_(P.pack(codes, scheme.bits))
-        layer.scale.copy_(scale)
-        zero = state.pop(f"{name}.weight_zero_point", None)
-        if layer.zero is not None:
-            if zero is None:
-                raise SlimError(f"{path}: asymmetric layer {name} has no weight_zero_point; the folder is corrupt")
-            layer.zero.copy_(unpack_int32(zero.t().contiguous(), scheme.bits, n).t())
-        if module.bias is not None:
-            layer.bias.copy_(state.pop(f"{name}.bias"))
-        replace_module_(model, name, layer)
+        layer = build_ct_layer(path, name, module, qblock, lambda key: state.pop(key, None), model_dtype)
+        if layer is not None:
+            replace_module_(model, name, layer)
     assign_state_(model, state, path)
     return model
-

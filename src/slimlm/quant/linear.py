@@ -117,7 +117,9 @@ class CompressedLinear(nn.Module):
         tensors = {key: take(getattr(self, key), d, rs) for key, (d, rs) in self.shard_slices(dim, ranges, name).items()}
         if self.bias is not None and (dim == 0 or keep_bias):
             tensors["bias"] = take(self.bias, 0, ranges) if dim == 0 else self.bias
-        return self.empty_shard(dim, ranges, keep_bias).fill_(tensors)
+        shard = self.empty_shard(dim, ranges, keep_bias).fill_(tensors)
+        shard.kernel_name = self.kernel_name  # a forced kernel stays forced
+        return shard
 
     def fill_(self, tensors: dict[str, Tensor]) -> "CompressedLinear":
         """Put the stored tensors in place (assign, no copies); returns the layer."""

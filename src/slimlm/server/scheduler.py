@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from slimlm.core.errors import SlimError
-from slimlm.engine.engine import Engine
+from slimlm.engine.engine import Engine, engine_for
 from slimlm.engine.sampling import SamplingParams, sample_next
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Scheduler:
             from slimlm.engine.decoder import decoder_spec
 
             raise SlimError(f"serving runs on slimlm's engine, which cannot run this model: {decoder_spec(model)[1]}")
-        self.engine = Engine(model, slots=slots, max_len=max_len)
+        self.engine = engine_for(model, slots=slots, max_len=max_len)
         self.model, self.max_len = model, self.engine.max_len
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.slots, self.max_queue, self.prefill_chunk = slots, max_queue, prefill_chunk

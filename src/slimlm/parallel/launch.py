@@ -1,0 +1,131 @@
+"""Starting a model across processes: `open_model(path, ParallelConfig(tp=2))` loads this process's part
+(rank 0), starts the other ranks (or joins torchrun's), and returns rank 0's model with a
+`ParallelGroup` attached (`model.slimlm_parallel`), through which generate, bench and serve build
+their engines (`RemoteEngine`s every rank runs). Rank 0's model is a shard: its own forward would be
+wrong, so it refuses to run.
+"""
+
+from __future__ import annotations
+
+import atexit
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimlm.core.errors import SlimError
+from slimlm.parallel import driver
+from slimlm.parallel.group import ParallelConfig, check_devices, join, start_workers, under_torchrun
+
+
+class ParallelGroup:
+    """The processes one model runs on, seen from rank 0."""
+
+    def __init__(self, config: ParallelConfig, factory: driver.EngineFactory, workers: Any = None) -> None:
+        self.config, self.factory, self.workers = config, factory, workers
+        self.channel = driver.Channel()
+        self.closed = False
+        atexit.register(self.close)
+
+    def engine(self, slots: int = 1, max_len: int | None = None, kv_dtype: str = "auto") -> driver.RemoteEngine:
+        if self.closed:
+            raise SlimError("the parallel group is closed; load the model again")
+        return driver.RemoteEngine(self.channel, self.factory, slots, max_len, kv_dtype)
+
+    def close(self) -> None:
+        """Stop the other ranks and leave the group (also at exit)."""
+        if self.closed:
+            return
+        self.closed = True
+        import torch.distributed as dist
+
+        try:
+            driver.stop(self.channel)
+            dist.barrier()  # nobody leaves the group while another still uses it
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            if self.workers is not None:
+                self.workers.join()
+
+
+def _refuse_forward(*args, **kwargs):
+    raise SlimError("this model is one rank's shard of a parallel model; run it through slimlm's engine "
+                    "(generate, bench, serve), or load it without --tp/--pp for evaluation")
+
+
+def tp_factory(path: str, world: int, rank: int, dtype, device: str):
+    """(this rank's shard, tokenizer, engine factory) for tensor parallelism."""
+    import torch.distributed as dist
+
+    from slimlm.engine.engine import Engine
+    from slimlm.parallel.loading import load_tp_shard
+
+    model, tokenizer, layout, spec = load_tp_shard(path, world, rank, dtype, device)
+
+    def all_reduce(x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x)
+        return x
+
+    def factory(slots: int, max_len: int | None, kv_dtype: str):
+        return Engine(model, slots, max_len, kv_dtype, spec=spec, reduce=all_reduce)
+
+    return model, tokenizer, factory
+
+
+def _worker(rank: int, world: int, address: str, path: str, config: ParallelConfig, dtype, device: str) -> None:
+    """Ranks > 0 started by `open_model`: load this rank's part, then follow rank 0."""
+    import torch.distributed as dist
+
+    join(world, rank, device, init_method=address)
+    try:
+        _, _, factory = _factory(config)(path, world, rank, dtype, device)
+        driver.follow(driver.Channel(), factory)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _check(config: ParallelConfig):
+    if config.pp > 1:
+        from slimlm.parallel.pipeline import check_pp
+
+        return check_pp
+    from slimlm.parallel.loading import check_tp
+
+    return check_tp
+
+
+def _factory(config: ParallelConfig):
+    if config.pp > 1:
+        from slimlm.parallel.pipeline import pp_factory
+
+        return pp_factory
+    return tp_factory
+
+
+def open_model(path: str, config: ParallelConfig, dtype=None, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """(rank 0's model with `slimlm_parallel` attached, tokenizer). Under torchrun every process calls
+    this; ranks > 0 then follow rank 0 until it closes the group, and exit."""
+    world = config.world
+    check_devices(world, device)
+    _check(config)(path, world)
+    workers = None
+    if under_torchrun():
+        rank = join(world, device=device)
+    else:
+        address, workers = start_workers(world, _worker, (path, config, dtype, device))
+        rank = join(world, 0, device, init_method=address)
+    model, tokenizer, factory = _factory(config)(path, world, rank, dtype, device)
+    if rank != 0:
+        import sys
+
+        import torch.distributed as dist
+
+        driver.follow(driver.Channel(), factory)
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.exit(0)
+    model.slimlm_parallel = ParallelGroup(config, factory, workers)
+    model.forward = _refuse_forward
+    return model, tokenizer
