@@ -105,6 +105,15 @@ def float_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device the model's materialised tensors are on (a pipeline stage keeps the layers it does not
+    hold on the meta device, so the first parameter is not enough)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if not t.is_meta:
+            return t.device
+    return torch.device("cpu")
+
+
 def context_length(model_or_config: Any) -> int | None:
     """The number of positions the model was built for (None when its config does not say)."""
     config = getattr(model_or_config, "config", model_or_config)

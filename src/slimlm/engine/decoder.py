@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor, nn
 
-from slimlm.core.layers import context_length, float_dtype, is_compressed
+from slimlm.core.layers import context_length, float_dtype, is_compressed, model_device
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
@@ -158,23 +158,23 @@ def identity(x: Tensor) -> Tensor:
 @dataclasses.dataclass
 class DecoderPlan:
     spec: DecoderSpec
-    embed: nn.Module
+    embed: nn.Module | None  # None: a later pipeline stage, fed hidden states (Batch.hidden)
     rotary: nn.Module
     layers: list[LayerPlan]
-    norm: nn.Module
-    head: nn.Module
+    norm: nn.Module | None  # None (with head): an earlier pipeline stage, returning hidden states
+    head: nn.Module | None
     dtype: torch.dtype
     # Sums the partial outputs of row-parallel projections (o_proj, down_proj) across the processes of
     # a tensor-parallel group: THE one place tensor parallelism adds its all-reduce. Identity on one process.
     reduce: Callable[[Tensor], Tensor] = identity
 
 
-def build_plan(model: nn.Module, spec: DecoderSpec) -> DecoderPlan:
-    """Gather the modules the loop calls and decide, once, which projections share a kernel call."""
+def build_plan(model: nn.Module, spec: DecoderSpec, first: bool = True, last: bool = True) -> DecoderPlan:
+    """Gather the modules the loop calls and decide, once, which projections share a kernel call.
+    first / last: this model holds the first / last layers (pipeline stages hold a run of them)."""
     base = model.model
     dtype = float_dtype(model)
-    device = next(model.parameters()).device
-    probe = torch.zeros(1, base.embed_tokens.weight.shape[1], dtype=dtype, device=device)
+    probe = torch.zeros(1, base.embed_tokens.weight.shape[1], dtype=dtype, device=model_device(model))
     d = spec.head_dim
     layers = []
     for layer, window in zip(base.layers, spec.windows):
@@ -192,7 +192,8 @@ def build_plan(model: nn.Module, spec: DecoderSpec) -> DecoderPlan:
             input_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm, qkv=qkv,
             q_norm=attn.q_norm if spec.qk_norm else None, k_norm=attn.k_norm if spec.qk_norm else None,
             o_proj=attn.o_proj, gate_up=gate_up, down_proj=mlp.down_proj, window=window))
-    return DecoderPlan(spec, base.embed_tokens, base.rotary_emb, layers, base.norm, model.lm_head, dtype)
+    return DecoderPlan(spec, base.embed_tokens if first else None, base.rotary_emb, layers,
+                       base.norm if last else None, model.lm_head if last else None, dtype)
 
 
 # --- one step: the loop, and what an op set must provide ----------------------------------------------
@@ -202,7 +203,8 @@ def build_plan(model: nn.Module, spec: DecoderSpec) -> DecoderPlan:
 class Batch:
     """Tokens ids (B, T) at positions (B, T) of cache slots `rows` (B,), all on the model's device.
     contiguous: rows are 0..B-1 (the cache is read by slicing); last_only: logits of each row's last
-    token only; fresh: one prompt from position 0 that may attend to its own keys directly."""
+    token only; fresh: one prompt from position 0 that may attend to its own keys directly; hidden:
+    the tokens' hidden states (B, T, C) from the previous pipeline stage (instead of embedding ids)."""
 
     ids: Tensor
     positions: Tensor
@@ -210,6 +212,7 @@ class Batch:
     contiguous: bool
     last_only: bool = True
     fresh: bool = False
+    hidden: Tensor | None = None
 
 
 class Ops(Protocol):
@@ -233,11 +236,15 @@ class Ops(Protocol):
     def logits(self, plan: DecoderPlan, h: Tensor, delta: Tensor, ctx: Any) -> Tensor:
         """The final residual add, norm and output head."""
 
+    def hidden(self, h: Tensor, delta: Tensor, ctx: Any) -> Tensor:
+        """The residual stream after the last layer, (B, T, C): what a pipeline stage passes on."""
+
 
 @torch.no_grad()
 def forward(plan: DecoderPlan, ops: Ops, batch: Batch) -> Tensor:
     """Run one step (prefill or decode) with op set `ops`: returns logits (B, V) of each row's last
-    token, or (B, T, V) when `batch.last_only` is False. The cache is written in place."""
+    token, or (B, T, V) when `batch.last_only` is False, or for an earlier pipeline stage (no head)
+    the hidden states (B, T, C). The cache is written in place."""
     h, ctx = ops.begin(plan, batch)
     delta = None
     for i, layer in enumerate(plan.layers):
@@ -246,4 +253,6 @@ def forward(plan: DecoderPlan, ops: Ops, batch: Batch) -> Tensor:
         attended = ops.attend(i, layer, q, k, v, ctx)
         h, x = ops.add_norm(h, plan.reduce(layer.o_proj(attended)), layer.post_norm)
         delta = plan.reduce(ops.mlp(layer, x))
+    if plan.head is None:
+        return ops.hidden(h, delta, ctx)
     return ops.logits(plan, h, delta, ctx)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.core.errors import SlimError
-from slimlm.core.layers import float_dtype
+from slimlm.core.layers import float_dtype, model_device
 from slimlm.engine import decoder, graphs
 from slimlm.engine.fused import FusedOps
 from slimlm.engine.kv_cache import KVCache
@@ -35,11 +35,13 @@ class Engine:
 
     def __init__(self, model: nn.Module, slots: int = 1, max_len: int | None = None, kv_dtype: str = "auto",
                  fused_step: bool | None = None, cuda_graphs: bool | None = None,
-                 spec: decoder.DecoderSpec | None = None, reduce=None) -> None:
+                 spec: decoder.DecoderSpec | None = None, reduce=None, first: bool = True, last: bool = True) -> None:
         """fused_step: decode with the fused C++ step on CPU (`fused.py`); cuda_graphs: replay decode
         steps of slots 0..B-1 from CUDA graphs (`graphs.py`). None: whenever they can run.
         spec, reduce: for a shard of a model (tensor parallelism): the heads this process holds, and the
-        function that sums the row-parallel outputs across processes (`DecoderPlan.reduce`)."""
+        function that sums the row-parallel outputs across processes (`DecoderPlan.reduce`).
+        first, last: for a pipeline stage: whether it embeds the tokens (else `append`/`decode` take the
+        previous stage's hidden states) and whether it ends in the head (else they return hidden states)."""
         if spec is None:
             spec, reason = decoder.decoder_spec(model)
             if spec is None:
@@ -50,20 +52,20 @@ class Engine:
             raise SlimError(f"the engine needs at least one slot (got {slots!r})")
         self.model, self.spec = model, spec
         self.max_len = min(max_len or spec.max_positions, spec.max_positions)
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.cache = KVCache(spec.n_layers, slots, spec.n_kv_heads, self.max_len, spec.head_dim, float_dtype(model),
                              self.device, quantized=kv_dtype == "int8")
         self.lengths = torch.zeros(slots, dtype=torch.long)  # tokens held per slot, on the host
-        self.plan = decoder.build_plan(model, spec)
+        self.plan = decoder.build_plan(model, spec, first, last)
         if reduce is not None:
             self.plan.reduce = reduce
         self.torch_ops = TorchOps(spec, self.cache)
         self.fused, self.fused_reason = FusedOps.build(self.plan, self.cache) if fused_step is not False else (None, "off")
         if fused_step and self.fused is None:
             raise SlimError(f"the fused decode step cannot run here: {self.fused_reason}")
-        can_graph = self.device.type == "cuda" and not self.cache.quantized
+        can_graph = self.device.type == "cuda" and not self.cache.quantized and first and last
         if cuda_graphs and not can_graph:
-            raise SlimError("CUDA graphs need a CUDA device and an unquantized KV cache")
+            raise SlimError("CUDA graphs need a CUDA device, an unquantized KV cache and the whole model in one process")
         self.cuda_graphs = can_graph if cuda_graphs is None else cuda_graphs
         self._graphs: dict[int, graphs.GraphedDecode] = {}
 
@@ -81,9 +83,12 @@ class Engine:
         self.release(slot)
         return self.append(slot, ids)
 
-    def append(self, slot: int, ids: Tensor, all_logits: bool = False, read_back: bool = False) -> Tensor:
+    def append(self, slot: int, ids: Tensor, all_logits: bool = False, read_back: bool = False,
+               hidden: Tensor | None = None) -> Tensor:
         """Feed ids (T,) after what slot `slot` holds (chunked prefill); returns the last logits (V,)
-        or, with all_logits, (T, V). read_back: attend to the cached keys even for a fresh prompt."""
+        or, with all_logits, (T, V). read_back: attend to the cached keys even for a fresh prompt.
+        A pipeline stage after the first takes the tokens' hidden states (T, C) too; one before the last
+        returns hidden states (T, C)."""
         ids = ids.reshape(1, -1).to(self.device)
         start, n = int(self.lengths[slot]), ids.shape[1]
         if n == 0:
@@ -92,13 +97,15 @@ class Engine:
             raise SlimError(f"the prompt has {start + n} tokens; this engine holds {self.max_len} per sequence")
         batch = decoder.Batch(ids, torch.arange(start, start + n, device=self.device)[None],
                               torch.tensor([slot], device=self.device), contiguous=slot == 0,
-                              last_only=not all_logits, fresh=start == 0 and not read_back)
+                              last_only=not all_logits, fresh=start == 0 and not read_back,
+                              hidden=None if hidden is None else hidden.reshape(1, n, -1).to(self.device))
         logits = decoder.forward(self.plan, self.torch_ops, batch)
         self.lengths[slot] = start + n
         return logits[0]
 
-    def decode(self, slots: Tensor, tokens: Tensor) -> Tensor:
-        """Append one token per slot (tokens (B,) for slots (B,)); returns next-token logits (B, V)."""
+    def decode(self, slots: Tensor, tokens: Tensor, hidden: Tensor | None = None) -> Tensor:
+        """Append one token per slot (tokens (B,) for slots (B,)); returns next-token logits (B, V)
+        (a pipeline stage: takes / returns hidden states (B, 1, C) where it does not embed / end)."""
         slots = slots.cpu()
         b, tokens = len(slots), tokens.to(self.device)
         held = self.lengths[slots]  # (B,) each sequence's next position
@@ -111,7 +118,8 @@ class Engine:
             logits = self._graphs[b](tokens, positions)
         else:
             ops = self.fused if self.fused is not None else self.torch_ops
-            batch = decoder.Batch(tokens[:, None], positions[:, None], slots.to(self.device), contiguous)
+            batch = decoder.Batch(tokens[:, None], positions[:, None], slots.to(self.device), contiguous,
+                                  hidden=None if hidden is None else hidden.reshape(b, 1, -1).to(self.device))
             logits = decoder.forward(self.plan, ops, batch)
         self.lengths[slots] += 1
         return logits

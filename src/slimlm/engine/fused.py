@@ -65,13 +65,17 @@ class FusedOps:
             return None, "the C++ decode ops are not available (no compiler, or SLIMLM_NO_CPP)"
         if plan.spec.head_dim % 2:
             return None, "odd head dimension"
-        norms = [n for layer in plan.layers for n in (layer.input_norm, layer.post_norm)] + [plan.norm]
+        norms = [n for layer in plan.layers for n in (layer.input_norm, layer.post_norm)]
+        norms += [plan.norm] if plan.norm is not None else []
         if not all(_is_rms_norm(n, kernels, dtype) for n in norms):
             return None, "a norm is not Llama's RMSNorm"
         return cls(plan.spec, cache, kernels, {n: _norm_eps(n) for n in norms}), ""
 
     def begin(self, plan: DecoderPlan, batch: Batch) -> tuple[Tensor, tuple[Tensor, Tensor, Batch]]:
-        h = plan.embed(batch.ids[:, 0]).contiguous()  # (B, C); updated in place by the residual adds
+        if plan.embed is not None:
+            h = plan.embed(batch.ids[:, 0]).contiguous()  # (B, C); updated in place by the residual adds
+        else:
+            h = batch.hidden[:, 0].contiguous()  # a later pipeline stage's input
         cos, sin = plan.rotary(h[:, None], batch.positions)  # (B, 1, R)
         return h, (cos[:, 0].contiguous(), sin[:, 0].contiguous(), batch)
 
@@ -94,6 +98,9 @@ class FusedOps:
     def mlp(self, layer: LayerPlan, x: Tensor) -> Tensor:
         gate, up = layer.gate_up(x)
         return layer.down_proj(self.kernels.silu_mul(gate, up))
+
+    def hidden(self, h: Tensor, delta: Tensor, ctx) -> Tensor:
+        return h.add_(delta)[:, None]  # (B, 1, C)
 
     def logits(self, plan: DecoderPlan, h: Tensor, delta: Tensor, ctx) -> Tensor:
         return plan.head(self.kernels.add_rms_norm(h, delta, plan.norm.weight, self.eps[plan.norm]))  # (B, V)

@@ -33,7 +33,7 @@ class StaticOps(TorchOps):
     """One token per slot 0..B-1; shapes depend only on B and the cache size."""
 
     def begin(self, plan: DecoderPlan, batch: Batch) -> tuple[Tensor, StaticContext]:
-        h = plan.embed(batch.ids)  # (B, 1, C)
+        h = plan.embed(batch.ids) if plan.embed is not None else batch.hidden  # (B, 1, C)
         cos, sin = plan.rotary(h, batch.positions)  # (B, 1, R)
         return h, StaticContext(batch, cos, sin, self.cache.static_index(batch.positions[:, 0]), {})
 

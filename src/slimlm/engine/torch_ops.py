@@ -70,7 +70,7 @@ class TorchOps:
         self.spec, self.cache = spec, cache
 
     def begin(self, plan: DecoderPlan, batch: Batch) -> tuple[Tensor, StepContext]:
-        h = plan.embed(batch.ids)  # (B, T, C)
+        h = plan.embed(batch.ids) if plan.embed is not None else batch.hidden  # (B, T, C)
         cos, sin = plan.rotary(h, batch.positions)  # (B, T, R)
         return h, StepContext(batch, cos, sin, int(batch.positions.max()) + 1, {})
 
@@ -109,6 +109,9 @@ class TorchOps:
     def mlp(self, layer: LayerPlan, x: Tensor) -> Tensor:
         gate, up = layer.gate_up(x)
         return layer.down_proj(F.silu(gate) * up)
+
+    def hidden(self, h: Tensor, delta: Tensor, ctx: StepContext) -> Tensor:
+        return h + delta
 
     def logits(self, plan: DecoderPlan, h: Tensor, delta: Tensor, ctx: StepContext) -> Tensor:
         h = h + delta

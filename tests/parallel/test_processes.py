@@ -1,6 +1,6 @@
-"""Tensor parallelism across two CPU processes (gloo): greedy tokens equal one process for Llama,
-Qwen2 and Mistral shapes, float and int4/int8 (slimlm's and compressed-tensors checkpoints); batched
-decode of sequences of different lengths and chunked prefill too."""
+"""Tensor and pipeline parallelism across two CPU processes (gloo): greedy tokens equal one process
+for Llama, Qwen2 and Mistral shapes, float and int4/int8 (slimlm's and compressed-tensors
+checkpoints); batched decode of sequences of different lengths and chunked prefill too."""
 
 import pytest
 import torch
@@ -27,18 +27,22 @@ def solo_tokens(model, steps=10):
     return [generate_ids(model, p[None], SamplingParams(max_new_tokens=steps), engine=True)[0].tolist() for p in PROMPTS]
 
 
-@pytest.mark.parametrize("family, quant, save_format, overrides", [
-    ("llama", None, "slimlm", {}),
-    ("llama", {"bits": 4, "group_size": 32}, "slimlm", {}),
-    ("qwen2", {"bits": 8, "group_size": None, "symmetric": True}, "compressed-tensors", {}),
-    ("mistral", {"bits": 4, "group_size": 32}, "compressed-tensors", {"sliding_window": 6}),
-], ids=["llama-float", "llama-int4", "qwen2-int8-ct", "mistral-int4-ct-window"])
-def test_two_ranks_generate_what_one_process_does(tmp_path, family, quant, save_format, overrides):
+@pytest.mark.parametrize("layout, family, quant, save_format, overrides", [
+    ("tp", "llama", None, "slimlm", {}),
+    ("tp", "llama", {"bits": 4, "group_size": 32}, "slimlm", {}),
+    ("tp", "qwen2", {"bits": 8, "group_size": None, "symmetric": True}, "compressed-tensors", {}),
+    ("tp", "mistral", {"bits": 4, "group_size": 32}, "compressed-tensors", {"sliding_window": 6}),
+    ("pp", "llama", {"bits": 4, "group_size": 32}, "slimlm", {}),
+    ("pp", "qwen2", None, "slimlm", {}),
+    ("pp", "mistral", {"bits": 8, "group_size": None, "symmetric": True}, "compressed-tensors", {"sliding_window": 6}),
+], ids=["tp-llama-float", "tp-llama-int4", "tp-qwen2-int8-ct", "tp-mistral-int4-ct-window", "pp-llama-int4",
+        "pp-qwen2-float", "pp-mistral-int8-ct-window"])
+def test_two_ranks_generate_what_one_process_does(tmp_path, layout, family, quant, save_format, overrides):
     path = folder(tmp_path, family, quant, save_format, **overrides)
     single, _ = slimlm.load(path)
     want = solo_tokens(single)
     want_logits = Engine(single, max_len=64, fused_step=False).prefill(0, PROMPTS[0])
-    model, _ = slimlm.load(path, tp=2)
+    model, _ = slimlm.load(path, **{layout: 2})
     try:
         assert solo_tokens(model) == want
         engine = model.slimlm_parallel.engine(slots=2, max_len=64)
@@ -81,3 +85,13 @@ def test_impossible_layouts_are_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--tp 3 does not divide the model's 4 attention heads" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_stages_are_balanced_by_bytes():
+    from slimlm.parallel.pipeline import balance
+
+    assert balance([10] * 8, 0, 0, 2) == [range(0, 4), range(4, 8)]
+    assert balance([10] * 8, 25, 0, 2) == [range(0, 3), range(3, 8)]  # the embedding weighs on stage 0
+    assert balance([10] * 8, 0, 40, 3) == [range(0, 3), range(3, 7), range(7, 8)]  # costs 30, 40, 50
+    with pytest.raises(Exception, match="--pp 9 needs at least 9 layers"):
+        balance([10] * 8, 0, 0, 9)
