@@ -152,9 +152,12 @@ def _calibration_samples(model: nn.Module, method: str, config: Any, tokenizer, 
             raise SlimError(f"{method} needs calibration data: pass tokenizer= (to read calib='{config.calib}') "
                             "or calibration= token ids")
         calibration = load_tokens(config.calib, tokenizer)
+    from slimlm.core.distributed import my_share
+
     context = context_length(model)
     seq_len = min(config.seq_len, context) if context else config.seq_len  # never past the model's context
-    return calibration if calibration.dim() == 2 else sample_windows(calibration, config.n_samples, seq_len, config.seed)
+    windows = calibration if calibration.dim() == 2 else sample_windows(calibration, config.n_samples, seq_len, config.seed)
+    return my_share(windows, config.batch_size)  # under torch.distributed, this process's share
 
 
 def evaluate(model: nn.Module, tokenizer, data: str | os.PathLike = "demo", reference: nn.Module | None = None,

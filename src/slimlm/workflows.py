@@ -78,27 +78,37 @@ def compress_one(model: str | os.PathLike, recipe: list[dict[str, Any]] | list[C
                  save_format: str = "auto", progress: Progress | None = None, label: str = "compressed"):
     """Load `model`, apply `recipe`, measure it against the original on `eval_tokens` tokens of `data`
     (0: no report), and save it at `out` with its recipe and report. The output path is checked before
-    any work starts. Returns (the compressed model, the report or None)."""
+    any work starts. Returns (the compressed model, the report or None).
+
+    Under torchrun (WORLD_SIZE > 1) every process calibrates on its share of the windows and the
+    statistics are combined (`core/distributed.py`); rank 0 measures and saves."""
     from slimlm.core.data import load_tokens
     from slimlm.core.files import check_output_path
     from slimlm.eval.report import Report
     from slimlm.presets import describe
 
     progress = progress or (lambda task, done, total: None)
-    check_output_path(out, overwrite)
-    compressed, tokenizer = api.load(model)
-    original = ids = None
-    if eval_tokens:
-        ids = load_tokens(data, tokenizer, eval_tokens)
-        original = api.load(model)[0]
-    api.apply(compressed, recipe, tokenizer, on_block=lambda done, total: progress(f"{label}: blocks", done, total))
-    report = None
-    if eval_tokens:
-        report = Report(model=str(model), data=str(data))
-        report.variants.append(measure_variant(original, "original", "as loaded", ids, original, progress=progress))
-        report.variants.append(measure_variant(compressed, label, describe(compressed.slimlm_recipe), ids, original,
-                                               progress=progress))
-    api.save(compressed, out, tokenizer, overwrite=overwrite, report=report, format=save_format)
+    rank = _join_process_group()
+    try:
+        if rank == 0:
+            check_output_path(out, overwrite)
+        compressed, tokenizer = api.load(model)
+        original = ids = None
+        if eval_tokens and rank == 0:
+            ids = load_tokens(data, tokenizer, eval_tokens)
+            original = api.load(model)[0]
+        api.apply(compressed, recipe, tokenizer, on_block=lambda done, total: progress(f"{label}: blocks", done, total))
+        report = None
+        if rank == 0:
+            if eval_tokens:
+                report = Report(model=str(model), data=str(data))
+                report.variants.append(measure_variant(original, "original", "as loaded", ids, original,
+                                                       progress=progress))
+                report.variants.append(measure_variant(compressed, label, describe(compressed.slimlm_recipe), ids,
+                                                       original, progress=progress))
+            api.save(compressed, out, tokenizer, overwrite=overwrite, report=report, format=save_format)
+    finally:
+        _leave_process_group()
     return compressed, report
 
 

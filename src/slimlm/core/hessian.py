@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from slimlm.core.distributed import mean_of
+
 
 def accumulate_hessian(h: Tensor, count: int, x: Tensor) -> tuple[Tensor, int]:
     """Fold inputs x (..., K) into the running mean h (K, K) of 2·x xᵀ over `count` rows so far.
@@ -32,7 +34,9 @@ class HessianObserver:
         self.stats[name] = accumulate_hessian(h, count, inputs)
 
     def pop_hessian(self, name: str) -> Tensor:
-        return self.stats.pop(name)[0]
+        """The layer's H over every calibration row (of every process, under torch.distributed)."""
+        h, count = self.stats.pop(name)
+        return mean_of(h, count)[0]
 
 
 def inverse_hessian_factor_(h: Tensor, damp: float) -> Tensor:

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from slimlm.core.distributed import sum_
+
 
 def weight_gradient_products(model: nn.Module, samples: Tensor, params: list[nn.Parameter], batch_size: int = 1,
                              absolute: bool = False, on_batch: Callable[[int, int], None] | None = None) -> list[Tensor]:
@@ -40,4 +42,4 @@ def weight_gradient_products(model: nn.Module, samples: Tensor, params: list[nn.
     finally:
         for p, flag in was.items():
             p.requires_grad_(flag)
-    return totals
+    return [sum_(t) for t in totals]  # over every process's calibration batches

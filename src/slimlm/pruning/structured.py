@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from slimlm.core import format as F
 from slimlm.core.calibrate import CalibrationFields
 from slimlm.core.config import Config, check, field
+from slimlm.core.distributed import sum_
 from slimlm.core.errors import SlimError
 from slimlm.core.layers import find_blocks, keep_blocks_
 from slimlm.core.steps import Step
@@ -129,7 +130,7 @@ def _capture(model: nn.Module, samples: Tensor, modules: dict[str, nn.Module], b
             sums[_name] = sums.get(_name, 0) + fn(x)
         hooks.append(module.register_forward_pre_hook(hook))
     _run_with_hooks(model, samples, batch_size, hooks)
-    return sums
+    return {name: sum_(total) for name, total in sums.items()}  # over every process's calibration batches
 
 
 @torch.no_grad()
@@ -279,7 +280,7 @@ def block_influence(model: nn.Module, samples: Tensor, batch_size: int = 1) -> T
             counts[_i] += cos.numel()
         hooks.append(block.register_forward_hook(hook, with_kwargs=True))
     _run_with_hooks(model, samples, batch_size, hooks)
-    return 1 - sums / counts
+    return 1 - sum_(sums) / sum_(counts)
 
 
 @torch.no_grad()

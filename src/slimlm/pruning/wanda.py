@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.core.calibrate import run_blockwise
+from slimlm.core.distributed import sum_
 from slimlm.pruning import masks as M
 from slimlm.pruning.config import PruneConfig, WandaConfig
 from slimlm.pruning.unstructured import mask_for, prunable_weight, unstructured_step
@@ -35,7 +36,8 @@ class WandaStep:
     @torch.no_grad()
     def compress(self, name: str, module: nn.Module) -> None:
         w = prunable_weight(module)
-        M.apply_mask_(w, mask_for(wanda_scores(w, self.norms.pop(name).to(w.device)), self.config))
+        norms = sum_(self.norms.pop(name))  # over every process's calibration rows
+        M.apply_mask_(w, mask_for(wanda_scores(w, norms.to(w.device)), self.config))
         return None
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from slimlm.core.calibrate import CalibrationFields, replay_observing, run_blockwise
 from slimlm.core.config import check, field
+from slimlm.core.distributed import gather_rows, global_batch, sum_
 from slimlm.core.layers import weight_matrix
 from slimlm.core.steps import Step
 from slimlm.core.targeting import as_globs
@@ -68,24 +69,34 @@ class AWQConfig(CalibrationFields, RTNConfig):
 
 
 class _TokenSample:
-    """A seeded random sample of rows of a layer's inputs, `per_batch` rows from each batch."""
+    """A seeded random sample of rows of a layer's inputs, `per_batch` rows from each batch.
+
+    Under torch.distributed each process sees its share of the batches (`core.distributed.my_share`);
+    the generator is advanced past the other processes' batches, so the union of the processes'
+    samples is the one process's sample, and `tokens` / `mean_abs` combine them."""
 
     def __init__(self, per_batch: int, seed: int) -> None:
         self.per_batch, self.rows, self.abs_sum, self.count = per_batch, [], None, 0
         self.generator = torch.Generator().manual_seed(seed)
+        self.local = self.consumed = 0  # batches seen here; batches the generator has drawn for (all processes)
 
     def add(self, x: Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (T, K)
         self.abs_sum = x.abs().sum(0) if self.abs_sum is None else self.abs_sum + x.abs().sum(0)
         self.count += x.shape[0]
+        while self.consumed < global_batch(self.local):  # other processes' batches, drawn as one process would
+            torch.randperm(x.shape[0], generator=self.generator)
+            self.consumed += 1
         pick = torch.randperm(x.shape[0], generator=self.generator)[: self.per_batch].to(x.device)
+        self.consumed, self.local = self.consumed + 1, self.local + 1
         self.rows.append(x[pick].cpu())
 
     def tokens(self) -> Tensor:
-        return torch.cat(self.rows)  # (T_sample, K)
+        return gather_rows(torch.cat(self.rows))  # (T_sample, K)
 
     def mean_abs(self) -> Tensor:
-        return (self.abs_sum / self.count).cpu()  # (K,)
+        count = sum_(torch.tensor([float(self.count)], dtype=torch.float64))
+        return (sum_(self.abs_sum.clone()) / float(count)).cpu()  # (K,)
 
 
 class AWQStep:
@@ -102,7 +113,8 @@ class AWQStep:
         if orphans:
             log.info("AWQ: no producer can absorb scales for %s; those layers get the clipping search only", ", ".join(orphans))
         modules = dict(block.named_modules(prefix=prefix.rstrip(".")))
-        samples = {g.producer: _TokenSample(math.ceil(c.max_tokens / len(inputs)), c.seed) for g in groups}
+        batches = int(sum_(torch.tensor([len(inputs)])))  # over every process
+        samples = {g.producer: _TokenSample(math.ceil(c.max_tokens / batches), c.seed) for g in groups}
         replay_observing(block, inputs, {modules[g.layers[0]]: samples[g.producer].add for g in groups})
         for g in groups:
             layers = [modules[n] for n in g.layers]
@@ -115,7 +127,7 @@ class AWQStep:
             fold_scales_(modules[g.producer], layers, s.to(layers[0].weight.device))
             self.summary.append({"producer": g.producer, "layers": g.layers, "alpha": alpha,
                                  "error": error, "rtn_error": rtn_error})
-        self.per_batch = math.ceil(c.clip_tokens / len(inputs))
+        self.per_batch = math.ceil(c.clip_tokens / batches)
 
     def _clips(self, name: str) -> bool:
         return self.config.quantize and self.config.clip and not any(fnmatchcase(name, glob) for glob in self.config.clip_skip)

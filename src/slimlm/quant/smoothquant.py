@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from slimlm.core.calibrate import CalibrationFields, replay_observing, run_blockwise
 from slimlm.core.config import Config, check, field
+from slimlm.core.distributed import max_
 from slimlm.core.layers import weight_matrix
 from slimlm.core.steps import Step
 from slimlm.core.targeting import TargetFields
@@ -81,7 +82,7 @@ class SmoothQuantStep:
             for n, m in zip(g.layers, layers):
                 check_finite_weight(n, m.weight)
             w_absmax = torch.cat([weight_matrix(m).abs().float() for m in layers]).amax(0)  # (K,)
-            x_absmax = absmax.pop(g.producer)
+            x_absmax = max_(absmax.pop(g.producer))  # over every process's calibration rows
             s = smoothing_factors(x_absmax, w_absmax.to(x_absmax.device), self.config.alpha)
             fold_scales_(modules[g.producer], layers, s)
             self.summary.append({"producer": g.producer, "layers": g.layers,
