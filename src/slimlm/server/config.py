@@ -27,13 +27,17 @@ class ServeConfig(Config):
                                        "they are failed")
     dtype: str | None = field(None, "float32, bfloat16 or float16 (default: as stored)")
     device: str = field("cpu", "cpu or cuda")
+    tp: int = field(1, "tensor-parallel processes per model (each holds a slice of every layer)")
+    pp: int = field(1, "pipeline-parallel processes per model (each holds a run of layers)")
+    replicas: int = field(1, "copies of the model in worker processes behind this front end, each request "
+                             "routed to the least loaded")
 
     def __post_init__(self) -> None:
         def whole(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
         check(whole(self.port) and 1 <= self.port <= 65535, f"port {self.port!r} must be in 1..65535 (--port)")
-        for name in ("slots", "max_queue", "max_tokens", "max_request_bytes"):
+        for name in ("slots", "max_queue", "max_tokens", "max_request_bytes", "tp", "pp", "replicas"):
             value = getattr(self, name)
             check(whole(value) and value >= 1, f"{name} {value!r} must be at least 1 (--{name.replace('_', '-')})")
         check(self.max_len is None or (whole(self.max_len) and self.max_len >= 2),
@@ -44,6 +48,9 @@ class ServeConfig(Config):
               and self.shutdown_grace >= 0, f"shutdown_grace {self.shutdown_grace!r} must be a number of seconds >= 0 "
                                             "(--shutdown-grace)")
         check(self.device.split(":")[0] in ("cpu", "cuda"), f"device {self.device!r} must be cpu or cuda (--device)")
+        check(self.replicas == 1 or (self.tp == 1 and self.pp == 1),
+              "--replicas with --tp/--pp (replicas that are themselves parallel) is not supported yet; choose one")
+        check(self.tp == 1 or self.pp == 1, "--tp and --pp together are not supported yet; choose one")
         self.http_settings()  # the API key and limits, checked now
 
     def http_settings(self) -> ServeSettings:
@@ -53,4 +60,4 @@ class ServeConfig(Config):
 
     def scheduler_settings(self) -> dict:
         return dict(slots=self.slots, max_len=self.max_len, max_queue=self.max_queue, dtype=self.dtype,
-                    device=self.device)
+                    device=self.device, tp=self.tp, pp=self.pp, replicas=self.replicas)

@@ -168,7 +168,12 @@ async def health(http: HTTPRequest) -> Health:
     state = server_state(http)
     if state.shutting_down:
         raise APIError(503, "the server is shutting down", kind="server_error")
-    return Health(status="ok", models=list(state.models))
+    replicas = {name: m.scheduler.health() for name, m in state.models.items() if hasattr(m.scheduler, "health")}
+    if any(not any(up) for up in replicas.values()):
+        raise APIError(503, "every replica of a model has stopped: " + ", ".join(
+            name for name, up in replicas.items() if not any(up)), kind="server_error")
+    degraded = any(not all(up) for up in replicas.values())
+    return Health(status="degraded" if degraded else "ok", models=list(state.models), replicas=replicas or None)
 
 
 async def list_models(http: HTTPRequest) -> ModelList:

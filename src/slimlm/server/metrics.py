@@ -23,6 +23,18 @@ class Metrics:
         self.itl = Histogram("slimlm_inter_token_latency_seconds", "time between tokens of a stream", ["model"],
                              registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
 
+    def observe_replica(self, model: str, replica: int, alive: bool, in_flight: int) -> None:
+        """A replica's health and load (with --replicas): 1 while its process serves, and its requests."""
+        if not hasattr(self, "replica_up"):
+            from prometheus_client import Gauge
+
+            self.replica_up = Gauge("slimlm_replica_up", "1 while a replica's process serves", ["model", "replica"],
+                                    registry=self.registry)
+            self.replica_requests = Gauge("slimlm_replica_requests", "requests a replica is running or queueing",
+                                          ["model", "replica"], registry=self.registry)
+        self.replica_up.labels(model, str(replica)).set(1 if alive else 0)
+        self.replica_requests.labels(model, str(replica)).set(in_flight)
+
     def observe_batch(self, decoded: int | None, stats: dict[str, int], model: str = "model") -> None:
         if decoded:
             self.batch.labels(model).observe(decoded)

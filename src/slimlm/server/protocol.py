@@ -182,8 +182,9 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "shutting down"]
+    status: Literal["ok", "degraded", "shutting down"]
     models: list[str]
+    replicas: dict[str, list[bool]] | None = None  # with --replicas: whether each replica serves
 
 
 REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest)

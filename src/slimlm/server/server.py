@@ -44,12 +44,34 @@ def model_paths(source: str) -> dict[str, str]:
 
 
 def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
-                dtype: str | None = None, device: str = "cpu") -> dict[str, ServedModel]:
-    from slimlm.core.model_io import load_model
+                dtype: str | None = None, device: str = "cpu", tp: int = 1, pp: int = 1,
+                replicas: int = 1) -> dict[str, ServedModel]:
+    """Load every model of `source` with its scheduler: in this process; spread over tp x pp processes
+    (tensor / pipeline parallel, rank 0 here); or as `replicas` worker processes behind this front end."""
+    from slimlm.core.model_io import load_model, load_tokenizer, read_config_json, resolve_model_path
 
+    paths = model_paths(source)
+    if (tp > 1 or pp > 1) and len(paths) > 1:
+        raise SlimError("--tp/--pp serve one model per server; start one server per model folder")
     served = {}
-    for name, path in model_paths(source).items():
-        model, tokenizer = load_model(path, dtype=dtype, device=device)
+    for name, path in paths.items():
+        if replicas > 1:
+            from slimlm.server.replicas import ReplicaSet
+
+            folder = resolve_model_path(path)
+            tokenizer = load_tokenizer(folder)
+            scheduler = ReplicaSet(path, replicas, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
+                                   device=device, metrics=metrics, name=name)
+            read_config_json(folder)
+            served[name] = ServedModel(name, None, tokenizer, scheduler)
+            continue
+        if tp > 1 or pp > 1:
+            from slimlm.parallel.group import ParallelConfig
+            from slimlm.parallel.launch import open_model
+
+            model, tokenizer = open_model(path, ParallelConfig(tp=tp, pp=pp), dtype, device)
+        else:
+            model, tokenizer = load_model(path, dtype=dtype, device=device)
         scheduler = Scheduler(model, slots=slots, max_len=max_len, max_queue=max_queue, metrics=metrics, name=name)
         served[name] = ServedModel(name, model, tokenizer, scheduler)
     return served

@@ -1,0 +1,341 @@
+"""Replicas (data parallelism for serving): N worker processes, each with its own copy of the model,
+engine and scheduler, behind one OpenAI-compatible front end that routes each request to the
+least-loaded live replica.
+
+`ReplicaSet` offers the scheduler's API to the handlers (submit, call, stats, shutdown, close), so the
+front end is the same app. Each replica is a process started with multiprocessing's spawn, talking to
+the front end over a pipe (requests and cancels in; tokens, finishes, stats and scores out). Replicas
+share nothing, so they need no collective: a torch.distributed group would take every member down
+with one that dies, while here a replica that dies fails only its own requests (5xx, or an error event
+in a stream), the others go on serving, and /health says the server is degraded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from typing import Any
+
+from slimlm.core.errors import SlimError
+from slimlm.engine.sampling import SamplingParams
+from slimlm.server.scheduler import QueueFull, Request, ShuttingDown
+
+logger = logging.getLogger(__name__)
+STATS_EVERY = 0.5  # seconds between a replica's reports of its queue and KV cache
+
+
+@dataclasses.dataclass
+class Replica:
+    index: int
+    process: Any
+    conn: Any
+    alive: bool = True
+    in_flight: dict = dataclasses.field(default_factory=dict)  # request id -> Request
+    stats: dict = dataclasses.field(default_factory=lambda: {"waiting": 0, "running": 0, "kv_tokens": 0,
+                                                             "kv_capacity": 0})
+    send_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def send(self, message: tuple) -> None:
+        with self.send_lock:
+            self.conn.send(message)
+
+
+class ReplicaSet:
+    """The scheduler API over `count` replica processes serving the model at `path`."""
+
+    def __init__(self, path: str, count: int, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
+                 dtype: str | None = None, device: str = "cpu", metrics: Any = None, name: str = "model",
+                 threads: int | None = None) -> None:
+        import multiprocessing
+
+        import torch
+
+        self.name, self.metrics, self.max_queue = name, metrics, max_queue
+        self.deadline: float | None = None
+        self.lock = threading.Lock()
+        self.wake = threading.Event()  # set by Request.cancel: the router sends the cancel on
+        self.ids = itertools.count()
+        self.calls: dict[int, concurrent.futures.Future] = {}
+        threads = threads or max(1, torch.get_num_threads() // count)
+        context = multiprocessing.get_context("spawn")
+        self.replicas = []
+        for i in range(count):
+            parent, child = context.Pipe()
+            process = context.Process(target=replica_main, daemon=True, name=f"slimlm-replica-{i}",
+                                      args=(child, path, dict(slots=slots, max_len=max_len, max_queue=max_queue,
+                                                              dtype=dtype, device=device, name=name), threads))
+            process.start()
+            child.close()
+            self.replicas.append(Replica(i, process, parent))
+        ready = [r.conn.recv() for r in self.replicas]  # ("ready", vocab, max_len) or ("failed", message)
+        failed = [m[1] for m in ready if m[0] != "ready"]
+        if failed:
+            self.close()
+            raise SlimError(f"a replica could not start: {failed[0]}")
+        self.vocab_size, self.max_len = ready[0][1], ready[0][2]
+        self.slots = slots * count
+        for replica in self.replicas:
+            threading.Thread(target=self._read, args=(replica,), daemon=True, name=f"replica-{replica.index}-reader").start()
+        threading.Thread(target=self._route_cancels, daemon=True, name="replica-cancels").start()
+
+    # --- the scheduler API ------------------------------------------------------------------------
+    def check_prompt(self, prompt: list[int], max_new_tokens: int) -> None:
+        if len(prompt) == 0:
+            raise SlimError("the prompt is empty")
+        bad = next((t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size),
+                   None)
+        if bad is not None:
+            raise SlimError(f"token id {bad!r} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if len(prompt) + max_new_tokens >= self.max_len:
+            raise SlimError(f"this model's context is {self.max_len - 1} tokens; the prompt has {len(prompt)} and "
+                            f"max_tokens is {max_new_tokens}: shorten the prompt or lower max_tokens")
+
+    def _least_loaded(self) -> Replica:
+        live = [r for r in self.replicas if r.alive]
+        if not live:
+            raise ShuttingDown()
+        return min(live, key=lambda r: len(r.in_flight))
+
+    def submit(self, request: Request) -> Request:
+        self.check_prompt(request.prompt, request.params.max_new_tokens)
+        with self.lock:
+            if self.deadline is not None:
+                raise ShuttingDown()
+            replica = self._least_loaded()
+            if len(replica.in_flight) >= self.max_queue + self.slots // len(self.replicas):
+                raise QueueFull()
+            rid = next(self.ids)
+            replica.in_flight[rid] = request
+            request.wake = self.wake
+        age = time.monotonic() - request.submitted
+        timeout = None if request.timeout is None else max(request.timeout - age, 0.0)
+        try:
+            replica.send(("submit", rid, request.prompt, dataclasses.asdict(request.params), timeout, request.id))
+        except (OSError, ValueError):
+            self._lost(replica)
+        return request
+
+    def call(self, fn, *args) -> concurrent.futures.Future:
+        """Prompt scoring (`scoring.score_prompt(model, prompt, top_n)`), run by the least-loaded replica."""
+        from slimlm.server.scoring import score_prompt
+
+        if fn is not score_prompt:
+            raise SlimError(f"replicas run prompt scoring only, not {getattr(fn, '__name__', fn)}")
+        _, prompt, top_n = args
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.lock:
+            if self.deadline is not None:
+                raise ShuttingDown()
+            replica = self._least_loaded()
+            cid = next(self.ids)
+            self.calls[cid] = future
+        replica.send(("score", cid, prompt, top_n))
+        return future
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            live = [r for r in self.replicas if r.alive]
+            total = {key: sum(r.stats[key] for r in live) for key in ("waiting", "running", "kv_tokens", "kv_capacity")}
+            for r in self.replicas:
+                self._observe_replica(r)
+        return total
+
+    def health(self) -> list[bool]:
+        return [r.alive for r in self.replicas]
+
+    def shutdown(self, grace: float = 0.0) -> None:
+        with self.lock:
+            deadline = time.monotonic() + max(grace, 0.0)
+            self.deadline = deadline if self.deadline is None else min(self.deadline, deadline)
+        for replica in self.replicas:
+            if replica.alive:
+                try:
+                    replica.send(("shutdown", grace))
+                except (OSError, ValueError):
+                    self._lost(replica)
+
+    def close(self, grace: float = 0.0) -> None:
+        self.shutdown(grace)
+        for replica in self.replicas:
+            replica.process.join(timeout=grace + 10)
+            if replica.process.is_alive():
+                replica.process.terminate()
+
+    # --- the front end's threads ------------------------------------------------------------------
+    def _read(self, replica: Replica) -> None:
+        """Events from one replica, until its pipe closes (it exited, or died)."""
+        while True:
+            try:
+                message = replica.conn.recv()
+            except (EOFError, OSError):
+                self._lost(replica)
+                return
+            kind = message[0]
+            if kind == "event":
+                self._deliver(replica, message[1], message[2])
+            elif kind == "stats":
+                replica.stats = message[1]
+            elif kind == "scored":
+                future = self.calls.pop(message[1], None)
+                if future is not None:
+                    if message[2] is None:
+                        future.set_exception(SlimError(message[3]))
+                    else:
+                        future.set_result(message[2])
+            elif kind == "bye":
+                with self.lock:
+                    replica.alive = False
+                return
+
+    def _deliver(self, replica: Replica, rid: int, event: tuple) -> None:
+        with self.lock:
+            request = replica.in_flight.get(rid)
+            if request is not None and event[0] == "done":
+                del replica.in_flight[rid]
+        if request is None:
+            return
+        now = time.monotonic()
+        if event[0] == "token":
+            request.generated.append(event[1])
+            if self.metrics is not None:
+                self.metrics.observe_token(request, now, self.name)
+            request.last_token_at = now
+        else:
+            request.finish_reason = event[1]
+            if self.metrics is not None:
+                self.metrics.observe_finish(request, event[1], self.name)
+        request.events.put(event)
+
+    def _lost(self, replica: Replica) -> None:
+        """A replica that stopped answering: fail its requests (and its scoring calls), route around it."""
+        with self.lock:
+            if not replica.alive:
+                return
+            replica.alive = False
+            stranded = list(replica.in_flight.items())
+            replica.in_flight.clear()
+        replica.process.join(timeout=1)
+        code = replica.process.exitcode
+        message = f"replica {replica.index} of model {self.name} stopped (exit code {code}); its requests failed"
+        if self.deadline is None:
+            logger.error(message)
+        for _, request in stranded:
+            request.finish_reason = "error"
+            if self.metrics is not None:
+                self.metrics.observe_finish(request, "error", self.name)
+            request.events.put(("done", "error", message))
+
+    def _route_cancels(self) -> None:
+        sent: set[int] = set()
+        while True:
+            self.wake.wait(0.5)
+            self.wake.clear()
+            with self.lock:
+                pending = [(r, rid) for r in self.replicas if r.alive for rid, q in r.in_flight.items()
+                           if q.cancelled.is_set() and rid not in sent]
+            for replica, rid in pending:
+                sent.add(rid)
+                try:
+                    replica.send(("cancel", rid))
+                except (OSError, ValueError):
+                    self._lost(replica)
+
+    def _observe_replica(self, replica: Replica) -> None:
+        if self.metrics is not None and hasattr(self.metrics, "observe_replica"):
+            self.metrics.observe_replica(self.name, replica.index, replica.alive, len(replica.in_flight))
+
+
+class _Events:
+    """A replica's request events, sent to the front end."""
+
+    def __init__(self, send, rid: int, finished) -> None:
+        self.send, self.rid, self.finished = send, rid, finished
+
+    def put(self, event: tuple) -> None:
+        self.send(("event", self.rid, event))
+        if event[0] == "done":
+            self.finished(self.rid)
+
+
+def replica_main(conn, path: str, settings: dict, threads: int) -> None:
+    """One replica process: serve, then leave without running C++ destructors of the threads still
+    parked in torch's pools (which abort a process that exits with them joinable)."""
+    import os
+
+    try:
+        serve_replica(conn, path, settings, threads)
+    finally:
+        conn.close()
+        os._exit(0)
+
+
+def serve_replica(conn, path: str, settings: dict, threads: int) -> None:
+    """Load the model, run a scheduler, serve the front end's messages until it says stop."""
+    import torch
+
+    from slimlm.core.model_io import load_model
+    from slimlm.server.scheduler import Scheduler
+    from slimlm.server.scoring import score_prompt
+
+    torch.set_num_threads(threads)
+    try:
+        model, _ = load_model(path, dtype=settings["dtype"], device=settings["device"])
+        scheduler = Scheduler(model, slots=settings["slots"], max_len=settings["max_len"],
+                              max_queue=settings["max_queue"], name=settings["name"])
+    except Exception as e:  # noqa: BLE001 - reported to the front end, which refuses to start
+        conn.send(("failed", f"{type(e).__name__}: {e}".splitlines()[0]))
+        return
+    lock = threading.Lock()
+
+    def send(message: tuple) -> None:
+        with lock:
+            conn.send(message)
+
+    requests: dict[int, Request] = {}
+    send(("ready", scheduler.vocab_size, scheduler.max_len))
+    stop = threading.Event()
+
+    def report() -> None:
+        while not stop.wait(STATS_EVERY):
+            try:
+                send(("stats", scheduler.stats()))
+            except (OSError, ValueError):
+                return
+
+    threading.Thread(target=report, daemon=True).start()
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # the front end is gone
+                scheduler.close()
+                return
+            kind = message[0]
+            if kind == "submit":
+                _, rid, prompt, params, timeout, request_id = message
+                r = Request(prompt=prompt, params=SamplingParams(**params), timeout=timeout, id=request_id,
+                            events=_Events(send, rid, lambda rid: requests.pop(rid, None)))
+                requests[rid] = r
+                try:
+                    scheduler.submit(r)
+                except (SlimError, QueueFull, ShuttingDown) as e:
+                    r.events.put(("done", "error", f"{type(e).__name__}: {e}"))
+            elif kind == "cancel":
+                r = requests.get(message[1])
+                if r is not None:
+                    r.cancel()
+            elif kind == "score":
+                _, cid, prompt, top_n = message
+                future = scheduler.call(score_prompt, model, prompt, top_n)
+                future.add_done_callback(lambda f, cid=cid: send(
+                    ("scored", cid, None, str(f.exception())) if f.exception() else ("scored", cid, f.result(), None)))
+            elif kind == "shutdown":
+                scheduler.close(message[1])
+                send(("bye",))
+                return
+    finally:
+        stop.set()

@@ -1,0 +1,96 @@
+"""Serving across processes: `slimlm serve --replicas 2` and `--tp 2` answer the official openai client
+with one process's greedy outputs; a replica that dies fails only its own requests, the other goes on
+serving, and /health says the server is degraded."""
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+from slimlm.server.server import BackgroundServer, build_app  # noqa: E402
+from slimlm.server.state import ServeSettings  # noqa: E402
+
+PROMPTS = ["Once upon", "The quick brown fox", "def add(a, b):", "0123"]
+
+
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+def greedy(url, name, max_tokens=8):
+    c = client(url)
+    return [c.completions.create(model=name, prompt=p, max_tokens=max_tokens, temperature=0).choices[0].text
+            for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def solo(tiny_folder):
+    app, models = build_app(str(tiny_folder("llama")), ServeSettings(), slots=2, max_len=256)
+    with BackgroundServer(app) as url:
+        yield greedy(url, next(iter(models)))
+    for m in models.values():
+        m.scheduler.close()
+
+
+def health(url):
+    try:
+        with urllib.request.urlopen(url + "/health") as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_replicas_serve_and_survive_one_dying(tiny_folder, solo):
+    app, models = build_app(str(tiny_folder("llama")), ServeSettings(), slots=2, max_len=256, replicas=2)
+    name = next(iter(models))
+    replicas = models[name].scheduler
+    try:
+        with BackgroundServer(app) as url:
+            assert greedy(url, name) == solo
+            assert health(url) == (200, {"status": "ok", "models": [name], "replicas": {name: [True, True]}})
+            # two long streams, in flight: the least-loaded rule puts one on each replica
+            c = client(url)
+            streams = [iter(c.completions.create(model=name, prompt="Once upon", max_tokens=240, temperature=0,
+                                                 stream=True)) for _ in range(2)]
+            firsts = [next(s).choices[0].text for s in streams]
+            assert sorted(len(r.in_flight) for r in replicas.replicas) == [1, 1]
+            os.kill(replicas.replicas[0].process.pid, signal.SIGKILL)
+            results = {}
+
+            def drain(key):
+                try:
+                    results[key] = ("ok", firsts[key] + "".join(ch.choices[0].text for ch in streams[key]))
+                except openai.APIError as e:
+                    results[key] = ("error", str(e))
+
+            threads = [threading.Thread(target=drain, args=(k,)) for k in (0, 1)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            assert sorted(kind for kind, _ in results.values()) == ["error", "ok"]
+            assert any("replica 0" in text for kind, text in results.values() if kind == "error")
+            assert health(url) == (200, {"status": "degraded", "models": [name], "replicas": {name: [False, True]}})
+            assert greedy(url, name) == solo  # the survivor serves everything
+            metrics = urllib.request.urlopen(url + "/metrics").read().decode()
+            assert f'slimlm_replica_up{{model="{name}",replica="0"}} 0.0' in metrics
+    finally:
+        replicas.close()
+
+
+def test_serve_with_tensor_parallelism(tiny_folder, solo):
+    app, models = build_app(str(tiny_folder("llama")), ServeSettings(), slots=2, max_len=256, tp=2)
+    name = next(iter(models))
+    try:
+        with BackgroundServer(app) as url:
+            assert greedy(url, name) == solo
+    finally:
+        models[name].scheduler.close()
+        models[name].model.slimlm_parallel.close()
