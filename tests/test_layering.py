@@ -20,7 +20,7 @@ ALLOWED = {
     "exporters": {"core", "quant", "exporters"},
     "planner": {"core", "quant", "pruning", "engine", "eval", "planner", "api", "workflows"},
     "eval": {"core", "engine", "eval"},
-    "server": {"__init__", "core", "engine", "server"},
+    "server": {"__init__", "core", "engine", "parallel", "server"},
     "testing": {"core", "testing"},
     # commands parse flags and print; the work is the public API's (verbs, workflows, configs)
     "commands": {"commands", "__init__", "api", "workflows", "presets", "core", "eval", "server"},
