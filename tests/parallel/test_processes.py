@@ -95,3 +95,37 @@ def test_stages_are_balanced_by_bytes():
     assert balance([10] * 8, 0, 40, 3) == [range(0, 3), range(3, 7), range(7, 8)]  # costs 30, 40, 50
     with pytest.raises(Exception, match="--pp 9 needs at least 9 layers"):
         balance([10] * 8, 0, 0, 9)
+
+
+def test_torchrun_two_nodes_on_loopback(tmp_path):
+    """`torchrun --nnodes 2 --rdzv-backend c10d` (two "nodes" on loopback) runs `slimlm generate --tp 2`,
+    and rank 0 prints what one process generates."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    path = folder(tmp_path, "llama")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [str(torchrun), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "slimlm-test", "-m", "slimlm", "generate",
+               str(path), "Once upon", "-n", "8", "--tp", "2"]
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in outputs]
+    from slimlm.cli import main
+
+    printed = sorted(out for out, _ in outputs)
+    assert printed[0] == ""  # the follower prints nothing
+    import contextlib
+    import io
+
+    solo = io.StringIO()
+    with contextlib.redirect_stdout(solo):
+        assert main(["generate", str(path), "Once upon", "-n", "8"]) == 0
+    assert printed[1] == solo.getvalue()
