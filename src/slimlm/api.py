@@ -25,20 +25,21 @@ OnBlock = Callable[[int, int], None]  # (blocks done, total)
 
 
 def load(path: str | os.PathLike = "demo", dtype: torch.dtype | str | None = None, device: str = "cpu",
-         tp: int = 1, pp: int = 1):
+         tp: int = 1, pp: int = 1, split_head: bool = True):
     """Load `(model, tokenizer)` from 'demo' or a local Hugging Face folder (compressed or not).
 
     tp / pp > 1 spread the model over that many processes (tensor / pipeline parallel, on
     torch.distributed; started here, or joined under torchrun): the model returned is this process's
     part, which `generate`, `bench` and `serve` run across all of them (`model.slimlm_parallel.close()`
-    stops the others; they stop at exit too)."""
+    stops the others; they stop at exit too). split_head: with tp, split the output head along the
+    vocabulary (else every rank holds all of it)."""
     from slimlm.core.model_io import load_model
 
     if tp > 1 or pp > 1:
         from slimlm.parallel.group import ParallelConfig
         from slimlm.parallel.launch import open_model
 
-        return open_model(str(path), ParallelConfig(tp=tp, pp=pp), dtype, device)
+        return open_model(str(path), ParallelConfig(tp=tp, pp=pp, split_head=split_head), dtype, device)
     return load_model(path, dtype=dtype, device=device)
 
 

@@ -24,6 +24,8 @@ class ParallelConfig(Config):
     name = "parallel"
     tp: int = field(1, "tensor-parallel processes: each holds a slice of every layer (Megatron-style)")
     pp: int = field(1, "pipeline-parallel processes: each holds a run of layers")
+    split_head: bool = field(True, "with --tp: split the output head along the vocabulary (each rank reads 1/tp of "
+                                   "it, then the logits are gathered) instead of replicating it")
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp"):

@@ -54,21 +54,35 @@ def _refuse_forward(*args, **kwargs):
                     "(generate, bench, serve), or load it without --tp/--pp for evaluation")
 
 
-def tp_factory(path: str, world: int, rank: int, dtype, device: str):
-    """(this rank's shard, tokenizer, engine factory) for tensor parallelism."""
-    import torch.distributed as dist
+class CommTimer:
+    """Seconds this process spent in the collectives of the decoder's steps (what the benchmark reports)."""
 
+    def __init__(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        dist.all_reduce(x)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return x
+
+
+def tp_factory(path: str, config: ParallelConfig, rank: int, dtype, device: str):
+    """(this rank's shard, tokenizer, engine factory) for tensor parallelism."""
     from slimlm.engine.engine import Engine
     from slimlm.parallel.loading import load_tp_shard
 
-    model, tokenizer, layout, spec = load_tp_shard(path, world, rank, dtype, device)
-
-    def all_reduce(x: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(x)
-        return x
+    timer = CommTimer()
+    model, tokenizer, layout, spec = load_tp_shard(path, config.tp, rank, dtype, device, config.split_head, timer)
+    model.slimlm_comm = timer
 
     def factory(slots: int, max_len: int | None, kv_dtype: str):
-        return Engine(model, slots, max_len, kv_dtype, spec=spec, reduce=all_reduce)
+        return Engine(model, slots, max_len, kv_dtype, spec=spec, reduce=timer.all_reduce)
 
     return model, tokenizer, factory
 
@@ -79,7 +93,7 @@ def _worker(rank: int, world: int, address: str, path: str, config: ParallelConf
 
     join(world, rank, device, init_method=address)
     try:
-        _, _, factory = _factory(config)(path, world, rank, dtype, device)
+        _, _, factory = _factory(config)(path, config, rank, dtype, device)
         driver.follow(driver.Channel(), factory)
         dist.barrier()
     finally:
@@ -109,14 +123,14 @@ def open_model(path: str, config: ParallelConfig, dtype=None, device: str = "cpu
     this; ranks > 0 then follow rank 0 until it closes the group, and exit."""
     world = config.world
     check_devices(world, device)
-    _check(config)(path, world)
+    _check(config)(path, config)
     workers = None
     if under_torchrun():
         rank = join(world, device=device)
     else:
         address, workers = start_workers(world, _worker, (path, config, dtype, device))
         rank = join(world, 0, device, init_method=address)
-    model, tokenizer, factory = _factory(config)(path, world, rank, dtype, device)
+    model, tokenizer, factory = _factory(config)(path, config, rank, dtype, device)
     if rank != 0:
         import sys
 

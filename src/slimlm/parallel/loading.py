@@ -81,17 +81,18 @@ def tp_layout(path: Path, raw: dict, world: int, rank: int, dtype=None):
     return model, spec, TPLayout.for_spec(spec, _intermediate(model), world, rank)
 
 
-def check_tp(name_or_path: str | os.PathLike, world: int) -> None:
+def check_tp(name_or_path: str | os.PathLike, config) -> None:
     """Refuse, before any process starts, a model or a layout tensor parallelism cannot run."""
     path = resolve_model_path(name_or_path)
     raw = read_config_json(path)
     _check_storage(path, raw)
-    tp_layout(path, raw, world, 0)
+    tp_layout(path, raw, config.tp, 0)
 
 
 def load_tp_shard(name_or_path: str | os.PathLike, world: int, rank: int, dtype: torch.dtype | str | None = None,
-                  device: str = "cpu"):
-    """(model shard, tokenizer, layout, the shard's decoder spec) for rank `rank` of `world`."""
+                  device: str = "cpu", split_head: bool = False, comm=None):
+    """(model shard, tokenizer, layout, the shard's decoder spec) for rank `rank` of `world`. split_head:
+    the output head split along the vocabulary (`VocabParallelHead`; comm times its gathers)."""
     if isinstance(dtype, str):
         dtype = FLOAT_DTYPES[dtype]
     path = resolve_model_path(name_or_path)
@@ -118,6 +119,8 @@ def load_tp_shard(name_or_path: str | os.PathLike, world: int, rank: int, dtype:
     rest = {key: reader.read(key) for key, t in model.state_dict(keep_vars=True).items()
             if t.is_meta and not key.startswith(prefixes) and key in reader.names()}
     assign_state_(model, rest, path)
+    if split_head:
+        _split_head_(model, reader, layout, path, comm)
     if dtype is not None:
         model.to(dtype)
     model.eval()
@@ -125,6 +128,23 @@ def load_tp_shard(name_or_path: str | os.PathLike, world: int, rank: int, dtype:
     if device != "cpu":
         model.to(device)
     return model, load_tokenizer(path, model.config), layout, layout.local_spec(spec)
+
+
+def _split_head_(model: nn.Module, reader: SafetensorsReader, layout: TPLayout, path: Path, comm) -> None:
+    """Replace the (already loaded) output head by this rank's rows of it and a gather of the logits."""
+    from slimlm.parallel.tensor import VocabParallelHead
+
+    head = model.lm_head
+    vocab = head.out_features
+    if vocab % layout.world:
+        return  # the head stays replicated: its rows do not split evenly
+    rows = [(layout.rank * vocab // layout.world, (layout.rank + 1) * vocab // layout.world)]
+    if is_compressed(head):
+        shard = head.shard(0, rows, True, "lm_head")
+    else:  # a view of the loaded (possibly tied) weight: no copy
+        shard = nn.Linear(head.in_features, rows[0][1] - rows[0][0], bias=False, device="meta", dtype=head.weight.dtype)
+        shard.weight = nn.Parameter(head.weight.data[rows[0][0]:rows[0][1]], requires_grad=False)
+    model.lm_head = VocabParallelHead(shard, layout.world, comm)
 
 
 def _foreign_builder(model: nn.Module, reader: SafetensorsReader, path: Path, raw: dict, method: str, dtype):

@@ -96,11 +96,11 @@ def stage_layout(path: Path, raw: dict, stages: int, dtype=None) -> tuple[nn.Mod
     return model, balance(block_bytes, embed, head, stages)
 
 
-def check_pp(name_or_path: str | os.PathLike, stages: int) -> None:
+def check_pp(name_or_path: str | os.PathLike, config) -> None:
     path = resolve_model_path(name_or_path)
     raw = read_config_json(path)
     _check_storage(path, raw)
-    stage_layout(path, raw, stages)
+    stage_layout(path, raw, config.pp)
 
 
 def _check_storage(path: Path, raw: dict) -> str | None:
@@ -263,8 +263,9 @@ class StageRunner:
         return logits
 
 
-def pp_factory(path: str, stages: int, rank: int, dtype, device: str):
+def pp_factory(path: str, config, rank: int, dtype, device: str):
     """(this stage's model, tokenizer, engine factory) for pipeline parallelism."""
+    stages = config.pp
     model, tokenizer, held = load_stage(path, stages, rank, dtype, device)
     first, last = rank == 0, rank == stages - 1
     spec, _ = decoder_spec(model)

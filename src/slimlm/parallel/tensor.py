@@ -89,6 +89,37 @@ class TPLayout:
         return dataclasses.replace(spec, n_heads=len(self.q_heads), n_kv_heads=len(self.kv_heads))
 
 
+class VocabParallelHead(nn.Module):
+    """The output head split along the vocabulary: each rank computes the logits of its rows, which are
+    gathered (every rank gets the full logits). comm, if given, times the gather."""
+
+    def __init__(self, shard: nn.Module, world: int, comm=None) -> None:
+        super().__init__()
+        self.shard, self.world, self.comm = shard, world, comm
+
+    @property
+    def in_features(self) -> int:
+        return self.shard.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.shard.out_features * self.world
+
+    def forward(self, x):
+        import time
+
+        import torch
+        import torch.distributed as dist
+
+        local = self.shard(x).contiguous()  # (..., V / world)
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        t0 = time.perf_counter()
+        dist.all_gather(parts, local)
+        if self.comm is not None:
+            self.comm.seconds += time.perf_counter() - t0
+        return torch.cat(parts, -1)
+
+
 def sharded_modules(model: nn.Module) -> dict[str, tuple[str, str]]:
     """Full name -> (split, index set) of every projection inside the blocks that tensor parallelism splits."""
     return {name: SPLITS[name.rpartition(".")[2]] for name, _ in model.model.layers.named_modules(prefix="model.layers")
