@@ -33,7 +33,7 @@ def solo_tokens(model, steps=10):
     ("tp", "llama", {"bits": 4, "group_size": 32}, "slimlm", {}),
     ("tp", "qwen2", {"bits": 8, "group_size": None, "symmetric": True}, "compressed-tensors", {}),
     ("tp", "mistral", {"bits": 4, "group_size": 32}, "compressed-tensors", {"sliding_window": 6}),
-    ("pp", "llama", {"bits": 4, "group_size": 32}, "slimlm", {}),
+    ("pp", "llama", {"bits": 4, "group_size": 32, "include": ["*", "lm_head"]}, "slimlm", {}),
     ("pp", "qwen2", None, "slimlm", {}),
     ("pp", "mistral", {"bits": 8, "group_size": None, "symmetric": True}, "compressed-tensors", {"sliding_window": 6}),
 ], ids=["tp-llama-float", "tp-llama-float-replicated-head", "tp-llama-int4", "tp-qwen2-int8-ct", "tp-mistral-int4-ct-window", "pp-llama-int4",

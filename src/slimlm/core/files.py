@@ -66,7 +66,7 @@ class SafetensorsReader:
         handle, key = self._handle(name)
         part = handle.get_slice(key)
         pieces = [part[a:b] if dim == 0 else part[:, a:b] for a, b in ranges]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+        return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -31,11 +31,17 @@ class Channel:
     def send(self, op: int, engine: int, ints: tuple[int, ...] = (), payload: Tensor | None = None) -> None:
         import torch.distributed as dist
 
+        from slimlm.core.errors import SlimError
+
         n = 0 if payload is None else payload.numel()
         header = torch.tensor([op, engine, *ints, *([0] * (HEADER - 3 - len(ints))), n], dtype=torch.long)
-        dist.broadcast(header, 0, group=self.group)
-        if n:
-            dist.broadcast(payload.to(torch.long).reshape(-1).cpu().contiguous(), 0, group=self.group)
+        try:
+            dist.broadcast(header, 0, group=self.group)
+            if n:
+                dist.broadcast(payload.to(torch.long).reshape(-1).cpu().contiguous(), 0, group=self.group)
+        except RuntimeError as e:  # gloo/NCCL: a peer went away
+            raise SlimError(f"a worker process of the parallel group stopped ({str(e).splitlines()[0][:160]}); "
+                            "see its error above") from None
 
     def receive(self) -> tuple[int, int, list[int], Tensor | None]:
         import torch.distributed as dist

@@ -42,11 +42,27 @@ class ParallelGroup:
         try:
             driver.stop(self.channel)
             dist.barrier()  # nobody leaves the group while another still uses it
+        except (RuntimeError, SlimError):
+            pass  # a worker already stopped: there is nobody to wait for
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
             if self.workers is not None:
-                self.workers.join()
+                try:
+                    self.workers.join()
+                except Exception:  # noqa: BLE001 - a worker that failed has printed its error
+                    pass
+
+
+def _exit_now(code: int) -> None:
+    """End a worker without running the C++ destructors of threads still parked in torch's and the C++
+    extensions' pools (which abort a process that exits with them joinable: SIGABRT)."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _refuse_forward(*args, **kwargs):
@@ -91,13 +107,21 @@ def _worker(rank: int, world: int, address: str, path: str, config: ParallelConf
     """Ranks > 0 started by `open_model`: load this rank's part, then follow rank 0."""
     import torch.distributed as dist
 
-    join(world, rank, device, init_method=address)
+    code = 1
     try:
+        join(world, rank, device, init_method=address)
         _, _, factory = _factory(config)(path, config, rank, dtype, device)
         driver.follow(driver.Channel(), factory)
         dist.barrier()
+        code = 0
+    except BaseException:  # noqa: BLE001 - shown here; rank 0 sees the group break and reports it
+        import traceback
+
+        traceback.print_exc()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _exit_now(code)
 
 
 def _check(config: ParallelConfig):
@@ -132,14 +156,12 @@ def open_model(path: str, config: ParallelConfig, dtype=None, device: str = "cpu
         rank = join(world, 0, device, init_method=address)
     model, tokenizer, factory = _factory(config)(path, config, rank, dtype, device)
     if rank != 0:
-        import sys
-
         import torch.distributed as dist
 
         driver.follow(driver.Channel(), factory)
         dist.barrier()
         dist.destroy_process_group()
-        sys.exit(0)
+        _exit_now(0)
     model.slimlm_parallel = ParallelGroup(config, factory, workers)
     model.forward = _refuse_forward
     return model, tokenizer

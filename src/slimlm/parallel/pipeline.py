@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from slimlm.core import format as F
 from slimlm.core.errors import SlimError
 from slimlm.core.files import SafetensorsReader
-from slimlm.core.layers import FLOAT_DTYPES, find_blocks, float_dtype, keep_blocks_, replace_module_
+from slimlm.core.layers import FLOAT_DTYPES, find_blocks, float_dtype, is_compressed, keep_blocks_, replace_module_
 from slimlm.core.model_io import (FOREIGN_LAYERS, build_skeleton, check_finite_, load_tokenizer, read_config_json,
                                   resolve_model_path)
 from slimlm.engine.decoder import decoder_spec
@@ -139,7 +139,8 @@ def load_stage(name_or_path: str | os.PathLike, stages: int, rank: int, dtype=No
     state = {k: reader.read(k) for k, t in model.state_dict(keep_vars=True).items()
              if t.is_meta and k.startswith(tuple(wanted)) and k in names}
     model.load_state_dict(state, strict=False, assign=True)
-    if last and model.lm_head.weight.is_meta and getattr(model.config, "tie_word_embeddings", False):
+    head_meta = not is_compressed(model.lm_head) and model.lm_head.weight.is_meta
+    if last and head_meta and getattr(model.config, "tie_word_embeddings", False):
         model.lm_head.weight = nn.Parameter(reader.read("model.embed_tokens.weight"), requires_grad=False)
     keep_blocks_(model, list(held))
     missing = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta and k.startswith(

@@ -26,9 +26,10 @@ from slimlm.quant.scheme import QuantScheme
 
 
 def take(t: Tensor, dim: int, ranges: list[tuple[int, int]]) -> Tensor:
-    """The index ranges [a, b) of `t` along `dim`, concatenated (a view when there is one range)."""
+    """The index ranges [a, b) of `t` along `dim`, concatenated, as a compact tensor of its own (kernels
+    read contiguous codes and scales)."""
     parts = [t.narrow(dim, a, b - a) for a, b in ranges]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def check_finite_weight(name: str, weight: Tensor) -> None:
