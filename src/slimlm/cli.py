@@ -18,6 +18,7 @@ VERBS = {
     "bench": "prefill/decode speed, time to first token, achieved bandwidth, peak memory",
     "generate": "continue a prompt",
     "inspect": "architecture, parameters, per-layer schemes and size",
+    "plan-parallel": "predict latency, throughput and memory of tensor/pipeline/replica layouts on a cluster",
 }
 
 
@@ -31,7 +32,7 @@ def build_parser(verbs: tuple[str, ...] = tuple(VERBS)) -> argparse.ArgumentPars
     for verb, help_text in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
         if verb in verbs:
-            module = importlib.import_module(f"slimlm.commands.{verb}")
+            module = importlib.import_module(f"slimlm.commands.{verb.replace('-', '_')}")
             module.add_args(p)
             p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
             p.set_defaults(run=module.run)
