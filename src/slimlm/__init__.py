@@ -14,12 +14,13 @@ The public verbs (each modifies a model in place and returns it, or returns what
     generate(model, tok, prompt)       a continuation (streamed with on_text)
     compress(model)                    the main job: variants built, saved, reloaded and measured in one report
     serve(model)                       the OpenAI-compatible server with continuous batching
+    export(model, out, tok)            GGUF for llama.cpp/Ollama (codes copied exactly) or a dense HF folder
 
 Step configs for `quantize`, `prune` and `apply`: CastConfig, RTNConfig, GPTQConfig, AWQConfig,
 SmoothQuantConfig, MagnitudeConfig, RandomConfig, TaylorConfig, WandaConfig, SparseGPTConfig,
 HeadsConfig, ChannelsConfig, BlocksConfig. Settings of `distill`/`finetune`: TrainConfig; of `bench`:
 BenchSettings; of `generate` and the server: SamplingParams; of `load` across processes (tp, pp):
-ParallelConfig.
+ParallelConfig; of `export`: ExportConfig.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _VERBS = {name: "slimlm.api" for name in ("load", "save", "quantize", "prune", "apply", "distill", "finetune", "evaluate",
-                                          "bench", "generate", "serve")}
+                                          "bench", "generate", "serve", "export")}
 _VERBS["compress"] = "slimlm.workflows"
 _CONFIGS = {
     "CastConfig": "slimlm.quant.cast", "RTNConfig": "slimlm.quant.rtn", "GPTQConfig": "slimlm.quant.gptq",
@@ -39,7 +40,7 @@ _CONFIGS = {
 }
 _OTHER = {"SlimError": "slimlm.core.errors", "TrainConfig": "slimlm.distillation.trainer",
           "BenchSettings": "slimlm.eval.speed", "SamplingParams": "slimlm.engine.sampling",
-          "ParallelConfig": "slimlm.parallel.group"}
+          "ParallelConfig": "slimlm.parallel.group", "ExportConfig": "slimlm.exporters.config"}
 _LAZY = {**_VERBS, **_CONFIGS, **_OTHER}
 
 __all__ = [*_VERBS, *_CONFIGS, *_OTHER, "__version__"]

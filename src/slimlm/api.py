@@ -83,6 +83,37 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: b
     return save_model(model, path, tokenizer, extra_files=extra, overwrite=overwrite, exporter=exporter, encoder=encoder)
 
 
+def export(model: nn.Module, out: str | os.PathLike, tokenizer, format: str = "gguf", overwrite: bool = False,
+           **settings: Any):
+    """Write `model` in another tool's format (atomically): format 'gguf' (one file for llama.cpp,
+    Ollama, LM Studio: quantized layers copied exactly as Q8_0/Q4_0/Q4_1 where they can be; `type`
+    re-quantizes the others; returns a `GGUFExport` saying what was written and what it cost) or 'hf'
+    (a dense float folder; dequantizes `model` in place; returns its path). Settings: `ExportConfig`."""
+    import tempfile
+
+    from slimlm.exporters.config import ExportConfig
+
+    config = ExportConfig.from_dict({"format": format, **settings})
+    if config.format == "hf":
+        from slimlm.exporters.hf import export_hf
+
+        return export_hf(model, tokenizer, out, overwrite=overwrite)
+    from slimlm.core.data import demo_corpus_path, load_tokens
+    from slimlm.core.layers import context_length
+    from slimlm.exporters.gguf import export_gguf
+
+    kl_tokens = None
+    if config.kl_samples:
+        window = min(128, context_length(model))
+        ids = load_tokens(demo_corpus_path(), tokenizer, max_tokens=window * config.kl_samples)
+        rows = ids.numel() // window
+        kl_tokens = ids[: rows * window].view(rows, window) if rows else None
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return export_gguf(model, folder, out, overwrite=overwrite, requantize=config.type,
+                           float_type=config.float_type, kl_tokens=kl_tokens)
+
+
 def quantize(model: nn.Module, method: str | Config = "rtn", tokenizer=None, calibration: torch.Tensor | None = None,
              on_block: OnBlock | None = None, **settings: Any) -> nn.Module:
     """Quantize `model` in place and return it.

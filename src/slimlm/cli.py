@@ -17,6 +17,7 @@ VERBS = {
     "eval": "perplexity, and KL / top-1 agreement against a reference model",
     "bench": "prefill/decode speed, time to first token, achieved bandwidth, peak memory",
     "generate": "continue a prompt",
+    "export": "write GGUF for llama.cpp/Ollama (quantized codes copied exactly) or a dense Hugging Face folder",
     "inspect": "architecture, parameters, per-layer schemes and size",
     "plan-parallel": "predict latency, throughput and memory of tensor/pipeline/replica layouts on a cluster",
 }

@@ -210,6 +210,31 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file name beside `path`; on success it is renamed to `path`, on error removed
+    (so a reader never sees a partly written file at `path`)."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise SlimError(f"output '{out}' is a folder; give a file name (e.g. {out / 'model.gguf'})")
+    if out.exists() and not overwrite:
+        raise SlimError(f"output file '{out}' already exists; pass --overwrite (overwrite=True) or choose another path")
+    if not out.parent.is_dir():
+        raise SlimError(f"parent folder of '{out}' does not exist; create it or choose another output path")
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not _process_alive(int(pid)) and stale.is_file():
+            stale.unlink(missing_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.chmod(0o666 & ~_umask())
+    tmp.replace(out)
+
+
 def folder_bytes(path: Path) -> int:
     """Bytes of the weight files in a saved folder (what 'size on disk' means in reports)."""
     return sum(f.stat().st_size for f in path.iterdir() if f.name.endswith((".safetensors", ".bin")))
