@@ -17,13 +17,13 @@ ALLOWED = {
     "distillation": {"core", "quant", "distillation"},  # not "distill": the verb slimlm.distill
     "engine": {"core", "engine"},
     "parallel": {"core", "engine", "parallel"},
-    "exporters": {"core", "quant", "exporters"},
+    "exporters": {"core", "quant", "eval", "exporters"},  # eval: the KL a re-quantization costs
     "planner": {"core", "quant", "pruning", "engine", "eval", "planner", "api", "workflows"},
     "eval": {"core", "engine", "eval"},
     "server": {"__init__", "core", "engine", "parallel", "server"},
     "testing": {"core", "testing"},
     # commands parse flags and print; the work is the public API's (verbs, workflows, configs)
-    "commands": {"commands", "__init__", "api", "workflows", "presets", "core", "eval", "parallel", "server"},
+    "commands": {"commands", "__init__", "api", "workflows", "presets", "core", "eval", "parallel", "server", "exporters"},
 }
 
 

@@ -12,6 +12,11 @@ rather than read wrongly; a block without a version was written before versions 
                         "importance"} (the new sizes are the config's own fields)
   slimlm_module_shapes  (out, in) per linear layer where one config value cannot describe them
                         (channels pruned globally): {"version", "layers": {name: [out, in]}}
+  model_type            "slimlm" in a folder that plain transformers would read wrongly (slimlm's own
+                        quantized layers, bitmask-compressed sparse weights, per-layer shapes): transformers
+                        then refuses it ("model type `slimlm` ... not recognized") instead of loading
+                        random weights for the layers it does not understand; the architecture's own
+                        model type is kept in `slimlm_model_type`
 """
 
 from __future__ import annotations
@@ -30,7 +35,40 @@ STRUCTURED_VERSION = 1
 MODULE_SHAPES = "slimlm_module_shapes"
 MODULE_SHAPES_VERSION = 1
 
-KEYS = (QUANTIZATION, SPARSITY, STRUCTURED, MODULE_SHAPES)
+GUARD = "slimlm"  # model_type of a folder only slimlm reads correctly
+ORIGINAL_MODEL_TYPE = "slimlm_model_type"
+
+KEYS = (QUANTIZATION, SPARSITY, STRUCTURED, MODULE_SHAPES, ORIGINAL_MODEL_TYPE)
+
+
+def needs_guard(config: dict[str, Any]) -> bool:
+    """Whether plain transformers would read a folder with this config.json wrongly (see GUARD)."""
+    block = config.get(QUANTIZATION)
+    sparse = config.get(SPARSITY)
+    return bool((isinstance(block, dict) and block.get("quant_method") == QUANT_METHOD)
+                or (isinstance(sparse, dict) and sparse.get("storage")) or config.get(MODULE_SHAPES))
+
+
+def guard_(config: dict[str, Any]) -> dict[str, Any]:
+    """Set the guard on a config.json dict about to be written (or drop a stale one); return it."""
+    original = config.pop(ORIGINAL_MODEL_TYPE, None)
+    if config.get("model_type") == GUARD:
+        config["model_type"] = original
+    if needs_guard(config):
+        config[ORIGINAL_MODEL_TYPE], config["model_type"] = config["model_type"], GUARD
+    return config
+
+
+def unguard_(config: dict[str, Any], where: Any) -> dict[str, Any]:
+    """The config.json dict read from disk with the architecture's model type restored (the marker key
+    `slimlm_model_type` stays, so a reader knows the file on disk is guarded); return it."""
+    if config.get("model_type") == GUARD:
+        original = config.get(ORIGINAL_MODEL_TYPE)
+        if not isinstance(original, str) or not original or original == GUARD:
+            raise SlimError(f"{where}: config.json's model_type is 'slimlm' but {ORIGINAL_MODEL_TYPE} is missing; "
+                            "the folder is corrupt, re-save it")
+        config["model_type"] = original
+    return config
 
 
 def check_version(key: str, version: Any, known: int, where: Any) -> None:

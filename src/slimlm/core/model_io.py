@@ -93,14 +93,20 @@ def read_config_json(path: Path) -> dict[str, Any]:
         raise SlimError(f"{path / 'config.json'} is not valid JSON ({e}); restore it from the original model") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise SlimError(f"{path / 'config.json'} has no model_type; it is not a Hugging Face model config")
-    return config
+    return F.unguard_(config, path)
 
 
 def causal_lm_config(path: Path, raw: dict[str, Any]):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if F.ORIGINAL_MODEL_TYPE in raw:  # guarded on disk: transformers would refuse the file itself
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            config = CONFIG_MAPPING[raw["model_type"]].from_dict(
+                {k: v for k, v in raw.items() if k not in ("model_type", F.ORIGINAL_MODEL_TYPE)})
+        else:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # ValueError, KeyError, huggingface_hub's StrictDataclassClassValidationError
         config = _pruned_heads_config(raw)
         if config is None:
@@ -369,6 +375,7 @@ def save_model(
             config[F.QUANTIZATION] = block
         else:
             config.pop(F.QUANTIZATION, None)
+        F.guard_(config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         gen = getattr(model, "generation_config", None)
         if gen is not None:
