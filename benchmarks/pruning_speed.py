@@ -23,7 +23,7 @@ import torch
 
 import slimlm
 from engine_speed import build  # noqa: E402  (benchmarks/ is the script's folder)
-from kernels import median_seconds  # noqa: E402
+from kernel_speed import median_seconds  # noqa: E402
 from slimlm.eval.speed import _Runner
 
 VARIANTS = {

@@ -1,6 +1,6 @@
 """Weight-only matmul kernels at decode and prefill shapes: median time and achieved GB/s.
 
-    python benchmarks/kernels.py [--n 2048 --k 2048 --m 1,8,128 --threads 2]
+    python benchmarks/kernel_speed.py [--n 2048 --k 2048 --m 1,8,128 --threads 2]
 
 Prints one row per (kernel, M): the dense fp32/bf16 matmul, each QuantizedLinear kernel that
 supports the scheme (int8, int4, fp8 e4m3, log4), and the W8A8 (SmoothQuant) kernels, with the ratio
