@@ -25,21 +25,23 @@ OnBlock = Callable[[int, int], None]  # (blocks done, total)
 
 
 def load(path: str | os.PathLike = "demo", dtype: torch.dtype | str | None = None, device: str = "cpu",
-         tp: int = 1, pp: int = 1, split_head: bool = True):
+         tp: int = 1, pp: int = 1, split_head: bool = True, micro_batches: int = 0):
     """Load `(model, tokenizer)` from 'demo' or a local Hugging Face folder (compressed or not).
 
     tp / pp > 1 spread the model over that many processes (tensor / pipeline parallel, on
     torch.distributed; started here, or joined under torchrun): the model returned is this process's
     part, which `generate`, `bench` and `serve` run across all of them (`model.slimlm_parallel.close()`
     stops the others; they stop at exit too). split_head: with tp, split the output head along the
-    vocabulary (else every rank holds all of it)."""
+    vocabulary (else every rank holds all of it). micro_batches: with pp, how many micro-batches a
+    decode step is split into (0: one per stage)."""
     from slimlm.core.model_io import load_model
 
     if tp > 1 or pp > 1:
         from slimlm.parallel.group import ParallelConfig
         from slimlm.parallel.launch import open_model
 
-        return open_model(str(path), ParallelConfig(tp=tp, pp=pp, split_head=split_head), dtype, device)
+        return open_model(str(path), ParallelConfig(tp=tp, pp=pp, split_head=split_head,
+                                                         micro_batches=micro_batches), dtype, device)
     return load_model(path, dtype=dtype, device=device)
 
 

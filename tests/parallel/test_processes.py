@@ -34,16 +34,17 @@ def solo_tokens(model, steps=10):
     ("tp", "qwen2", {"bits": 8, "group_size": None, "symmetric": True}, "compressed-tensors", {}),
     ("tp", "mistral", {"bits": 4, "group_size": 32}, "compressed-tensors", {"sliding_window": 6}),
     ("pp", "llama", {"bits": 4, "group_size": 32, "include": ["*", "lm_head"]}, "slimlm", {}),
-    ("pp", "qwen2", None, "slimlm", {}),
+    ("pp-one-micro-batch", "qwen2", None, "slimlm", {}),
     ("pp", "mistral", {"bits": 8, "group_size": None, "symmetric": True}, "compressed-tensors", {"sliding_window": 6}),
 ], ids=["tp-llama-float", "tp-llama-float-replicated-head", "tp-llama-int4", "tp-qwen2-int8-ct", "tp-mistral-int4-ct-window", "pp-llama-int4",
-        "pp-qwen2-float", "pp-mistral-int8-ct-window"])
+        "pp-qwen2-float-one-micro-batch", "pp-mistral-int8-ct-window"])
 def test_two_ranks_generate_what_one_process_does(tmp_path, layout, family, quant, save_format, overrides):
     path = folder(tmp_path, family, quant, save_format, **overrides)
     single, _ = slimlm.load(path)
     want = solo_tokens(single)
     want_logits = Engine(single, max_len=64, fused_step=False).prefill(0, PROMPTS[0])
-    settings = {"tp": 2, "split_head": False} if layout == "tp-replicated-head" else {layout: 2}
+    settings = {"tp-replicated-head": {"tp": 2, "split_head": False},
+                "pp-one-micro-batch": {"pp": 2, "micro_batches": 1}}.get(layout, {layout: 2})
     model, _ = slimlm.load(path, **settings)
     try:
         assert solo_tokens(model) == want

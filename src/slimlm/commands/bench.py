@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     parallel = parallel_config().from_dict(settings_from_args(args, parallel_config()))
     if parallel.parallel and (args.baseline or args.serve or settings.get("engine") is False):
         raise SlimError("--baseline, --serve and --no-engine run in one process; drop --tp/--pp for them")
-    model, tokenizer = load(args.model, tp=parallel.tp, pp=parallel.pp, split_head=parallel.split_head)
+    model, tokenizer = load(args.model, tp=parallel.tp, pp=parallel.pp, split_head=parallel.split_head,
+                           micro_batches=parallel.micro_batches)
     if args.serve:
         return _serve_load(args, model, tokenizer)
     try:

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, sampling_params())
     settings.setdefault("max_new_tokens", sampling_params().max_new_tokens)
     parallel = parallel_config().from_dict(settings_from_args(args, parallel_config()))
-    model, tokenizer = load(args.model, tp=parallel.tp, pp=parallel.pp, split_head=parallel.split_head)
+    model, tokenizer = load(args.model, tp=parallel.tp, pp=parallel.pp, split_head=parallel.split_head,
+                           micro_batches=parallel.micro_batches)
     sys.stdout.write(args.prompt)
 
     def emit(piece: str) -> None:

@@ -26,12 +26,16 @@ class ParallelConfig(Config):
     pp: int = field(1, "pipeline-parallel processes: each holds a run of layers")
     split_head: bool = field(True, "with --tp: split the output head along the vocabulary (each rank reads 1/tp of "
                                    "it, then the logits are gathered) instead of replicating it")
+    micro_batches: int = field(0, "with --pp: micro-batches a decode step's sequences are split into (0: one per "
+                                  "stage; more shrink the pipeline bubble but read each stage's weights once more each)")
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp"):
             value = getattr(self, name)
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                   f"{name} {value!r} must be a whole number >= 1 (--{name})")
+        check(isinstance(self.micro_batches, int) and self.micro_batches >= 0,
+              f"micro_batches {self.micro_batches!r} must be a whole number >= 0")
         check(self.tp == 1 or self.pp == 1, "combine tensor and pipeline parallelism in one run is not supported yet; "
                                              "use --tp or --pp")
 

@@ -274,6 +274,6 @@ def pp_factory(path: str, config, rank: int, dtype, device: str):
     def factory(slots: int, max_len: int | None, kv_dtype: str):
         engine = Engine(model, slots, max_len, kv_dtype, spec=spec, first=first, last=last)
         return StageRunner(engine, rank, stages, model.config.hidden_size, model.config.vocab_size,
-                           engine.cache.dtype)
+                           engine.cache.dtype, micro_batches=config.micro_batches or None)
 
     return model, tokenizer, factory
