@@ -44,7 +44,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny_folder, tmp_path, capsys)
     assert code == 0, err
     assert "re-quantized to q8_0 (KL" in out
     one_line_error(*run(capsys, "export", q, "-o", tmp_path / "m.gguf", "--type", "q8_0")[::2], "already exists")
-    one_line_error(*run(capsys, "export", tiny_folder("gpt2"), "-o", tmp_path / "g.gguf")[::2], "not 'gpt2'")
+    one_line_error(*run(capsys, "export", tiny_folder("opt"), "-o", tmp_path / "g.gguf")[::2], "not 'opt'")
     one_line_error(*run(capsys, "export", tmp_path / "missing", "-o", tmp_path / "x.gguf")[::2], "missing")
     one_line_error(*run(capsys, "export", q, "-o", tmp_path / "no" / "x.gguf")[::2], "does not exist")
     one_line_error(*run(capsys, "export", q, "-o", tmp_path / "d", "--format", "hf", "--type", "q8_0")[::2],

@@ -233,9 +233,29 @@ def test_rows_that_do_not_fit_32_blocks_are_refused_or_written_as_f16(tmp_path):
     assert tensors["blk.0.ffn_up.weight"].tensor_type.name == "Q4_0"
 
 
+@pytest.mark.parametrize("family", ["phi3", "gpt2"])
+def test_fused_projections_of_phi3_and_gpt2(tmp_path, family):
+    model, tok = _model(family=family)
+    slimlm.quantize(model, "rtn", bits=4, group_size=32, symmetric=True, include=["*.mlp.*"])
+    export_gguf(model, _tokenizer_folder(tmp_path, tok), tmp_path / "m.gguf")
+    reader, tensors = _read(tmp_path / "m.gguf")
+    assert _field(reader, "general.architecture") == family
+    if family == "phi3":
+        attn, up = model.model.layers[0].self_attn.qkv_proj.weight, model.model.layers[0].mlp.gate_up_proj
+        want_attn = attn.detach().numpy()
+    else:  # GPT-2's Conv1D stores (in, out): the file holds (out, in)
+        attn, up = model.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].mlp.c_fc
+        want_attn = attn.detach().t().numpy()
+        assert _field(reader, "gpt2.attention.layer_norm_epsilon") == pytest.approx(model.config.layer_norm_epsilon)
+        np.testing.assert_array_equal(_values(tensors["position_embd.weight"]), model.transformer.wpe.weight.detach().numpy())
+    np.testing.assert_array_equal(_values(tensors["blk.0.attn_qkv.weight"]), want_attn)
+    assert tensors["blk.0.ffn_up.weight"].tensor_type.name == "Q4_0"
+    np.testing.assert_array_equal(_values(tensors["blk.0.ffn_up.weight"]), up.dequantize(torch.float32).numpy())
+
+
 def test_unsupported_architecture_and_existing_output(tmp_path):
-    model, tok = _model(family="gpt2")
-    with pytest.raises(SlimError, match="not 'gpt2'.*--format hf"):
+    model, tok = _model(family="opt")
+    with pytest.raises(SlimError, match="not 'opt'.*--format hf"):
         export_gguf(model, _tokenizer_folder(tmp_path, tok), tmp_path / "m.gguf")
     model, tok = _model()
     out = tmp_path / "m.gguf"
@@ -270,3 +290,19 @@ def test_pruned_models(tmp_path):
     reader, tensors = _read(tmp_path / "s.gguf")
     assert _field(reader, "llama.feed_forward_length") == model.config.intermediate_size < 128
     assert tuple(tensors["blk.0.ffn_up.weight"].shape) == (64, model.config.intermediate_size)  # GGUF: (cols, rows)
+
+
+def test_a_tokenizer_gguf_cannot_express_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from slimlm.testing.tiny import TEXT
+
+    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator([TEXT], trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[UNK]"], show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]")
+    model = tiny_model("llama", vocab=len(tok))
+    with pytest.raises(SlimError, match="WordPiece.*--format hf"):
+        export_gguf(model, _tokenizer_folder(tmp_path, tok), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -39,10 +39,10 @@ def _export(tmp_path, model, tok, name="m.gguf", **kw):
     return tmp_path / name
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "gpt2"])
 def test_float_file_gives_slimlm_logits(tmp_path, family):
     tok = tiny_tokenizer()
-    model = tiny_model(family, vocab=len(tok), max_position_embeddings=128)
+    model = tiny_model(family, vocab=len(tok))
     llm = _llama(_export(tmp_path, model, tok))
     ids = tok(TEXT[:200])["input_ids"][:48]
     with torch.no_grad():

@@ -30,43 +30,100 @@ def safetensors_files(path: Path) -> list[str]:
         raise SlimError(f"{index} is not a valid safetensors index; re-save the model") from None
 
 
+# safetensors dtype names -> torch dtypes (the format's header, https://github.com/huggingface/safetensors)
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_BLOCK_BYTES = 8 << 20  # a column slice is read this many bytes of whole rows at a time
+
+
 class SafetensorsReader:
     """A (possibly sharded) safetensors checkpoint read tensor by tensor, whole or in slices, so a
-    process can take just its part of every tensor (tensor parallelism) without holding the rest."""
+    process can take just its part of every tensor (tensor and pipeline parallelism) without holding
+    the rest.
+
+    The bytes are read with plain file reads at the offsets the header gives, not through a memory
+    map: a slice of columns touches every page of a row-major matrix, and a mapped page (with the
+    kernel's fault-around, its neighbours too) counts in the process's resident memory, so with a map
+    every rank would appear to hold every matrix it slices. Read, a rank's memory is its own slices
+    (plus one block of rows in flight); the file stays in the page cache, shared by all ranks."""
 
     def __init__(self, path: Path) -> None:
         from safetensors import safe_open
 
         self.path, self.where, self.aliases = path, {}, {}
-        self._open = {}
+        self.info: dict[str, dict] = {}  # file -> the header's entries (dtype, shape, data_offsets)
+        self.start: dict[str, int] = {}  # file -> offset of its data section
         for name in safetensors_files(path):
             try:
-                handle = safe_open(path / name, framework="pt")
-                self.aliases.update(json.loads((handle.metadata() or {}).get("aliases", "{}")))
+                with safe_open(path / name, framework="pt") as handle:  # validates the header
+                    self.aliases.update(json.loads((handle.metadata() or {}).get("aliases", "{}")))
+                    keys = list(handle.keys())
+                with open(path / name, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(size))
             except Exception as e:  # SafetensorError / OSError: corrupt, truncated or missing shard
                 raise SlimError(f"weights file {path / name} is corrupt or missing ({first_line(e)}); re-save the model") from None
-            self._open[name] = handle
-            self.where.update({key: name for key in handle.keys()})
+            header.pop("__metadata__", None)
+            self.info[name], self.start[name] = header, 8 + size
+            self.where.update({key: name for key in keys})
 
     def names(self) -> set[str]:
         return set(self.where) | set(self.aliases)
 
-    def _handle(self, name: str):
+    def _entry(self, name: str) -> tuple[str, dict]:
         key = self.aliases.get(name, name)
         if key not in self.where:
             raise SlimError(f"weights in {self.path} have no tensor '{name}'; the folder does not match its config")
-        return self._open[self.where[key]], key
+        file = self.where[key]
+        return file, self.info[file][key]
+
+    def shape(self, name: str) -> tuple[list[int], torch.dtype]:
+        _, entry = self._entry(name)
+        return list(entry["shape"]), _ST_DTYPES[entry["dtype"]]
+
+    def nbytes(self, name: str) -> int:
+        _, entry = self._entry(name)
+        a, b = entry["data_offsets"]
+        return b - a
+
+    def _pread(self, file: str, offset: int, count: int) -> bytearray:
+        buffer = bytearray(count)
+        with open(self.path / file, "rb", buffering=0) as f:
+            f.seek(self.start[file] + offset)
+            if f.readinto(buffer) != count:
+                raise SlimError(f"weights file {self.path / file} is truncated; re-save the model")
+        return buffer
+
+    def _tensor(self, buffer: bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
     def read(self, name: str) -> torch.Tensor:
-        handle, key = self._handle(name)
-        return handle.get_tensor(key)
+        file, entry = self._entry(name)
+        a, b = entry["data_offsets"]
+        return self._tensor(self._pread(file, a, b - a), _ST_DTYPES[entry["dtype"]], list(entry["shape"]))
 
     def read_slice(self, name: str, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
-        """Index ranges [a, b) of tensor `name` along `dim` (0 or 1), concatenated; only they are read."""
-        handle, key = self._handle(name)
-        part = handle.get_slice(key)
-        pieces = [part[a:b] if dim == 0 else part[:, a:b] for a, b in ranges]
-        return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, dim)
+        """Index ranges [a, b) of tensor `name` along `dim` (0 or 1), concatenated; only they are read
+        (for dim 1, whole rows a block at a time, of which the columns are kept)."""
+        file, entry = self._entry(name)
+        dtype, shape = _ST_DTYPES[entry["dtype"]], list(entry["shape"])
+        begin = entry["data_offsets"][0]
+        row_bytes = (entry["data_offsets"][1] - begin) // max(shape[0], 1)
+        if dim == 0:
+            pieces = [self._tensor(self._pread(file, begin + a * row_bytes, (b - a) * row_bytes), dtype, [b - a, *shape[1:]])
+                      for a, b in ranges]
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+        rows = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+        width = sum(b - a for a, b in ranges)
+        out = torch.empty([shape[0], width, *shape[2:]], dtype=dtype)
+        for r in range(0, shape[0], rows):
+            n = min(rows, shape[0] - r)
+            block = self._tensor(self._pread(file, begin + r * row_bytes, n * row_bytes), dtype, [n, *shape[1:]])
+            out[r : r + n] = torch.cat([block[:, a:b] for a, b in ranges], 1) if len(ranges) > 1 else block[:, ranges[0][0]:ranges[0][1]]
+        return out
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

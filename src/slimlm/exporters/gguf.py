@@ -41,7 +41,8 @@ from slimlm.exporters import gguf_blocks as B
 log = logging.getLogger(__name__)
 
 # Hugging Face model_type -> (llama.cpp architecture, q/k rows permuted to interleaved rotary pairs)
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
+                 "phi3": ("phi3", False), "gpt2": ("gpt2", False)}
 FLOAT_TYPES = ("f32", "f16", "bf16")
 TYPES = FLOAT_TYPES + tuple(B.LOSSLESS)
 
@@ -137,23 +138,24 @@ def check_exportable(model: nn.Module) -> str:
     if getattr(config, F.MODULE_SHAPES, None):
         raise SlimError("this model was pruned to different sizes per layer, which llama.cpp cannot load (one size "
                         "for all layers); prune with a uniform setting, or export with --format hf")
-    heads, head_dim = config.num_attention_heads, _head_dim(config)
-    for i, layer in enumerate(model.model.layers):
-        rows = _out_features(layer.self_attn.q_proj)
-        if rows != heads * head_dim:
-            raise SlimError(f"layer {i} has {rows // head_dim} attention heads and the config {heads}: heads were pruned "
-                            "per layer, which llama.cpp cannot load; export with --format hf")
+    rope = _rope(config) if kind != "gpt2" else {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "linear", "yarn", "llama3"):
+        raise SlimError(f"rope scaling '{rope.get('rope_type', rope.get('type'))}' is not one slimlm writes to GGUF "
+                        "(default, linear, yarn, llama3); export with --format hf")
+    if kind != "gpt2":
+        from slimlm.core.layers import in_features
+
+        heads, head_dim = config.num_attention_heads, _head_dim(config)
+        for i, layer in enumerate(model.model.layers):
+            width = in_features(layer.self_attn.o_proj)
+            if width != heads * head_dim:
+                raise SlimError(f"layer {i} has {width // head_dim} attention heads and the config {heads}: heads were "
+                                "pruned per layer, which llama.cpp cannot load; export with --format hf")
     return ARCHITECTURES[kind][0]
 
 
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def _out_features(layer: nn.Module) -> int:
-    from slimlm.core.layers import out_features
-
-    return out_features(layer)
 
 
 def _rope(config) -> dict[str, Any]:
@@ -165,22 +167,26 @@ def _rope(config) -> dict[str, Any]:
 def _metadata(w, model: nn.Module, arch: str, name: str) -> None:
     gguf = _gguf()
     c = model.config
-    rope = _rope(c)
     w.add_name(name)
     w.add_context_length(int(c.max_position_embeddings))
     w.add_embedding_length(int(c.hidden_size))
     w.add_block_count(int(c.num_hidden_layers))
-    w.add_feed_forward_length(int(c.intermediate_size))
     w.add_head_count(int(c.num_attention_heads))
+    w.add_vocab_size(int(c.vocab_size))
+    if arch == "gpt2":
+        w.add_feed_forward_length(int(getattr(c, "n_inner", None) or 4 * c.hidden_size))
+        w.add_layer_norm_eps(float(c.layer_norm_epsilon))
+        return
+    rope = _rope(c)
+    w.add_feed_forward_length(int(c.intermediate_size))
     w.add_head_count_kv(int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads))
     head_dim = _head_dim(c)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))))
     if head_dim != c.hidden_size // c.num_attention_heads:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
     w.add_rope_freq_base(float(rope["rope_theta"]))
-    w.add_vocab_size(int(c.vocab_size))
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -189,8 +195,6 @@ def _metadata(w, model: nn.Module, arch: str, name: str) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(rope["factor"]))
         w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-    elif kind not in ("default", "llama3"):
-        raise SlimError(f"rope scaling '{kind}' has no llama.cpp equivalent slimlm writes; export with --format hf")
     window = getattr(c, "sliding_window", None)
     if window and getattr(c, "use_sliding_window", True) and window < c.max_position_embeddings:
         w.add_sliding_window(int(window))
@@ -339,6 +343,8 @@ def _plan(model: nn.Module, arch: str, requantize: str | None, float_type: str, 
         if owner in compressed:
             continue
         t = p.detach()
+        if t.dim() == 2 and type(model.get_submodule(owner)).__name__ == "Conv1D":
+            t = t.t()  # GPT-2's Conv1D stores (in, out); GGUF wants (out, in) like nn.Linear
         h = rows_heads(owner)
         if t.dim() == 1:
             entries.append(_float_entry(gguf_name(hf), order(t, h), "f32"))

@@ -66,16 +66,7 @@ def balance(block_bytes: list[int], first_extra: int, last_extra: int, stages: i
 
 
 def _tensor_bytes(reader: SafetensorsReader, keys: list[str]) -> int:
-    total = 0
-    for key in keys:
-        handle, name = reader._handle(key)
-        part = handle.get_slice(name)
-        shape = part.get_shape()
-        numel = 1
-        for d in shape:
-            numel *= d
-        total += numel * {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8}.get(part.get_dtype(), 4)
-    return total
+    return sum(reader.nbytes(key) for key in keys)
 
 
 def stage_layout(path: Path, raw: dict, stages: int, dtype=None) -> tuple[nn.Module, list[range]]:

@@ -48,7 +48,7 @@ def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | No
                 replicas: int = 1) -> dict[str, ServedModel]:
     """Load every model of `source` with its scheduler: in this process; spread over tp x pp processes
     (tensor / pipeline parallel, rank 0 here); or as `replicas` worker processes behind this front end."""
-    from slimlm.core.model_io import load_model, load_tokenizer, read_config_json, resolve_model_path
+    from slimlm.core.model_io import causal_lm_config, load_model, load_tokenizer, read_config_json, resolve_model_path
 
     paths = model_paths(source)
     if (tp > 1 or pp > 1) and len(paths) > 1:
@@ -59,10 +59,10 @@ def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | No
             from slimlm.server.replicas import ReplicaSet
 
             folder = resolve_model_path(path)
-            tokenizer = load_tokenizer(folder)
+            # the config handed over, so the tokenizer never reads a guarded config.json itself
+            tokenizer = load_tokenizer(folder, causal_lm_config(folder, read_config_json(folder)))
             scheduler = ReplicaSet(path, replicas, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
                                    device=device, metrics=metrics, name=name)
-            read_config_json(folder)
             served[name] = ServedModel(name, None, tokenizer, scheduler)
             continue
         if tp > 1 or pp > 1:
