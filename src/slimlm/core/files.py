@@ -87,23 +87,24 @@ class SafetensorsReader:
         a, b = entry["data_offsets"]
         return b - a
 
-    def _pread(self, file: str, offset: int, count: int) -> bytearray:
-        buffer = bytearray(count)
+    def _read_into(self, file: str, offset: int, out: torch.Tensor) -> torch.Tensor:
+        """Fill the contiguous tensor `out` with the bytes at `offset` of `file`'s data section (read
+        straight into it: no intermediate buffer, so nothing is left behind in the heap)."""
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         with open(self.path / file, "rb", buffering=0) as f:
             f.seek(self.start[file] + offset)
-            if f.readinto(buffer) != count:
-                raise SlimError(f"weights file {self.path / file} is truncated; re-save the model")
-        return buffer
-
-    def _tensor(self, buffer: bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-        if not buffer:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).view(shape)
+            done = 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise SlimError(f"weights file {self.path / file} is truncated; re-save the model")
+                done += n
+        return out
 
     def read(self, name: str) -> torch.Tensor:
         file, entry = self._entry(name)
-        a, b = entry["data_offsets"]
-        return self._tensor(self._pread(file, a, b - a), _ST_DTYPES[entry["dtype"]], list(entry["shape"]))
+        out = torch.empty(list(entry["shape"]), dtype=_ST_DTYPES[entry["dtype"]])
+        return self._read_into(file, entry["data_offsets"][0], out)
 
     def read_slice(self, name: str, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
         """Index ranges [a, b) of tensor `name` along `dim` (0 or 1), concatenated; only they are read
@@ -112,17 +113,23 @@ class SafetensorsReader:
         dtype, shape = _ST_DTYPES[entry["dtype"]], list(entry["shape"])
         begin = entry["data_offsets"][0]
         row_bytes = (entry["data_offsets"][1] - begin) // max(shape[0], 1)
-        if dim == 0:
-            pieces = [self._tensor(self._pread(file, begin + a * row_bytes, (b - a) * row_bytes), dtype, [b - a, *shape[1:]])
-                      for a, b in ranges]
-            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
-        rows = max(1, _BLOCK_BYTES // max(row_bytes, 1))
         width = sum(b - a for a, b in ranges)
+        if dim == 0:
+            out, at = torch.empty([width, *shape[1:]], dtype=dtype), 0
+            for a, b in ranges:  # a run of rows is contiguous in the file and in `out`
+                self._read_into(file, begin + a * row_bytes, out[at : at + b - a])
+                at += b - a
+            return out
         out = torch.empty([shape[0], width, *shape[2:]], dtype=dtype)
+        rows = max(1, min(shape[0], _BLOCK_BYTES // max(row_bytes, 1)))
+        block = torch.empty([rows, *shape[1:]], dtype=dtype)
         for r in range(0, shape[0], rows):
             n = min(rows, shape[0] - r)
-            block = self._tensor(self._pread(file, begin + r * row_bytes, n * row_bytes), dtype, [n, *shape[1:]])
-            out[r : r + n] = torch.cat([block[:, a:b] for a, b in ranges], 1) if len(ranges) > 1 else block[:, ranges[0][0]:ranges[0][1]]
+            self._read_into(file, begin + r * row_bytes, block[:n])
+            at = 0
+            for a, b in ranges:
+                out[r : r + n, at : at + b - a] = block[:n, a:b]
+                at += b - a
         return out
 
 
