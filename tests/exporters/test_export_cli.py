@@ -2,21 +2,11 @@
 
 import pytest
 
-from slimlm.cli import main
+from tests.cli_helpers import one_line_error, run
 
 gguf = pytest.importorskip("gguf")
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, needle):
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert needle in err, err
 
 
 def test_quantize_then_export_gguf_and_hf(tiny_folder, tmp_path, capsys):

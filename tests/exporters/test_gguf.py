@@ -306,3 +306,11 @@ def test_a_tokenizer_gguf_cannot_express_is_refused(tmp_path):
     with pytest.raises(SlimError, match="WordPiece.*--format hf"):
         export_gguf(model, _tokenizer_folder(tmp_path, tok), tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_per_layer_sizes_are_refused(tmp_path):
+    model, tok = _model()
+    model.config.slimlm_module_shapes = {"version": 1, "layers": {"model.layers.0.mlp.up_proj": [100, 64]}}
+    with pytest.raises(SlimError, match="different sizes per layer.*--format hf"):
+        export_gguf(model, _tokenizer_folder(tmp_path, tok), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

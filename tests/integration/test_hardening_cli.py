@@ -11,19 +11,9 @@ import sys
 import pytest
 import torch
 
-from slimlm.cli import main
+from tests.cli_helpers import one_line_error, run
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, needle):
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert needle in err, err
 
 
 @pytest.mark.parametrize("verb, extra", [("quantize", ["--bits", "8"]), ("prune", ["--sparsity", "0.3"])])
