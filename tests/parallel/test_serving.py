@@ -94,3 +94,19 @@ def test_serve_with_tensor_parallelism(tiny_folder, solo):
     finally:
         models[name].scheduler.close()
         models[name].model.slimlm_parallel.close()
+
+
+def test_replicas_that_are_themselves_parallel(tiny_folder, solo):
+    """Two replicas, each a PP=2 group of its own (five processes): one process's outputs."""
+    app, models = build_app(str(tiny_folder("llama")), ServeSettings(), slots=2, max_len=256, replicas=2, pp=2)
+    name = next(iter(models))
+    replicas = models[name].scheduler
+    try:
+        with BackgroundServer(app) as url:
+            assert greedy(url, name) == solo
+            assert health(url)[1]["replicas"] == {name: [True, True]}
+    finally:
+        replicas.close()
+    for r in replicas.replicas:  # each replica stopped its own stage processes and left
+        r.process.join(timeout=30)
+        assert r.process.exitcode is not None

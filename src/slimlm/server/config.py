@@ -30,7 +30,7 @@ class ServeConfig(Config):
     tp: int = field(1, "tensor-parallel processes per model (each holds a slice of every layer)")
     pp: int = field(1, "pipeline-parallel processes per model (each holds a run of layers)")
     replicas: int = field(1, "copies of the model in worker processes behind this front end, each request "
-                             "routed to the least loaded")
+                             "routed to the least loaded (each itself split over --tp/--pp processes)")
 
     def __post_init__(self) -> None:
         def whole(value) -> bool:
@@ -48,8 +48,6 @@ class ServeConfig(Config):
               and self.shutdown_grace >= 0, f"shutdown_grace {self.shutdown_grace!r} must be a number of seconds >= 0 "
                                             "(--shutdown-grace)")
         check(self.device.split(":")[0] in ("cpu", "cuda"), f"device {self.device!r} must be cpu or cuda (--device)")
-        check(self.replicas == 1 or (self.tp == 1 and self.pp == 1),
-              "--replicas with --tp/--pp (replicas that are themselves parallel) is not supported yet; choose one")
         check(self.tp == 1 or self.pp == 1, "--tp and --pp together are not supported yet; choose one")
         self.http_settings()  # the API key and limits, checked now
 

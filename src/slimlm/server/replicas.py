@@ -49,7 +49,7 @@ class ReplicaSet:
 
     def __init__(self, path: str, count: int, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
                  dtype: str | None = None, device: str = "cpu", metrics: Any = None, name: str = "model",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, tp: int = 1, pp: int = 1) -> None:
         import multiprocessing
 
         import torch
@@ -65,9 +65,12 @@ class ReplicaSet:
         self.replicas = []
         for i in range(count):
             parent, child = context.Pipe()
-            process = context.Process(target=replica_main, daemon=True, name=f"slimlm-replica-{i}",
+            # a parallel replica starts processes of its own, which a daemonic process may not; it still
+            # stops with the front end, as every replica does: its pipe closes and it leaves
+            process = context.Process(target=replica_main, daemon=tp * pp == 1, name=f"slimlm-replica-{i}",
                                       args=(child, path, dict(slots=slots, max_len=max_len, max_queue=max_queue,
-                                                              dtype=dtype, device=device, name=name), threads))
+                                                              dtype=dtype, device=device, name=name, tp=tp, pp=pp),
+                                            threads))
             process.start()
             child.close()
             self.replicas.append(Replica(i, process, parent))
@@ -283,7 +286,14 @@ def serve_replica(conn, path: str, settings: dict, threads: int) -> None:
 
     torch.set_num_threads(threads)
     try:
-        model, _ = load_model(path, dtype=settings["dtype"], device=settings["device"])
+        if settings.get("tp", 1) * settings.get("pp", 1) > 1:  # this replica is rank 0 of a group of its own
+            from slimlm.parallel.group import ParallelConfig
+            from slimlm.parallel.launch import open_model
+
+            model, _ = open_model(path, ParallelConfig(tp=settings["tp"], pp=settings["pp"]), settings["dtype"],
+                                  settings["device"])
+        else:
+            model, _ = load_model(path, dtype=settings["dtype"], device=settings["device"])
         scheduler = Scheduler(model, slots=settings["slots"], max_len=settings["max_len"],
                               max_queue=settings["max_queue"], name=settings["name"])
     except Exception as e:  # noqa: BLE001 - reported to the front end, which refuses to start
@@ -339,3 +349,6 @@ def serve_replica(conn, path: str, settings: dict, threads: int) -> None:
                 return
     finally:
         stop.set()
+        group = getattr(model, "slimlm_parallel", None)
+        if group is not None:  # a parallel replica stops its own processes
+            group.close()

@@ -62,7 +62,7 @@ def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | No
             # the config handed over, so the tokenizer never reads a guarded config.json itself
             tokenizer = load_tokenizer(folder, causal_lm_config(folder, read_config_json(folder)))
             scheduler = ReplicaSet(path, replicas, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
-                                   device=device, metrics=metrics, name=name)
+                                   device=device, metrics=metrics, name=name, tp=tp, pp=pp)
             served[name] = ServedModel(name, None, tokenizer, scheduler)
             continue
         if tp > 1 or pp > 1:
