@@ -1,0 +1,63 @@
+"""The allocation solver against brute force: the Pareto front holds every budget's optimum exactly,
+budgets are respected, the Lagrangian bound never exceeds the optimum, and an impossible budget is a
+clear error."""
+
+import itertools
+import random
+
+import pytest
+
+from slimlm.core.errors import SlimError
+from slimlm.planner.allocate import Option, lagrangian_bound, pareto_front
+
+
+def random_instance(rng, layers=5, options=4):
+    out = []
+    for _ in range(layers):
+        n = rng.randint(1, options)
+        out.append([Option(f"o{j}", rng.randint(1, 40) * 16, rng.random()) for j in range(n)])
+    return out
+
+
+def brute_force(options, budget):
+    best = None
+    for choice in itertools.product(*(range(len(layer)) for layer in options)):
+        size = sum(options[i][j].bytes for i, j in enumerate(choice))
+        loss = sum(options[i][j].loss for i, j in enumerate(choice))
+        if size <= budget and (best is None or loss < best - 1e-12):
+            best = loss
+    return best
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_the_front_holds_every_budgets_optimum(seed):
+    rng = random.Random(seed)
+    options = random_instance(rng)
+    front = pareto_front(options)
+    assert front.exact
+    sizes = [p.bytes for p in front.points]
+    losses = [p.loss for p in front.points]
+    assert sizes == sorted(sizes) and all(a > b for a, b in zip(losses, losses[1:]))
+    smallest = sum(min(o.bytes for o in layer) for layer in options)
+    largest = sum(max(o.bytes for o in layer) for layer in options)
+    for budget in rng.sample(range(smallest, largest + 1), 8) + [smallest, largest]:
+        point = front.best(budget)
+        assert point.bytes <= budget  # respected exactly
+        assert point.bytes == sum(options[i][j].bytes for i, j in enumerate(point.choice))
+        assert point.loss == pytest.approx(sum(options[i][j].loss for i, j in enumerate(point.choice)))
+        optimum = brute_force(options, budget)
+        assert point.loss == pytest.approx(optimum)
+        assert lagrangian_bound(options, budget) <= optimum + 1e-9
+
+
+def test_an_impossible_budget_names_the_smallest_size():
+    options = [[Option("int4", 100, 0.2), Option("int8", 200, 0.1)], [Option("int4", 50, 0.3)]]
+    with pytest.raises(SlimError, match="smallest possible is 150 bytes"):
+        pareto_front(options).best(149)
+
+
+def test_a_thinned_front_says_it_is_not_exact():
+    rng = random.Random(0)
+    options = random_instance(rng, layers=8, options=4)
+    front = pareto_front(options, max_points=5)
+    assert not front.exact and len(front.points) <= 5

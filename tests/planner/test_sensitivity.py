@@ -1,0 +1,36 @@
+"""Per-layer sensitivity on a tiny model: `keep` costs nothing, fewer bits cost more, the model is
+left as it was, and the bytes each treatment is charged are what slimlm stores for it."""
+
+import torch
+
+import slimlm
+from slimlm.planner.sensitivity import measure_sensitivity, treatments
+from slimlm.quant.linear import QuantizedLinear
+from slimlm.testing import tiny_model
+
+
+def test_sensitivity_orders_treatments_and_restores_the_model():
+    model = tiny_model("llama", vocab=320, hidden=64)
+    tokens = torch.randint(0, 320, (2, 32))
+    with torch.no_grad():
+        before = model(tokens).logits
+    result = measure_sensitivity(model, tokens, names=["keep", "int8", "int4 g32", "int2 g32", "2:4"])
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, before)
+    assert len(result.layers) == 14 and result.treatments[0] == "keep"
+    total = {t: sum(row[j] for row in result.kl) for j, t in enumerate(result.treatments)}
+    assert total["keep"] == 0 and 0 < total["int8"] < total["int4 g32"] < total["int2 g32"]
+    assert all(len(layer) == 5 for layer in result.options())
+
+
+def test_bytes_charged_are_what_slimlm_stores():
+    table = treatments()
+    for name, settings in [("int8", dict(bits=8, group_size=None, symmetric=True)),
+                           ("int4 g32", dict(bits=4, group_size=32, symmetric=False)),
+                           ("int4 g128", dict(bits=4, group_size=128, symmetric=False))]:
+        model = tiny_model("llama", vocab=320, hidden=64)
+        slimlm.quantize(model, "rtn", **settings)
+        layer = model.model.layers[0].mlp.down_proj  # (64, 128)
+        assert isinstance(layer, QuantizedLinear)
+        stored = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scale, layer.zero) if t is not None)
+        assert table[name][1](64, 128, 4) == stored, name
