@@ -8,7 +8,8 @@ Sensitivity: KL of each (block linear layer, treatment) on 8 x 256 calibration t
 points at the size of uniform int4 g32 and uniform int3 g32 (and 8 more spread over the front) are
 built as the weights the treatments store and measured on held-out tokens from documents 500 on
 (KL and top-1 against fp32, perplexity). Uniform baselines: RTN int4 g32 / int3 g32 and GPTQ int4 g32
-(slimlm's GPTQ, same calibration documents). Sizes count the block linear layers only (embedding, head
+(slimlm's GPTQ, same calibration documents). GPTQ int8 / int4 g128 / int4 g32 / int3 g32 runs are
+treatments too (`sensitivity.from_model`): a layer may take its GPTQ codes. Sizes count the block linear layers only (embedding, head
 and norms are the same in every variant).
 """
 
@@ -25,7 +26,7 @@ import slimlm
 from slimlm.core.data import load_tokens
 from slimlm.core.layers import find_blocks
 from slimlm.planner.allocate import lagrangian_bound, pareto_front
-from slimlm.planner.sensitivity import measure_sensitivity, treatments
+from slimlm.planner.sensitivity import from_model, measure_sensitivity, treatments
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/eval-data"
 
@@ -45,14 +46,14 @@ def evaluate(model, base_logp, windows) -> tuple[float, float, float]:
     return kl / count, top / count, math.exp(nll / (count - len(windows)))
 
 
-def apply_choice(model, layers, names, choice):
-    table = treatments()
+def apply_choice(model, layers, table, picked):
+    """A copy of `model` whose block layers hold the weights of the treatments `picked` (a name per layer)."""
     out = copy.deepcopy(model)
     _, blocks = find_blocks(out)
     modules = {f"{i}.{n}": m for i, b in enumerate(blocks) for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)}
     with torch.no_grad():
-        for layer, j in zip(layers, choice):
-            modules[layer].weight.data = table[names[j]][0](modules[layer].weight.data)
+        for layer, name in zip(layers, picked):
+            modules[layer].weight.data = table[name].apply(layer, modules[layer].weight.data)
     return out
 
 
@@ -72,34 +73,45 @@ def main() -> None:
     with torch.no_grad():
         base_logp = [torch.log_softmax(base(row[None]).logits[0].float(), -1) for row in windows]
     names = ["int8", "int4 g128", "int4 g32", "int3 g32", "int2 g32", "2:4", "50%"]
-    sens = measure_sensitivity(base, sens_tokens, names=names)
-    options = [[o for o in layer] for layer in sens.options()]
-    index = {n: j for j, n in enumerate(names)}
+    extra = {}
+    for bits, group in ((8, None), (4, 128), (4, 32), (3, 32)):
+        label = f"gptq int{bits}" + (f" g{group}" if group else "")
+        copy, _ = slimlm.load(args.model)
+        slimlm.quantize(copy, "gptq", tokenizer=tok, calibration=calib, bits=bits, group_size=group, n_samples=128,
+                        seq_len=256, **({"symmetric": True} if bits == 8 else {}))
+        extra[label] = from_model(copy)
+    names_all = names + list(extra)
+    sens = measure_sensitivity(base, sens_tokens, names=names, extra=extra)
+    table = {**treatments(), **extra}
+    options = sens.options()
+    index = {n: j for j, n in enumerate(names_all)}
     front = pareto_front(options)
-    print(f"{len(sens.layers)} layers x {len(names)} treatments; front of {len(front.points)} points (exact: {front.exact})")
+    print(f"{len(sens.layers)} layers x {len(names_all)} treatments; front of {len(front.points)} points (exact: {front.exact})")
 
     def uniform_bytes(name):
         return sum(sens.bytes[i][index[name]] for i in range(len(sens.layers)))
 
     def choice_names(point):
         picked = [options[i][j].name for i, j in enumerate(point.choice)]
-        return {n: picked.count(n) for n in names if picked.count(n)}
+        return {n: picked.count(n) for n in names_all if picked.count(n)}
 
     rows = []
     for label, name in [("uniform rtn int4 g32", "int4 g32"), ("uniform rtn int3 g32", "int3 g32")]:
-        model = apply_choice(base, sens.layers, names, [index[name]] * len(sens.layers))
+        model = apply_choice(base, sens.layers, table, [name] * len(sens.layers))
         rows.append((label, uniform_bytes(name), sum(sens.kl[i][index[name]] for i in range(len(sens.layers))),
                      *evaluate(model, base_logp, windows), ""))
     gptq, _ = slimlm.load(args.model)
     slimlm.quantize(gptq, "gptq", tokenizer=tok, calibration=calib, bits=4, group_size=32, n_samples=128, seq_len=256)
-    rows.append(("uniform gptq int4 g32", uniform_bytes("int4 g32"), float("nan"), *evaluate(gptq, base_logp, windows), ""))
+    rows.append(("uniform gptq int4 g32 (copy)", uniform_bytes("gptq int4 g32"), float("nan"),
+                 *evaluate(apply_choice(base, sens.layers, table, ["gptq int4 g32"] * len(sens.layers)), base_logp, windows), ""))
+    rows.append(("uniform gptq int4 g32", uniform_bytes("gptq int4 g32"),
+                 sum(sens.kl[i][index["gptq int4 g32"]] for i in range(len(sens.layers))), *evaluate(gptq, base_logp, windows), ""))
     measured = []
     budgets = [("planned @ int4 g32 size", uniform_bytes("int4 g32")), ("planned @ int3 g32 size", uniform_bytes("int3 g32"))]
     spread = [front.points[round(k * (len(front.points) - 1) / 9)] for k in range(10)]
     for label, budget in budgets + [(f"front point {k}", p.bytes) for k, p in enumerate(spread)]:
         point = front.best(budget)
-        model = apply_choice(base, sens.layers, names,
-                             [index[options[i][j].name] for i, j in enumerate(point.choice)])
+        model = apply_choice(base, sens.layers, table, [options[i][j].name for i, j in enumerate(point.choice)])
         result = evaluate(model, base_logp, windows)
         measured.append((point.loss, result[0]))
         bound = lagrangian_bound(options, budget)

@@ -33,4 +33,16 @@ def test_bytes_charged_are_what_slimlm_stores():
         layer = model.model.layers[0].mlp.down_proj  # (64, 128)
         assert isinstance(layer, QuantizedLinear)
         stored = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scale, layer.zero) if t is not None)
-        assert table[name][1](64, 128, 4) == stored, name
+        assert table[name].stored("x", 64, 128, 4) == stored, name
+
+
+def test_a_compressed_copy_is_a_treatment():
+    from slimlm.planner.sensitivity import from_model
+
+    model = tiny_model("llama", vocab=320, hidden=64)
+    copy = slimlm.quantize(tiny_model("llama", vocab=320, hidden=64), "rtn", bits=4, group_size=32)
+    tokens = torch.randint(0, 320, (2, 16))
+    result = measure_sensitivity(model, tokens, names=["int4 g32"], extra={"copied int4 g32": from_model(copy)})
+    # the copy holds the same RTN codes the built-in treatment makes: same KL, same bytes
+    for row_kl, row_bytes in zip(result.kl, result.bytes):
+        assert row_kl[0] == row_kl[1] and row_bytes[0] == row_bytes[1]

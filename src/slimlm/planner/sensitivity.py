@@ -8,7 +8,8 @@ pruning (per layer), and `keep` (the layer as it is). A treatment is applied as 
 store (fake quantization, masks), so one weight swap per (layer, treatment) and one forward over the
 calibration tokens measures it. This is the direct method: L layers × T treatments forwards; the
 block-by-block variant the planner issue asks for (one pass per block for all its candidates) is
-not built yet.
+not built yet. `from_model` turns a whole compressed copy of the model (a GPTQ run, say) into a
+treatment, so calibrated methods are allocated like round-to-nearest ones.
 """
 
 from __future__ import annotations
@@ -23,42 +24,42 @@ from torch import Tensor, nn
 from slimlm.core.layers import find_blocks
 from slimlm.planner.allocate import Option
 
-Treatment = Callable[[Tensor], Tensor]  # weight (N, K) -> the weight the treatment stores
+@dataclasses.dataclass(frozen=True)
+class Treatment:
+    """What a treatment stores for a layer: `apply(layer name, weight (N, K))` -> the weight it holds,
+    `stored(layer name, N, K, bytes per float element)` -> its bytes."""
+
+    apply: Callable[[str, Tensor], Tensor]
+    stored: Callable[[str, int, int, int], int]
 
 
-def _quantized(bits: int, group: int | None, symmetric: bool) -> tuple[Treatment, Callable[[int, int, int], int]]:
+def _quantized(bits: int, group: int | None, symmetric: bool) -> Treatment:
     from slimlm.quant import primitives as P
     from slimlm.quant.scheme import QuantScheme
 
     scheme = QuantScheme(bits=bits, group_size=group, symmetric=symmetric)
 
-    def treat(w: Tensor) -> Tensor:
-        return P.fake_quantize(w.float(), scheme).to(w.dtype)
-
-    def size(n: int, k: int, element: int) -> int:
+    def stored(name: str, n: int, k: int, element: int) -> int:
         groups = math.ceil(k / P.group_size_for(k, scheme))
         return math.ceil(n * P.padded_k(k, scheme) * bits / 8) + n * groups * (2 + (0 if symmetric else 1))
 
-    return treat, size
+    return Treatment(lambda name, w: P.fake_quantize(w.float(), scheme).to(w.dtype), stored)
 
 
-def _pruned(pattern: str) -> tuple[Treatment, Callable[[int, int, int], int]]:
+def _pruned(pattern: str) -> Treatment:
     from slimlm.pruning.masks import nm_mask, topk_mask
 
-    def treat(w: Tensor) -> Tensor:
+    def apply(name: str, w: Tensor) -> Tensor:
         scores = w.float().abs()
-        mask = nm_mask(scores, 2, 4) if pattern == "2:4" else topk_mask(scores, 0.5)
-        return w * mask
+        return w * (nm_mask(scores, 2, 4) if pattern == "2:4" else topk_mask(scores, 0.5))
 
-    def size(n: int, k: int, element: int) -> int:  # slimlm's bitmask storage: the kept values + one bit each
-        return n * k // 2 * element + math.ceil(n * k / 8)
-
-    return treat, size
+    # slimlm's bitmask storage: the kept values, and one bit per weight
+    return Treatment(apply, lambda name, n, k, element: n * k // 2 * element + math.ceil(n * k / 8))
 
 
-def treatments() -> dict[str, tuple[Treatment, Callable[[int, int, int], int]]]:
+def treatments() -> dict[str, Treatment]:
     return {
-        "keep": (lambda w: w, lambda n, k, element: n * k * element),
+        "keep": Treatment(lambda name, w: w, lambda name, n, k, element: n * k * element),
         "int8": _quantized(8, None, True),
         "int4 g128": _quantized(4, 128, False),
         "int4 g32": _quantized(4, 32, False),
@@ -67,6 +68,37 @@ def treatments() -> dict[str, tuple[Treatment, Callable[[int, int, int], int]]]:
         "2:4": _pruned("2:4"),
         "50%": _pruned("50%"),
     }
+
+
+def block_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The linear layers of the blocks, float or compressed, by "block index.path"."""
+    from slimlm.core.layers import is_compressed
+
+    _, blocks = find_blocks(model)
+    return {f"{i}.{n}": m for i, block in enumerate(blocks) for n, m in block.named_modules()
+            if isinstance(m, nn.Linear) or is_compressed(m)}
+
+
+def from_model(compressed: nn.Module) -> Treatment:
+    """A treatment read off a whole compressed copy of the model (one GPTQ or AWQ run, say): a layer
+    treated takes that copy's layer, dequantized, and is charged its stored bytes. So calibrated
+    methods, whose codes depend on the data, enter the allocation like any other treatment."""
+    from slimlm.core.layers import is_compressed
+
+    layers = block_linears(compressed)
+
+    def apply(name: str, w: Tensor) -> Tensor:
+        m = layers[name]
+        return (m.dequantize(torch.float32) if is_compressed(m) else m.weight.data.float()).to(w.dtype)
+
+    def stored(name: str, n: int, k: int, element: int) -> int:
+        m = layers[name]
+        if not is_compressed(m):
+            return n * k * element
+        bias = getattr(m, "bias", None)
+        return m.storage_bytes() - (bias.numel() * bias.element_size() if bias is not None else 0)
+
+    return Treatment(apply, stored)
 
 
 @dataclasses.dataclass
@@ -92,14 +124,14 @@ def _kl(ref_logp: Tensor, logits: Tensor) -> float:
 
 
 def measure_sensitivity(model: nn.Module, tokens: Tensor, names: list[str] | None = None,
-                        on_layer: Callable[[int, int], None] | None = None) -> Sensitivity:
+                        on_layer: Callable[[int, int], None] | None = None,
+                        extra: dict[str, Treatment] | None = None) -> Sensitivity:
     """Sensitivity of `model`'s block linear layers on calibration `tokens` (n, T). The model is
-    restored after each measurement. on_layer(done, total): progress."""
-    _, blocks = find_blocks(model)
-    layers = {f"{i}.{n}": m for i, block in enumerate(blocks) for n, m in block.named_modules()
-              if isinstance(m, nn.Linear)}
-    table = treatments()
-    chosen = names or list(table)
+    restored after each measurement. names: built-in treatments (default all); extra: more by name
+    (e.g. {"gptq int4 g32": from_model(a GPTQ-quantized copy)}). on_layer(done, total): progress."""
+    layers = {k: m for k, m in block_linears(model).items() if isinstance(m, nn.Linear)}
+    table = {**treatments(), **(extra or {})}
+    chosen = (names or list(treatments())) + list(extra or {})
     with torch.no_grad():
         ref = [torch.log_softmax(model(row[None]).logits.float(), -1) for row in tokens]
 
@@ -112,12 +144,11 @@ def measure_sensitivity(model: nn.Module, tokens: Tensor, names: list[str] | Non
             n, k = w.shape
             row_kl, row_bytes = [], []
             for t in chosen:
-                treat, size = table[t]
-                row_bytes.append(size(n, k, w.element_size()))
-                if t == "2:4" and k % 4:
+                row_bytes.append(table[t].stored(name, n, k, w.element_size()))
+                if t in ("2:4",) and k % 4:
                     row_kl.append(float("nan"))
                     continue
-                layer.weight.data = treat(w)
+                layer.weight.data = table[t].apply(name, w)
                 try:
                     row_kl.append(0.0 if t == "keep" else kl_now())
                 finally:
