@@ -24,9 +24,8 @@ import torch
 
 import slimlm
 from slimlm.core.data import load_tokens
-from slimlm.core.layers import find_blocks
 from slimlm.planner.allocate import lagrangian_bound, pareto_front
-from slimlm.planner.sensitivity import from_model, measure_sensitivity, treatments
+from slimlm.planner.sensitivity import block_linears, from_model, measure_sensitivity, treatments
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/eval-data"
 
@@ -49,8 +48,7 @@ def evaluate(model, base_logp, windows) -> tuple[float, float, float]:
 def apply_choice(model, layers, table, picked):
     """A copy of `model` whose block layers hold the weights of the treatments `picked` (a name per layer)."""
     out = copy.deepcopy(model)
-    _, blocks = find_blocks(out)
-    modules = {f"{i}.{n}": m for i, b in enumerate(blocks) for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)}
+    modules = block_linears(out)
     with torch.no_grad():
         for layer, name in zip(layers, picked):
             modules[layer].weight.data = table[name].apply(layer, modules[layer].weight.data)

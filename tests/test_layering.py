@@ -23,7 +23,7 @@ ALLOWED = {
     "server": {"__init__", "core", "engine", "parallel", "server"},
     "testing": {"core", "testing"},
     # commands parse flags and print; the work is the public API's (verbs, workflows, configs)
-    "commands": {"commands", "__init__", "api", "workflows", "presets", "core", "eval", "parallel", "server", "exporters"},
+    "commands": {"commands", "__init__", "api", "workflows", "presets", "core", "eval", "parallel", "server", "exporters", "planner"},
 }
 
 

@@ -71,11 +71,11 @@ def treatments() -> dict[str, Treatment]:
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """The linear layers of the blocks, float or compressed, by "block index.path"."""
+    """The linear layers of the blocks, float or compressed, by module name (what recipes' `include` take)."""
     from slimlm.core.layers import is_compressed
 
-    _, blocks = find_blocks(model)
-    return {f"{i}.{n}": m for i, block in enumerate(blocks) for n, m in block.named_modules()
+    prefix, blocks = find_blocks(model)
+    return {f"{prefix}.{i}.{n}": m for i, block in enumerate(blocks) for n, m in block.named_modules()
             if isinstance(m, nn.Linear) or is_compressed(m)}
 
 

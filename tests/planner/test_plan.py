@@ -1,0 +1,49 @@
+"""A plan is a recipe slimlm.apply runs: the model it builds stores exactly the bytes the plan
+charged, within the budget, and computes what the plan's treatments predict."""
+
+import pytest
+import torch
+
+import slimlm
+from slimlm.planner.plan import plan
+from slimlm.planner.sensitivity import block_linears
+from slimlm.testing import tiny_model
+
+
+def test_the_planned_recipe_builds_the_planned_model():
+    tokens = torch.randint(0, 320, (4, 32))
+    load = lambda: tiny_model("llama", vocab=320, hidden=64)  # noqa: E731
+    int4 = sum(64 * k // 2 + 64 * (k // 32) * 3 for k in [64] * 12 + [128] * 2)  # uniform int4 g32's bytes
+    with_gptq = plan(load, tokens, int4, gptq_settings=dict(n_samples=4, seq_len=32))
+    assert with_gptq.point.bytes <= int4 and {s["method"] for s in with_gptq.recipe} <= {"rtn", "gptq"}
+    assert sorted(n for s in with_gptq.recipe for n in s["include"]) == sorted(with_gptq.sensitivity.layers)
+    result = plan(load, tokens, int4, gptq=False)  # data-free steps: the recipe runs without calibration text
+    assert with_gptq.point.loss <= result.point.loss  # more treatments to choose from
+    model = slimlm.apply(load(), result.recipe)
+    layers = block_linears(model)
+    stored = sum(m.storage_bytes() - (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
+                 for m in layers.values())
+    assert stored == result.point.bytes
+    chosen = result.treatments()
+    for name, m in layers.items():
+        assert f"int{m.scheme.bits}" in chosen[name]
+    # more room, no worse a prediction; too little room, a clear error
+    assert plan(load, tokens, 2 * int4, gptq=False).point.loss <= plan(load, tokens, int4, gptq=False).point.loss
+    with pytest.raises(slimlm.SlimError, match="smallest possible"):
+        plan(load, tokens, 1000, gptq=False)
+
+
+def test_plan_cli_writes_a_recipe_quantize_builds(tiny_folder, tmp_path, capsys):
+    from tests.cli_helpers import one_line_error, run
+
+    recipe = tmp_path / "plan.yaml"
+    code, out, err = run(capsys, "plan", tiny_folder("llama"), "--max-size", "40KB", "--no-gptq", "--windows", 2,
+                         "--seq-len", 32, "-o", recipe)
+    assert code == 0, err
+    assert "chosen:" in out and recipe.is_file()
+    code, _, err = run(capsys, "quantize", tiny_folder("llama"), "--recipe", recipe, "-o", tmp_path / "m", "--eval-tokens", 0)
+    assert code == 0, err
+    one_line_error(*run(capsys, "plan", tiny_folder("llama"), "--max-size", "1KB", "--no-gptq", "--windows", 2,
+                        "--seq-len", 32, "-o", tmp_path / "x.yaml")[::2], "smallest possible")
+    one_line_error(*run(capsys, "plan", tiny_folder("llama"), "--max-size", "lots", "-o", tmp_path / "y.yaml")[::2],
+                   "is not a size")
