@@ -38,9 +38,15 @@ def test_plan_cli_writes_a_recipe_quantize_builds(tiny_folder, tmp_path, capsys)
 
     recipe = tmp_path / "plan.yaml"
     code, out, err = run(capsys, "plan", tiny_folder("llama"), "--max-size", "40KB", "--no-gptq", "--windows", 2,
-                         "--seq-len", 32, "-o", recipe)
+                         "--seq-len", 32, "-o", recipe, "--sensitivity-out", tmp_path / "s.json",
+                         "--heatmap", tmp_path / "s.png")
     assert code == 0, err
     assert "chosen:" in out and recipe.is_file()
+    import json
+
+    sens = json.loads((tmp_path / "s.json").read_text())
+    assert len(sens["layers"]) == 14 and len(sens["kl"][0]) == len(sens["treatments"])
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     code, _, err = run(capsys, "quantize", tiny_folder("llama"), "--recipe", recipe, "-o", tmp_path / "m", "--eval-tokens", 0)
     assert code == 0, err
     one_line_error(*run(capsys, "plan", tiny_folder("llama"), "--max-size", "1KB", "--no-gptq", "--windows", 2,

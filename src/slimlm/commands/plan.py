@@ -20,6 +20,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face model folder, or 'demo'")
     p.add_argument("-o", "--recipe-out", default="plan.yaml", help="where the chosen recipe is written (YAML)")
     p.add_argument("--overwrite", action="store_true", help="replace --recipe-out if it exists")
+    p.add_argument("--sensitivity-out", default=None, help="also write the per-layer sensitivity (KL and bytes) as JSON")
+    p.add_argument("--heatmap", default=None, help="also draw the sensitivity heat map (PNG; needs matplotlib)")
     p.add_argument("--json", action="store_true")
     add_config_flags(p, [plan_config()])
 
@@ -55,6 +57,14 @@ def run(args: argparse.Namespace) -> int:
     options = result.sensitivity.options()
     bound = lagrangian_bound(options, budget)
     out.write_text(dump_recipe(result.recipe))
+    if args.sensitivity_out:
+        import json
+
+        Path(args.sensitivity_out).expanduser().write_text(json.dumps(result.sensitivity.to_dict(), indent=1) + "\n")
+    if args.heatmap:
+        from slimlm.planner.heatmap import draw_heatmap
+
+        draw_heatmap(result.sensitivity, Path(args.heatmap).expanduser())
     counts = {}
     for t in result.treatments().values():
         counts[t] = counts.get(t, 0) + 1
