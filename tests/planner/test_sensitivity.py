@@ -46,3 +46,37 @@ def test_a_compressed_copy_is_a_treatment():
     # the copy holds the same RTN codes the built-in treatment makes: same KL, same bytes
     for row_kl, row_bytes in zip(result.kl, result.bytes):
         assert row_kl[0] == row_kl[1] and row_bytes[0] == row_bytes[1]
+
+
+def test_an_interrupted_measurement_resumes_with_the_same_result(tmp_path):
+    import pytest
+
+    model = tiny_model("llama", vocab=320, hidden=64)
+    tokens = torch.randint(0, 320, (2, 16))
+    names = ["keep", "int8", "int4 g32"]
+    whole = measure_sensitivity(model, tokens, names=names)
+    state = tmp_path / "state.json"
+    seen = []
+
+    def stop_after_five(done, total):
+        seen.append(done)
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        measure_sensitivity(model, tokens, names=names, state=state, on_layer=stop_after_five)
+    measured = []
+    resumed = measure_sensitivity(model, tokens, names=names, state=state,
+                                  on_layer=lambda done, total: measured.append(done))
+    assert resumed.kl == whole.kl and resumed.bytes == whole.bytes
+    # the saved rows are read, not measured again: a marked row comes back as saved
+    import json
+
+    saved = json.loads(state.read_text())
+    first = resumed.layers[0]
+    saved["rows"][first]["kl"][1] = 123.0
+    state.write_text(json.dumps(saved))
+    assert measure_sensitivity(model, tokens, names=names, state=state).kl[0][1] == 123.0
+    # other tokens: the saved rows do not apply, and the run starts afresh
+    other = measure_sensitivity(model, torch.randint(0, 320, (2, 16)), names=names, state=state)
+    assert other.kl != whole.kl

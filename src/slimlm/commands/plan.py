@@ -51,9 +51,11 @@ def run(args: argparse.Namespace) -> int:
                         f"--windows {config.windows}; give more text or lower --windows/--seq-len")
     tokens = ids[: config.windows * config.seq_len].view(config.windows, config.seq_len)
     gptq = dict(calib=config.calib, n_samples=config.n_samples, seq_len=config.seq_len)
+    state = out.with_name(f".{out.name}.sensitivity.json")  # an interrupted or repeated run reuses it
     with progress_bar(not args.json) as update:
         result = plan(lambda: load(args.model)[0], tokens, budget, calibration=ids, gptq=config.gptq,
-                      gptq_settings=gptq, on_layer=lambda done, total: update("sensitivity", done, total))
+                      gptq_settings=gptq, on_layer=lambda done, total: update("sensitivity", done, total),
+                      state=str(state))
     options = result.sensitivity.options()
     bound = lagrangian_bound(options, budget)
     out.write_text(dump_recipe(result.recipe))
@@ -81,4 +83,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"chosen: {result.point.bytes / 1e3:.1f} KB of {budget / 1e3:.1f} KB, predicted KL {result.point.loss:.4f} "
           f"(no choice can do better than {bound:.4f}); {', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}")
     print(f"wrote {out}; build it with: slimlm quantize {args.model} --recipe {out} -o OUT")
+    print(f"(the measured sensitivity is kept in {state}: another budget, or a run interrupted, reuses it)")
     return 0

@@ -10,7 +10,7 @@
    then the calibrated ones) that `slimlm.apply` / `slimlm quantize --recipe` run on the original model.
 
 Not built yet (see the planner issue): speed floors and targets, structured pruning and recovery in
-the search, the HTML report, resuming.
+the search, the HTML report. The sensitivity measurement resumes from its state file; the GPTQ runs are redone.
 """
 
 from __future__ import annotations
@@ -86,9 +86,10 @@ def recipe_for(choice: dict[str, str], calibration: dict[str, Any] | None = None
 
 def plan(load: Callable[[], nn.Module], tokens: Tensor, max_bytes: int, calibration: Tensor | None = None,
          gptq: bool = True, gptq_settings: dict[str, Any] | None = None,
-         on_layer: Callable[[int, int], None] | None = None) -> Plan:
+         on_layer: Callable[[int, int], None] | None = None, state: str | None = None) -> Plan:
     """Plan `load()`'s compression within `max_bytes` of block linear weights. tokens (n, T): the
-    sensitivity windows; calibration: token ids for the GPTQ treatments (default: `tokens`)."""
+    sensitivity windows; calibration: token ids for the GPTQ treatments (default: `tokens`). state: a
+    JSON file the sensitivity measurement saves after every layer and resumes from."""
     import slimlm
 
     base = load()
@@ -99,7 +100,7 @@ def plan(load: Callable[[], nn.Module], tokens: Tensor, max_bytes: int, calibrat
             copy = slimlm.quantize(load(), "gptq", calibration=tokens if calibration is None else calibration,
                                    **settings, **(gptq_settings or {}))
             extra[name] = from_model(copy)
-    sensitivity = measure_sensitivity(base, tokens, names=RTN, extra=extra, on_layer=on_layer)
+    sensitivity = measure_sensitivity(base, tokens, names=RTN, extra=extra, on_layer=on_layer, state=state)
     front = pareto_front(sensitivity.options())
     point = front.best(max_bytes)
     result = Plan(sensitivity, front, point, [])

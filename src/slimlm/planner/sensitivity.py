@@ -15,7 +15,10 @@ treatment, so calibrated methods are allocated like round-to-nearest ones.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -123,15 +126,49 @@ def _kl(ref_logp: Tensor, logits: Tensor) -> float:
     return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp(min=0).mean())
 
 
+def _fingerprint(layers: dict[str, nn.Module], tokens: Tensor, chosen: list[str]) -> str:
+    """What a saved partial measurement must match to be resumed: the tokens, the treatments, and
+    each layer's name, shape and weights (a checksum)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(tokens.to(torch.int64).contiguous().numpy().tobytes())
+    h.update("|".join(chosen).encode())
+    for name, m in layers.items():
+        w = m.weight.detach()
+        h.update(f"{name}:{tuple(w.shape)}:{float(w.double().sum()):.17g}:{float(w.double().abs().sum()):.17g}".encode())
+    return h.hexdigest()
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(state) + "\n")
+    tmp.replace(path)  # a reader never sees a half-written file
+
+
 def measure_sensitivity(model: nn.Module, tokens: Tensor, names: list[str] | None = None,
                         on_layer: Callable[[int, int], None] | None = None,
-                        extra: dict[str, Treatment] | None = None) -> Sensitivity:
+                        extra: dict[str, Treatment] | None = None, state: str | os.PathLike | None = None) -> Sensitivity:
     """Sensitivity of `model`'s block linear layers on calibration `tokens` (n, T). The model is
     restored after each measurement. names: built-in treatments (default all); extra: more by name
-    (e.g. {"gptq int4 g32": from_model(a GPTQ-quantized copy)}). on_layer(done, total): progress."""
+    (e.g. {"gptq int4 g32": from_model(a GPTQ-quantized copy)}). on_layer(done, total): progress.
+    state: a JSON file written after every layer; a run interrupted and started again with the same
+    model, tokens and treatments resumes from it (a different one starts afresh)."""
     layers = {k: m for k, m in block_linears(model).items() if isinstance(m, nn.Linear)}
     table = {**treatments(), **(extra or {})}
     chosen = (names or list(treatments())) + list(extra or {})
+    saved: dict = {}
+    key = ""
+    if state is not None:
+        state = Path(state).expanduser()
+        key = _fingerprint(layers, tokens, chosen)
+        if state.is_file():
+            try:
+                previous = json.loads(state.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                previous = {}
+            if previous.get("fingerprint") == key:
+                saved = previous.get("rows", {})
     with torch.no_grad():
         ref = [torch.log_softmax(model(row[None]).logits.float(), -1) for row in tokens]
 
@@ -139,7 +176,15 @@ def measure_sensitivity(model: nn.Module, tokens: Tensor, names: list[str] | Non
             return sum(_kl(r, model(row[None]).logits) for r, row in zip(ref, tokens)) / len(tokens)
 
         kl, sizes = [], []
+        rows: dict[str, dict] = {}
         for done, (name, layer) in enumerate(layers.items()):
+            if name in saved:  # measured by an earlier, interrupted run
+                rows[name] = saved[name]
+                kl.append([float(v) for v in saved[name]["kl"]])
+                sizes.append(list(saved[name]["bytes"]))
+                if on_layer:
+                    on_layer(done + 1, len(layers))
+                continue
             w = layer.weight.data
             n, k = w.shape
             row_kl, row_bytes = [], []
@@ -155,6 +200,9 @@ def measure_sensitivity(model: nn.Module, tokens: Tensor, names: list[str] | Non
                     layer.weight.data = w
             kl.append(row_kl)
             sizes.append(row_bytes)
+            rows[name] = {"kl": row_kl, "bytes": row_bytes}
+            if state is not None:
+                _save_state(state, {"fingerprint": key, "treatments": chosen, "rows": rows})
             if on_layer:
                 on_layer(done + 1, len(layers))
     return Sensitivity(list(layers), chosen, kl, sizes)
