@@ -61,3 +61,20 @@ def test_a_thinned_front_says_it_is_not_exact():
     options = random_instance(rng, layers=8, options=4)
     front = pareto_front(options, max_points=5)
     assert not front.exact and len(front.points) <= 5
+
+
+def test_the_smallest_point_within_a_loss():
+    rng = random.Random(3)
+    options = random_instance(rng)
+    front = pareto_front(options)
+    for target in (front.points[-1].loss, front.points[len(front.points) // 2].loss, front.points[0].loss + 1):
+        point = front.smallest(target)
+        assert point.loss <= target
+        # nothing smaller meets it (brute force over every choice)
+        for choice in itertools.product(*(range(len(layer)) for layer in options)):
+            size = sum(options[i][j].bytes for i, j in enumerate(choice))
+            loss = sum(options[i][j].loss for i, j in enumerate(choice))
+            assert not (size < point.bytes and loss <= target + 1e-12)
+    assert front.points[-1].loss > 0  # random losses in (0, 1)
+    with pytest.raises(SlimError, match="least possible"):
+        front.smallest(front.points[-1].loss / 2)

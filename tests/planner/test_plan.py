@@ -31,6 +31,9 @@ def test_the_planned_recipe_builds_the_planned_model():
     assert plan(load, tokens, 2 * int4, gptq=False).point.loss <= plan(load, tokens, int4, gptq=False).point.loss
     with pytest.raises(slimlm.SlimError, match="smallest possible"):
         plan(load, tokens, 1000, gptq=False)
+    # a quality budget instead: the smallest plan predicted within it
+    by_kl = plan(load, tokens, None, gptq=False, max_kl=result.point.loss)
+    assert by_kl.point.loss <= result.point.loss and by_kl.point.bytes <= result.point.bytes
 
 
 def test_plan_cli_writes_a_recipe_quantize_builds(tiny_folder, tmp_path, capsys):

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.recipe_out).expanduser()
     if out.exists() and not args.overwrite:
         raise SlimError(f"recipe file '{out}' already exists; pass --overwrite or choose another -o")
-    budget = parse_size(config.max_size)
+    budget = parse_size(config.max_size) if config.max_size else None
     model, tokenizer = load(args.model)
     del model
     ids = load_tokens(config.calib, tokenizer)
@@ -53,11 +53,11 @@ def run(args: argparse.Namespace) -> int:
     gptq = dict(calib=config.calib, n_samples=config.n_samples, seq_len=config.seq_len)
     state = out.with_name(f".{out.name}.sensitivity.json")  # an interrupted or repeated run reuses it
     with progress_bar(not args.json) as update:
-        result = plan(lambda: load(args.model)[0], tokens, budget, calibration=ids, gptq=config.gptq,
+        result = plan(lambda: load(args.model)[0], tokens, budget, max_kl=config.max_kl, calibration=ids, gptq=config.gptq,
                       gptq_settings=gptq, on_layer=lambda done, total: update("sensitivity", done, total),
                       state=str(state))
     options = result.sensitivity.options()
-    bound = lagrangian_bound(options, budget)
+    bound = lagrangian_bound(options, budget if budget is not None else result.point.bytes)
     out.write_text(dump_recipe(result.recipe))
     if args.sensitivity_out:
         import json
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     print_table([{"": "->" if points[k] is result.point else "", "KB": f"{points[k].bytes / 1e3:.1f}",
                   "predicted KL": f"{points[k].loss:.4f}"} for k in shown],
                 title=f"{args.model}: {len(points)} points on the size / predicted-KL front")
-    print(f"chosen: {result.point.bytes / 1e3:.1f} KB of {budget / 1e3:.1f} KB, predicted KL {result.point.loss:.4f} "
+    within = f"of {budget / 1e3:.1f} KB" if budget is not None else f"(the smallest predicted within KL {config.max_kl:g})"
+    print(f"chosen: {result.point.bytes / 1e3:.1f} KB {within}, predicted KL {result.point.loss:.4f} "
           f"(no choice can do better than {bound:.4f}); {', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}")
     print(f"wrote {out}; build it with: slimlm quantize {args.model} --recipe {out} -o OUT")
     print(f"(the measured sensitivity is kept in {state}: another budget, or a run interrupted, reuses it)")

@@ -54,6 +54,15 @@ class Front:
                             f"{self.points[0].bytes:,} bytes (predicted loss {self.points[0].loss:.4g})")
         return fitting[-1]
 
+    def smallest(self, max_loss: float) -> Point:
+        """The smallest point whose predicted loss is at most `max_loss`; SlimError naming the least
+        loss possible if none."""
+        good = [p for p in self.points if p.loss <= max_loss]
+        if not good:
+            raise SlimError(f"no choice of treatments has a predicted loss of {max_loss:.4g} or less; the least "
+                            f"possible is {self.points[-1].loss:.4g} (at {self.points[-1].bytes:,} bytes)")
+        return good[0]
+
 
 def pareto_front(options: Sequence[Sequence[Option]], max_points: int = 200_000) -> Front:
     """The size/loss Pareto front over one option per layer (see the module docstring)."""

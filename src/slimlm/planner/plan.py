@@ -46,6 +46,8 @@ class PlanConfig(Config):
 
     name = "plan"
     max_size: str = field("", "budget for the blocks' linear weights (embedding and head excluded): 140KB, 600MB, 1.5GB")
+    max_kl: float | None = field(None, "instead of a size: the smallest plan whose predicted KL (nats/token, the sum "
+                                       "of per-layer KLs, which under-predicts by ~2x) is at most this")
     calib: str = field("demo", "calibration text (.txt, .jsonl, 'demo'; FILE@0:200 for a range of documents)")
     windows: int = field(8, "calibration windows the per-layer sensitivity is measured on")
     seq_len: int = field(256, "tokens per window (sensitivity and GPTQ)")
@@ -53,8 +55,12 @@ class PlanConfig(Config):
     gptq: bool = field(True, "also offer GPTQ's codes for every layer (one GPTQ run per scheme)")
 
     def __post_init__(self) -> None:
-        check(bool(self.max_size), "give a budget: --max-size 140KB (the blocks' linear weights)")
-        parse_size(self.max_size)
+        check(bool(self.max_size) != (self.max_kl is not None),
+              "give one budget: --max-size 140KB (the blocks' linear weights) or --max-kl 0.05")
+        if self.max_size:
+            parse_size(self.max_size)
+        check(self.max_kl is None or (isinstance(self.max_kl, (int, float)) and self.max_kl > 0),
+              f"max_kl {self.max_kl!r} must be a positive number")
         for name in ("windows", "seq_len", "n_samples"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"{name} {value!r} must be at least 1")
@@ -84,10 +90,12 @@ def recipe_for(choice: dict[str, str], calibration: dict[str, Any] | None = None
     return steps
 
 
-def plan(load: Callable[[], nn.Module], tokens: Tensor, max_bytes: int, calibration: Tensor | None = None,
+def plan(load: Callable[[], nn.Module], tokens: Tensor, max_bytes: int | None, calibration: Tensor | None = None,
          gptq: bool = True, gptq_settings: dict[str, Any] | None = None,
-         on_layer: Callable[[int, int], None] | None = None, state: str | None = None) -> Plan:
-    """Plan `load()`'s compression within `max_bytes` of block linear weights. tokens (n, T): the
+         on_layer: Callable[[int, int], None] | None = None, state: str | None = None,
+         max_kl: float | None = None) -> Plan:
+    """Plan `load()`'s compression within `max_bytes` of block linear weights (or, with max_kl instead,
+    the smallest plan predicted within that KL). tokens (n, T): the
     sensitivity windows; calibration: token ids for the GPTQ treatments (default: `tokens`). state: a
     JSON file the sensitivity measurement saves after every layer and resumes from."""
     import slimlm
@@ -102,7 +110,7 @@ def plan(load: Callable[[], nn.Module], tokens: Tensor, max_bytes: int, calibrat
             extra[name] = from_model(copy)
     sensitivity = measure_sensitivity(base, tokens, names=RTN, extra=extra, on_layer=on_layer, state=state)
     front = pareto_front(sensitivity.options())
-    point = front.best(max_bytes)
+    point = front.best(max_bytes) if max_kl is None else front.smallest(max_kl)
     result = Plan(sensitivity, front, point, [])
     result.recipe = recipe_for(result.treatments(), gptq_settings)
     return result
