@@ -104,16 +104,16 @@ def export(model: nn.Module, out: str | os.PathLike, tokenizer, format: str = "g
     from slimlm.core.layers import context_length
     from slimlm.exporters.gguf import export_gguf
 
-    kl_tokens = None
-    if config.kl_samples:
+    def kl_tokens():  # read only when a layer was re-quantized
         window = min(128, context_length(model))
         ids = load_tokens(demo_corpus_path(), tokenizer, max_tokens=window * config.kl_samples)
         rows = ids.numel() // window
-        kl_tokens = ids[: rows * window].view(rows, window) if rows else None
+        return ids[: rows * window].view(rows, window) if rows else None
+
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
         return export_gguf(model, folder, out, overwrite=overwrite, requantize=config.type,
-                           float_type=config.float_type, kl_tokens=kl_tokens)
+                           float_type=config.float_type, kl_tokens=kl_tokens if config.kl_samples else None)
 
 
 def quantize(model: nn.Module, method: str | Config = "rtn", tokenizer=None, calibration: torch.Tensor | None = None,

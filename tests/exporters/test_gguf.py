@@ -209,7 +209,7 @@ def test_unexpressible_layers_are_refused_or_requantized_with_their_cost(tmp_pat
         export_gguf(model, folder, tmp_path / "m.gguf")
     assert not list(tmp_path.glob("*m.gguf*"))
     tokens = torch.randint(0, len(tok), (2, 32))
-    result = export_gguf(model, folder, tmp_path / "m.gguf", requantize="q8_0", kl_tokens=tokens)
+    result = export_gguf(model, folder, tmp_path / "m.gguf", requantize="q8_0", kl_tokens=lambda: tokens)
     assert set(result.requantized.values()) == {"q8_0"} and len(result.requantized) == 14
     assert 0 < result.kl < 0.01  # int3 -> q8_0: the int3 grid is nearly exact on an 8-bit one
     _, tensors = _read(tmp_path / "m.gguf")

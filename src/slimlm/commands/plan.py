@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from slimlm.api import load
     from slimlm.core.data import load_tokens
     from slimlm.core.errors import SlimError
+    from slimlm.core.files import atomic_file
     from slimlm.core.recipe import dump_recipe
     from slimlm.planner.allocate import lagrangian_bound
     from slimlm.planner.plan import parse_size, plan
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.recipe_out).expanduser()
     if out.exists() and not args.overwrite:
         raise SlimError(f"recipe file '{out}' already exists; pass --overwrite or choose another -o")
+    if not out.parent.is_dir():
+        raise SlimError(f"parent folder of '{out}' does not exist; create it or choose another -o")
     budget = parse_size(config.max_size) if config.max_size else None
     model, tokenizer = load(args.model)
     del model
@@ -58,15 +61,18 @@ def run(args: argparse.Namespace) -> int:
                       state=str(state))
     options = result.sensitivity.options()
     bound = lagrangian_bound(options, budget if budget is not None else result.point.bytes)
-    out.write_text(dump_recipe(result.recipe))
+    with atomic_file(out, args.overwrite) as tmp:
+        tmp.write_text(dump_recipe(result.recipe))
     if args.sensitivity_out:
         import json
 
-        Path(args.sensitivity_out).expanduser().write_text(json.dumps(result.sensitivity.to_dict(), indent=1) + "\n")
+        with atomic_file(args.sensitivity_out, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(result.sensitivity.to_dict(), indent=1) + "\n")
     if args.heatmap:
         from slimlm.planner.heatmap import draw_heatmap
 
-        draw_heatmap(result.sensitivity, Path(args.heatmap).expanduser())
+        with atomic_file(args.heatmap, overwrite=True) as tmp:
+            draw_heatmap(result.sensitivity, tmp)
     counts = {}
     for t in result.treatments().values():
         counts[t] = counts.get(t, 0) + 1

@@ -120,13 +120,14 @@ def _nbytes(kind: str, shape: tuple[int, ...]) -> int:
 def export_gguf(
     model: nn.Module, tokenizer_folder: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
     requantize: str | None = None, float_type: str = "auto", name: str | None = None,
-    kl_tokens: Tensor | None = None,
+    kl_tokens: Callable[[], Tensor | None] | None = None,
 ) -> GGUFExport:
     """Write `model` (loaded by slimlm; its tokenizer files in `tokenizer_folder`) as one GGUF file.
 
     requantize: the GGML type (f16, bf16, f32, q8_0, q4_0, q4_1) for layers no type holds exactly;
     None refuses such a model. float_type: float matrices' type ('auto': their own precision).
-    kl_tokens: token ids (n, T) on which the KL of re-quantization is measured (default: none measured)."""
+    kl_tokens: returns the token ids (n, T) on which the KL of a re-quantization is measured (called only
+    when a layer was re-quantized; default: none measured)."""
     gguf = _gguf()
     arch = check_exportable(model)
     if requantize is not None and requantize not in TYPES:
@@ -136,9 +137,6 @@ def export_gguf(
     result = GGUFExport(Path(out))
     replaced: dict[str, Tensor] = {}  # re-quantized layer -> the weight its GGUF tensor holds (HF row order)
     entries = _plan(model, arch, requantize, float_type, result, replaced)
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-             "q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1}
     matrices = [e.kind for e in entries if len(e.shape) == 2]
     main = max(set(matrices), key=matrices.count) if matrices else "f32"
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -151,13 +149,13 @@ def export_gguf(
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _vocab(w, Path(tokenizer_folder), int(model.config.vocab_size))
         for e in entries:
-            # numpy's shape order: (rows, columns); quantized tensors are passed as their bytes
-            raw_dtype = qtype[e.kind]
-            byte_shape = gguf.quant_shape_to_byte_shape(e.shape, raw_dtype) if e.kind in ("bf16",) + tuple(B.LOSSLESS) \
-                else e.shape
-            w.add_tensor_info(e.name, byte_shape, np.dtype(np.uint8) if e.kind in ("bf16",) + tuple(B.LOSSLESS)
-                              else np.dtype(np.float16 if e.kind == "f16" else np.float32), _nbytes(e.kind, e.shape),
-                              raw_dtype=raw_dtype)
+            # numpy's shape order: (rows, columns); block types and bf16 are passed as their bytes
+            raw_dtype = gguf.GGMLQuantizationType[e.kind.upper()]
+            if e.kind in ("f32", "f16"):
+                shape, dtype = e.shape, np.dtype(np.float16 if e.kind == "f16" else np.float32)
+            else:
+                shape, dtype = gguf.quant_shape_to_byte_shape(e.shape, raw_dtype), np.dtype(np.uint8)
+            w.add_tensor_info(e.name, shape, dtype, _nbytes(e.kind, e.shape), raw_dtype=raw_dtype)
             result.types[e.kind.upper()] = result.types.get(e.kind.upper(), 0) + 1
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -166,8 +164,9 @@ def export_gguf(
             w.write_tensor_data(e.make())
         w.close()
     result.bytes = Path(out).stat().st_size
-    if replaced and kl_tokens is not None:
-        result.kl = requantization_kl(model, replaced, kl_tokens)
+    tokens = kl_tokens() if replaced and kl_tokens is not None else None
+    if tokens is not None:
+        result.kl = requantization_kl(model, replaced, tokens)
     return result
 
 

@@ -30,6 +30,6 @@ def draw_heatmap(sensitivity: Sensitivity, path: str | Path) -> Path:
     ax.set_title("per-layer sensitivity")
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, format="png")
     plt.close(fig)
     return out
