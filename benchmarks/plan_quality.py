@@ -4,7 +4,7 @@
     python benchmarks/plan_quality.py
 
 Sensitivity: KL of each (block linear layer, treatment) on 8 x 256 calibration tokens from documents
-0-199. The allocation (`planner.allocate.pareto_front`) gives the whole size / predicted-KL front;
+0-199 (`--method fisher`, the planner's default, or `direct`). The allocation (`planner.allocate.pareto_front`) gives the whole size / predicted-KL front;
 points at the size of uniform int4 g32 and uniform int3 g32 (and 8 more spread over the front) are
 built as the weights the treatments store and measured on held-out tokens from documents 500 on
 (KL and top-1 against fp32, perplexity). Uniform baselines: RTN int4 g32 / int3 g32 and GPTQ int4 g32
@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--data", default=str(SHARED / "corpora/tinystories_valid_first1000.txt"))
     p.add_argument("--calib-windows", type=int, default=8)
     p.add_argument("--eval-tokens", type=int, default=50_000)
+    p.add_argument("--method", default="fisher", choices=["fisher", "direct"], help="sensitivity measurement")
     args = p.parse_args()
     base, tok = slimlm.load(args.model)
     calib = load_tokens(f"{args.data}@0:200", tok)
@@ -79,7 +80,7 @@ def main() -> None:
                         seq_len=256, **({"symmetric": True} if bits == 8 else {}))
         extra[label] = from_model(copy)
     names_all = names + list(extra)
-    sens = measure_sensitivity(base, sens_tokens, names=names, extra=extra)
+    sens = measure_sensitivity(base, sens_tokens, names=names, extra=extra, method=args.method)
     table = {**treatments(), **extra}
     options = sens.options()
     index = {n: j for j, n in enumerate(names_all)}

@@ -1,6 +1,7 @@
 """Per-layer sensitivity on a tiny model: `keep` costs nothing, fewer bits cost more, the model is
 left as it was, and the bytes each treatment is charged are what slimlm stores for it."""
 
+import pytest
 import torch
 
 import slimlm
@@ -48,13 +49,12 @@ def test_a_compressed_copy_is_a_treatment():
         assert row_kl[0] == row_kl[1] and row_bytes[0] == row_bytes[1]
 
 
-def test_an_interrupted_measurement_resumes_with_the_same_result(tmp_path):
-    import pytest
-
+@pytest.mark.parametrize("method", ["fisher", "direct"])
+def test_an_interrupted_measurement_resumes_with_the_same_result(tmp_path, method):
     model = tiny_model("llama", vocab=320, hidden=64)
     tokens = torch.randint(0, 320, (2, 16))
     names = ["keep", "int8", "int4 g32"]
-    whole = measure_sensitivity(model, tokens, names=names)
+    whole = measure_sensitivity(model, tokens, names=names, method=method)
     state = tmp_path / "state.json"
     seen = []
 
@@ -64,9 +64,9 @@ def test_an_interrupted_measurement_resumes_with_the_same_result(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        measure_sensitivity(model, tokens, names=names, state=state, on_layer=stop_after_five)
+        measure_sensitivity(model, tokens, names=names, state=state, on_layer=stop_after_five, method=method)
     measured = []
-    resumed = measure_sensitivity(model, tokens, names=names, state=state,
+    resumed = measure_sensitivity(model, tokens, names=names, state=state, method=method,
                                   on_layer=lambda done, total: measured.append(done))
     assert resumed.kl == whole.kl and resumed.bytes == whole.bytes
     # the saved rows are read, not measured again: a marked row comes back as saved
@@ -76,7 +76,46 @@ def test_an_interrupted_measurement_resumes_with_the_same_result(tmp_path):
     first = resumed.layers[0]
     saved["rows"][first]["kl"][1] = 123.0
     state.write_text(json.dumps(saved))
-    assert measure_sensitivity(model, tokens, names=names, state=state).kl[0][1] == 123.0
-    # other tokens: the saved rows do not apply, and the run starts afresh
-    other = measure_sensitivity(model, torch.randint(0, 320, (2, 16)), names=names, state=state)
+    assert measure_sensitivity(model, tokens, names=names, state=state, method=method).kl[0][1] == 123.0
+    # other tokens, or the other method: the saved rows do not apply, and the run starts afresh
+    other = measure_sensitivity(model, torch.randint(0, 320, (2, 16)), names=names, state=state, method=method)
     assert other.kl != whole.kl
+    other_method = "direct" if method == "fisher" else "fisher"
+    assert measure_sensitivity(model, tokens, names=names, state=state, method=other_method).kl[0][1] != 123.0
+
+
+def _ranks(values):
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0] * len(values)
+    for r, i in enumerate(order):
+        ranks[i] = r
+    return ranks
+
+
+def test_the_blockwise_second_order_estimate_ranks_like_the_direct_kl():
+    """The `fisher` method (one block forward per candidate) against the oracle (one whole forward
+    per candidate): the same ranking of the (layer, treatment) pairs, and sizes within 2x."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", vocab=320, hidden=64, layers=3)
+    tokens = torch.randint(0, 320, (4, 32))
+    names = ["int8", "int4 g128", "int4 g32", "int3 g32", "int2 g32"]
+    direct = measure_sensitivity(model, tokens, names=names, method="direct")
+    fisher = measure_sensitivity(model, tokens, names=names, method="fisher", fisher_samples=8)
+    a = [v for row in direct.kl for v in row]
+    b = [v for row in fisher.kl for v in row]
+    ra, rb = _ranks(a), _ranks(b)
+    n = len(a)
+    spearman = 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
+    assert spearman > 0.95, spearman
+    assert 0.5 < sum(b) / sum(a) < 2.0, (sum(a), sum(b))
+
+
+def test_an_unknown_method_or_treatment_is_a_clear_error():
+    from slimlm.core.errors import SlimError
+
+    model = tiny_model("llama", vocab=320, hidden=64)
+    tokens = torch.randint(0, 320, (1, 8))
+    with pytest.raises(SlimError, match="method"):
+        measure_sensitivity(model, tokens, method="exact")
+    with pytest.raises(SlimError, match="int5"):
+        measure_sensitivity(model, tokens, names=["int5"])

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar(not args.json) as update:
         result = plan(lambda: load(args.model)[0], tokens, budget, max_kl=config.max_kl, calibration=ids, gptq=config.gptq,
                       gptq_settings=gptq, on_layer=lambda done, total: update("sensitivity", done, total),
-                      state=str(state))
+                      state=str(state), method=config.method, fisher_samples=config.fisher_samples)
     options = result.sensitivity.options()
     bound = lagrangian_bound(options, budget if budget is not None else result.point.bytes)
     with atomic_file(out, args.overwrite) as tmp:

@@ -53,6 +53,9 @@ class PlanConfig(Config):
     seq_len: int = field(256, "tokens per window (sensitivity and GPTQ)")
     n_samples: int = field(128, "GPTQ calibration windows")
     gptq: bool = field(True, "also offer GPTQ's codes for every layer (one GPTQ run per scheme)")
+    method: str = field("fisher", "sensitivity measurement: fisher (block by block, second order; fast) or direct "
+                                  "(one whole forward per layer and treatment; exact, slow)")
+    fisher_samples: int = field(4, "sampled next tokens per window for the fisher method's Fisher information")
 
     def __post_init__(self) -> None:
         check(bool(self.max_size) != (self.max_kl is not None),
@@ -61,7 +64,10 @@ class PlanConfig(Config):
             parse_size(self.max_size)
         check(self.max_kl is None or (isinstance(self.max_kl, (int, float)) and self.max_kl > 0),
               f"max_kl {self.max_kl!r} must be a positive number")
-        for name in ("windows", "seq_len", "n_samples"):
+        from slimlm.planner.sensitivity import METHODS
+
+        check(self.method in METHODS, f"method '{self.method}' is not one of {', '.join(METHODS)}")
+        for name in ("windows", "seq_len", "n_samples", "fisher_samples"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"{name} {value!r} must be at least 1")
 
@@ -93,7 +99,7 @@ def recipe_for(choice: dict[str, str], calibration: dict[str, Any] | None = None
 def plan(load: Callable[[], nn.Module], tokens: Tensor, max_bytes: int | None, calibration: Tensor | None = None,
          gptq: bool = True, gptq_settings: dict[str, Any] | None = None,
          on_layer: Callable[[int, int], None] | None = None, state: str | None = None,
-         max_kl: float | None = None) -> Plan:
+         max_kl: float | None = None, method: str = "fisher", fisher_samples: int = 4) -> Plan:
     """Plan `load()`'s compression within `max_bytes` of block linear weights (or, with max_kl instead,
     the smallest plan predicted within that KL). tokens (n, T): the
     sensitivity windows; calibration: token ids for the GPTQ treatments (default: `tokens`). state: a
@@ -108,7 +114,8 @@ def plan(load: Callable[[], nn.Module], tokens: Tensor, max_bytes: int | None, c
             copy = slimlm.quantize(load(), "gptq", calibration=tokens if calibration is None else calibration,
                                    **settings, **(gptq_settings or {}))
             extra[name] = from_model(copy)
-    sensitivity = measure_sensitivity(base, tokens, names=RTN, extra=extra, on_layer=on_layer, state=state)
+    sensitivity = measure_sensitivity(base, tokens, names=RTN, extra=extra, on_layer=on_layer, state=state,
+                                      method=method, fisher_samples=fisher_samples)
     front = pareto_front(sensitivity.options())
     point = front.best(max_bytes) if max_kl is None else front.smallest(max_kl)
     result = Plan(sensitivity, front, point, [])
