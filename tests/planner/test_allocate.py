@@ -78,3 +78,75 @@ def test_the_smallest_point_within_a_loss():
     assert front.points[-1].loss > 0  # random losses in (0, 1)
     with pytest.raises(SlimError, match="least possible"):
         front.smallest(front.points[-1].loss / 2)
+
+
+def timed_instance(rng, layers=5, options=4):
+    return [[Option(f"o{j}", rng.randint(1, 40) * 16, rng.random(), (rng.random(), rng.random()))
+             for j in range(rng.randint(1, options))] for _ in range(layers)]
+
+
+def brute(options, ok):
+    """The least loss (and its choice) over every choice whose totals pass ok(bytes, loss, times)."""
+    best = None
+    for choice in itertools.product(*(range(len(layer)) for layer in options)):
+        picked = [options[i][j] for i, j in enumerate(choice)]
+        b, l = sum(o.bytes for o in picked), sum(o.loss for o in picked)
+        t = tuple(sum(o.times[k] for o in picked) for k in range(2))
+        if ok(b, l, t) and (best is None or l < best[0] - 1e-12):
+            best = (l, b, t)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_time_budget_is_met_and_optimal_up_to_its_ticks(seed):
+    from slimlm.planner.allocate import solve
+
+    rng = random.Random(seed)
+    options = timed_instance(rng)
+    fastest = sum(min(o.times[0] for o in layer) for layer in options)
+    slowest = sum(max(o.times[0] for o in layer) for layer in options)
+    for limit in (fastest, (fastest + slowest) / 2, slowest, fastest + 0.3 * (slowest - fastest)):
+        got = solve(options, max_times={0: limit})
+        assert got.times[0] <= limit * (1 + 1e-12)  # respected exactly (ticks are rounded up)
+        # optimal against brute force with the budget shrunk by the rounding it may lose (layers x 1 tick)
+        tick = slowest / 20_000
+        tighter = brute(options, lambda b, l, t: t[0] <= limit - len(options) * tick)
+        if tighter is not None:
+            assert got.loss <= tighter[0] + 1e-9
+        assert got.loss >= brute(options, lambda b, l, t: t[0] <= limit)[0] - 1e-9
+    with pytest.raises(SlimError):
+        solve(options, max_times={0: fastest * 0.99})
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_size_and_time_budgets_together_are_both_met(seed):
+    from slimlm.planner.allocate import solve
+
+    rng = random.Random(100 + seed)
+    options = timed_instance(rng)
+    mid_t = sum(sorted(o.times[0] for o in layer)[len(layer) // 2] for layer in options)
+    mid_b = sum(sorted(o.bytes for o in layer)[len(layer) // 2] for layer in options)
+    best = brute(options, lambda b, l, t: b <= mid_b and t[0] <= mid_t)
+    if best is None:
+        with pytest.raises(SlimError):
+            solve(options, max_bytes=mid_b, max_times={0: mid_t})
+        return
+    got = solve(options, max_bytes=mid_b, max_times={0: mid_t})
+    assert got.bytes <= mid_b and got.times[0] <= mid_t * (1 + 1e-12)
+    assert got.loss >= best[0] - 1e-9  # and never better than possible (the two-budget answer is feasible, not certified)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_fastest_within_a_loss(seed):
+    from slimlm.planner.allocate import solve
+
+    rng = random.Random(200 + seed)
+    options = timed_instance(rng)
+    target = sum(sorted(o.loss for o in layer)[len(layer) // 2] for layer in options)
+    got = solve(options, max_loss=target, minimize=1)
+    assert got.loss <= target
+    slowest = sum(max(o.times[1] for o in layer) for layer in options)
+    best = min((sum(options[i][j].times[1] for i, j in enumerate(c)))
+               for c in itertools.product(*(range(len(layer)) for layer in options))
+               if sum(options[i][j].loss for i, j in enumerate(c)) <= target)
+    assert got.times[1] <= best + len(options) * slowest / 20_000 + 1e-12

@@ -29,7 +29,7 @@ def test_the_planned_recipe_builds_the_planned_model():
         assert f"int{m.scheme.bits}" in chosen[name]
     # more room, no worse a prediction; too little room, a clear error
     assert plan(load, tokens, 2 * int4, gptq=False).point.loss <= plan(load, tokens, int4, gptq=False).point.loss
-    with pytest.raises(slimlm.SlimError, match="smallest possible"):
+    with pytest.raises(slimlm.SlimError, match="the smallest plan is"):
         plan(load, tokens, 1000, gptq=False)
     # a quality budget instead: the smallest plan predicted within it
     by_kl = plan(load, tokens, None, gptq=False, max_kl=result.point.loss)
@@ -53,6 +53,6 @@ def test_plan_cli_writes_a_recipe_quantize_builds(tiny_folder, tmp_path, capsys)
     code, _, err = run(capsys, "quantize", tiny_folder("llama"), "--recipe", recipe, "-o", tmp_path / "m", "--eval-tokens", 0)
     assert code == 0, err
     one_line_error(*run(capsys, "plan", tiny_folder("llama"), "--max-size", "1KB", "--no-gptq", "--windows", 2,
-                        "--seq-len", 32, "-o", tmp_path / "x.yaml")[::2], "smallest possible")
+                        "--seq-len", 32, "-o", tmp_path / "x.yaml")[::2], "the smallest plan is")
     one_line_error(*run(capsys, "plan", tiny_folder("llama"), "--max-size", "lots", "-o", tmp_path / "y.yaml")[::2],
                    "is not a size")

@@ -1,6 +1,8 @@
-"""`slimlm plan MODEL --max-size 140KB`: the mix of per-layer treatments (RTN and GPTQ at int8 ... int2)
-with the least predicted KL within a size budget, from measured per-layer sensitivity; prints the
-size / predicted-KL front and writes the chosen recipe, which `slimlm quantize --recipe` builds."""
+"""`slimlm plan MODEL --target edge|realtime|cloud` or explicit budgets (`--max-size 600MB --min-decode
+40 --max-kl 0.05`): the mix of per-layer treatments (kept, RTN and GPTQ at int8 ... int2) with the
+least predicted KL within the budgets, from measured per-layer sensitivity and, for speed budgets,
+layer timings on this machine; prints the size / predicted-KL front, builds and measures the chosen
+plan (predicted against measured), and writes the recipe, which `slimlm quantize --recipe` builds."""
 
 from __future__ import annotations
 
@@ -19,11 +21,26 @@ def plan_config():
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face model folder, or 'demo'")
     p.add_argument("-o", "--recipe-out", default="plan.yaml", help="where the chosen recipe is written (YAML)")
-    p.add_argument("--overwrite", action="store_true", help="replace --recipe-out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --recipe-out (and --report) if they exist")
     p.add_argument("--sensitivity-out", default=None, help="also write the per-layer sensitivity (KL and bytes) as JSON")
     p.add_argument("--heatmap", default=None, help="also draw the sensitivity heat map (PNG; needs matplotlib)")
+    p.add_argument("--report", default=None, help="also write one self-contained HTML report (front, heat map, "
+                                                   "recipe, predicted against measured)")
     p.add_argument("--json", action="store_true")
     add_config_flags(p, [plan_config()])
+
+
+def held_out_tokens(config, model: str, tokenizer, ids, used: int):
+    """Token ids the check measures quality on (see PlanConfig.eval_data)."""
+    from slimlm.core.data import load_tokens
+    from slimlm.core.model_io import DEMO, demo_path
+
+    if config.eval_data:
+        return load_tokens(config.eval_data, tokenizer, max_tokens=config.eval_tokens)
+    if model == DEMO:
+        return load_tokens(str(demo_path() / "heldout.txt"), tokenizer, max_tokens=config.eval_tokens)
+    rest = ids[used : used + config.eval_tokens]
+    return rest if rest.numel() > 64 else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,16 +52,16 @@ def run(args: argparse.Namespace) -> int:
     from slimlm.core.errors import SlimError
     from slimlm.core.files import atomic_file
     from slimlm.core.recipe import dump_recipe
-    from slimlm.planner.allocate import lagrangian_bound
-    from slimlm.planner.plan import parse_size, plan
+    from slimlm.planner.plan import check_plan, plan, summarize
 
     config = plan_config().from_dict(settings_from_args(args, plan_config()))
+    budgets = config.budgets()
     out = Path(args.recipe_out).expanduser()
-    if out.exists() and not args.overwrite:
-        raise SlimError(f"recipe file '{out}' already exists; pass --overwrite or choose another -o")
-    if not out.parent.is_dir():
-        raise SlimError(f"parent folder of '{out}' does not exist; create it or choose another -o")
-    budget = parse_size(config.max_size) if config.max_size else None
+    for path in [out] + ([Path(args.report).expanduser()] if args.report else []):
+        if path.exists() and not args.overwrite:
+            raise SlimError(f"'{path}' already exists; pass --overwrite or choose another path")
+        if not path.parent.is_dir():
+            raise SlimError(f"parent folder of '{path}' does not exist; create it or choose another path")
     model, tokenizer = load(args.model)
     del model
     ids = load_tokens(config.calib, tokenizer)
@@ -52,15 +69,23 @@ def run(args: argparse.Namespace) -> int:
     if windows < config.windows:
         raise SlimError(f"the calibration text has {ids.numel()} tokens: {windows} windows of {config.seq_len}, fewer than "
                         f"--windows {config.windows}; give more text or lower --windows/--seq-len")
-    tokens = ids[: config.windows * config.seq_len].view(config.windows, config.seq_len)
+    used = config.windows * config.seq_len
+    tokens = ids[:used].view(config.windows, config.seq_len)
+    held = held_out_tokens(config, args.model, tokenizer, ids, used) if config.verify else None
     gptq = dict(calib=config.calib, n_samples=config.n_samples, seq_len=config.seq_len)
     state = out.with_name(f".{out.name}.sensitivity.json")  # an interrupted or repeated run reuses it
+
+    def loader():
+        return load(args.model)[0]
+
     with progress_bar(not args.json) as update:
-        result = plan(lambda: load(args.model)[0], tokens, budget, max_kl=config.max_kl, calibration=ids, gptq=config.gptq,
-                      gptq_settings=gptq, on_layer=lambda done, total: update("sensitivity", done, total),
-                      state=str(state), method=config.method, fisher_samples=config.fisher_samples)
-    options = result.sensitivity.options()
-    bound = lagrangian_bound(options, budget if budget is not None else result.point.bytes)
+        verify = None
+        if config.verify:
+            def verify(recipe):
+                return check_plan(loader, recipe, budgets, held, on_step=update)
+        result = plan(loader, tokens, calibration=ids, gptq=config.gptq, gptq_settings=gptq, budgets=budgets,
+                      on_layer=lambda done, total: update("sensitivity", done, total), state=str(state),
+                      method=config.method, fisher_samples=config.fisher_samples, verify=verify, on_step=update)
     with atomic_file(out, args.overwrite) as tmp:
         tmp.write_text(dump_recipe(result.recipe))
     if args.sensitivity_out:
@@ -73,22 +98,33 @@ def run(args: argparse.Namespace) -> int:
 
         with atomic_file(args.heatmap, overwrite=True) as tmp:
             draw_heatmap(result.sensitivity, tmp)
-    counts = {}
+    if args.report:
+        from slimlm.planner.report import write_report
+
+        with atomic_file(args.report, args.overwrite) as tmp:
+            write_report(result, tmp, title=f"slimlm plan {args.model}", budgets=budgets)
+    summary = summarize(result, budgets)
+    if args.json:
+        print_json(dict(summary, recipe=str(out), treatments=result.treatments(),
+                        front=[{"bytes": p.bytes, "predicted_kl": p.loss} for p in result.front.points]))
+        return 0 if summary["met"] else 1
+    points = result.front.points
+    shown = sorted({round(k * (len(points) - 1) / 7) for k in range(8)})
+    print_table([{"KB": f"{points[k].bytes / 1e3:.1f}", "predicted KL": f"{points[k].loss:.4f}"} for k in shown],
+                title=f"{args.model}: {len(points)} points on the size / predicted-KL front")
+    counts: dict[str, int] = {}
     for t in result.treatments().values():
         counts[t] = counts.get(t, 0) + 1
-    points = result.front.points
-    shown = sorted({round(k * (len(points) - 1) / 7) for k in range(8)} | {points.index(result.point)})
-    if args.json:
-        print_json({"budget_bytes": budget, "bytes": result.point.bytes, "predicted_kl": result.point.loss,
-                    "lower_bound": bound, "treatments": result.treatments(), "recipe": str(out),
-                    "front": [{"bytes": p.bytes, "predicted_kl": p.loss} for p in points]})
-        return 0
-    print_table([{"": "->" if points[k] is result.point else "", "KB": f"{points[k].bytes / 1e3:.1f}",
-                  "predicted KL": f"{points[k].loss:.4f}"} for k in shown],
-                title=f"{args.model}: {len(points)} points on the size / predicted-KL front")
-    within = f"of {budget / 1e3:.1f} KB" if budget is not None else f"(the smallest predicted within KL {config.max_kl:g})"
-    print(f"chosen: {result.point.bytes / 1e3:.1f} KB {within}, predicted KL {result.point.loss:.4f} "
-          f"(no choice can do better than {bound:.4f}); {', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}")
+    print(f"chosen: {result.point.bytes / 1e3:.1f} KB, predicted KL {result.point.loss:.4f}"
+          + (f" (no choice within {budgets.max_bytes / 1e3:.1f} KB can do better than {summary['lower_bound']:.4f})"
+             if summary.get("lower_bound") is not None else "")
+          + f"; {', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}")
+    if summary["checks"]:
+        print_table(summary["table"], title="predicted against measured (the chosen plan, built and run here)")
+    for line in summary["notes"]:
+        print(line)
     print(f"wrote {out}; build it with: slimlm quantize {args.model} --recipe {out} -o OUT")
     print(f"(the measured sensitivity is kept in {state}: another budget, or a run interrupted, reuses it)")
+    if not summary["met"]:
+        raise SlimError(summary["missed"])
     return 0

@@ -9,20 +9,25 @@
 4. The point as a recipe (one step per treatment, `include` naming its layers; data-free steps first,
    then the calibrated ones) that `slimlm.apply` / `slimlm quantize --recipe` run on the original model.
 
-Not built yet (see the planner issue): speed floors and targets, structured pruning and recovery in
-the search, the HTML report. The sensitivity measurement resumes from its state file; the GPTQ runs are redone.
+With speed budgets (`--min-decode`, `--max-ttft`, `--min-throughput`, the targets), each treatment
+also carries its predicted seconds per step on this machine (`planner.speed`), the allocation holds
+them to the budget (`allocate.solve`), and the chosen plan is built and measured; a build slower
+than its budget is re-planned with the measured error. The sensitivity measurement resumes from
+its state file; the GPTQ runs are redone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 from torch import Tensor, nn
 
 from slimlm.core.config import Config, check, field
-from slimlm.planner.allocate import Front, Point, pareto_front
+from slimlm.planner.allocate import Front, Option, Totals, pareto_front
 from slimlm.planner.sensitivity import Sensitivity, from_model, measure_sensitivity
+from slimlm.planner.speed import SpeedModel
 
 # treatment -> recipe step (method and settings) that makes it
 STEPS: dict[str, dict[str, Any]] = {
@@ -40,15 +45,33 @@ RTN = ["int8", "int4 g128", "int4 g32", "int3 g32", "int2 g32"]
 GPTQ = ["gptq int8", "gptq int4 g128", "gptq int4 g32", "gptq int3 g32"]
 
 
+TARGETS = ("edge", "realtime", "cloud")
+DEFAULT_KL = 0.05  # edge and cloud, without a budget: the predicted KL they stay within
+DEFAULT_DECODE = 20.0  # realtime, without --min-decode: tokens/s at batch 1 (faster than one reads)
+
+
 @dataclasses.dataclass(frozen=True)
 class PlanConfig(Config):
     """What `slimlm plan` searches with."""
 
     name = "plan"
+    target: str = field("", "edge (the smallest within --max-kl, default 0.05, or the best within --max-size), "
+                            "realtime (the best with batch-1 decode >= --min-decode, default 20 tok/s), "
+                            "cloud (the most throughput at --streams within --max-kl, default 0.05)")
     max_size: str = field("", "budget for the blocks' linear weights (embedding and head excluded): 140KB, 600MB, 1.5GB")
-    max_kl: float | None = field(None, "instead of a size: the smallest plan whose predicted KL (nats/token, the sum "
-                                       "of per-layer KLs, which under-predicts by ~2x) is at most this")
+    max_kl: float | None = field(None, "a quality budget: predicted KL (nats/token, the sum of per-layer KLs, which "
+                                       "under-predicts by ~2x) at most this; alone: the smallest plan within it")
+    min_decode: float | None = field(None, "a speed floor: batch-1 decode tokens/s on this machine (slimlm's engine)")
+    max_ttft: float | None = field(None, "a latency budget: milliseconds to the first token of a --prompt-tokens prompt")
+    min_throughput: float | None = field(None, "a throughput floor: tokens/s over --streams concurrent sequences")
+    streams: int = field(32, "concurrent sequences for cloud and --min-throughput")
+    prompt_tokens: int = field(128, "prompt length of the speed figures")
+    verify: bool = field(True, "build the chosen model and measure its size, KL, perplexity and speed; a missed "
+                               "speed budget is re-planned with the measured error (at most 3 times)")
     calib: str = field("demo", "calibration text (.txt, .jsonl, 'demo'; FILE@0:200 for a range of documents)")
+    eval_data: str = field("", "held-out text the check measures KL and perplexity on (default: the model's held-out "
+                               "text for 'demo', else the calibration text after the windows measured)")
+    eval_tokens: int = field(8192, "held-out tokens the check reads")
     windows: int = field(8, "calibration windows the per-layer sensitivity is measured on")
     seq_len: int = field(256, "tokens per window (sensitivity and GPTQ)")
     n_samples: int = field(128, "GPTQ calibration windows")
@@ -58,37 +81,109 @@ class PlanConfig(Config):
     fisher_samples: int = field(4, "sampled next tokens per window for the fisher method's Fisher information")
 
     def __post_init__(self) -> None:
-        check(bool(self.max_size) != (self.max_kl is not None),
-              "give one budget: --max-size 140KB (the blocks' linear weights) or --max-kl 0.05")
-        if self.max_size:
-            parse_size(self.max_size)
-        check(self.max_kl is None or (isinstance(self.max_kl, (int, float)) and self.max_kl > 0),
-              f"max_kl {self.max_kl!r} must be a positive number")
         from slimlm.planner.sensitivity import METHODS
 
+        check(not self.target or self.target in TARGETS, f"target '{self.target}' is not one of {', '.join(TARGETS)}")
         check(self.method in METHODS, f"method '{self.method}' is not one of {', '.join(METHODS)}")
-        for name in ("windows", "seq_len", "n_samples", "fisher_samples"):
+        if self.max_size:
+            parse_size(self.max_size)
+        for name in ("max_kl", "min_decode", "max_ttft", "min_throughput"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)),
+                  f"{name} {value!r} must be a positive number")
+        for name in ("windows", "seq_len", "n_samples", "fisher_samples", "streams", "prompt_tokens", "eval_tokens"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"{name} {value!r} must be at least 1")
+        check(bool(self.target or self.max_size or self.max_kl or self.min_decode or self.max_ttft or self.min_throughput),
+              "give a target or a budget: --target edge|realtime|cloud, or --max-size 600MB, --max-kl 0.05, "
+              "--min-decode 40, --max-ttft 500, --min-throughput 200")
+
+    def budgets(self) -> "Budgets":
+        """The budgets this config sets, the target's defaults filled in."""
+        size = parse_size(self.max_size) if self.max_size else None
+        kl, decode, throughput, maximize = self.max_kl, self.min_decode, self.min_throughput, None
+        if self.target == "edge" and size is None and kl is None:
+            kl = DEFAULT_KL
+        if self.target == "realtime" and decode is None:
+            decode = DEFAULT_DECODE
+        if self.target == "cloud":
+            kl = DEFAULT_KL if kl is None and size is None else kl
+            maximize = "streams" if throughput is None else None
+        return Budgets(size, kl, decode, None if self.max_ttft is None else self.max_ttft / 1e3, throughput,
+                       self.streams, self.prompt_tokens, maximize)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    """A plan's budgets in plain units (bytes, nats/token, tokens/s, seconds)."""
+
+    max_bytes: int | None = None
+    max_kl: float | None = None
+    min_decode: float | None = None
+    max_ttft: float | None = None
+    min_throughput: float | None = None
+    streams: int = 32
+    prompt_tokens: int = 128
+    maximize: str | None = None  # "streams": the most throughput within the other budgets
+
+    def figures(self) -> dict[str, int]:
+        """Speed figures the budgets need (figure -> input rows); decode is always predicted when any is."""
+        out = {}
+        if self.min_decode or self.max_ttft or self.min_throughput or self.maximize:
+            out["decode"] = 1
+        if self.max_ttft:
+            out["prefill"] = self.prompt_tokens
+        if self.min_throughput or self.maximize:
+            out["streams"] = self.streams
+        return out
+
+    def step_limits(self) -> dict[str, float]:
+        """figure -> the most seconds a step may take."""
+        out = {}
+        if self.min_decode:
+            out["decode"] = 1 / self.min_decode
+        if self.max_ttft:
+            out["prefill"] = self.max_ttft
+        if self.min_throughput:
+            out["streams"] = self.streams / self.min_throughput
+        return out
 
 
 @dataclasses.dataclass
 class Plan:
     sensitivity: Sensitivity
-    front: Front
-    point: Point
+    front: Front  # size / predicted-KL
+    point: Totals  # the choice: bytes, predicted KL, Σ layer seconds per figure
     recipe: list[dict[str, Any]]
+    options: list[list[Option]] = dataclasses.field(default_factory=list)
+    speed: SpeedModel | None = None
+    figures: tuple[str, ...] = ()  # the order of point.times
+    checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # measured builds, in order
+    groups: list[list[int]] = dataclasses.field(default_factory=list)  # per option row: its layers (indices)
 
     def treatments(self) -> dict[str, str]:
         """Layer -> chosen treatment."""
-        names = [[o.name for o in layer] for layer in self.sensitivity.options()]
-        return {layer: names[i][j] for i, (layer, j) in enumerate(zip(self.sensitivity.layers, self.point.choice))}
+        rows = self.options or self.sensitivity.options()
+        groups = self.groups or [[i] for i in range(len(rows))]
+        out = {}
+        for row, members, j in zip(rows, groups, self.point.choice):
+            for i in members:
+                out[self.sensitivity.layers[i]] = row[j].name
+        return dict(sorted(out.items(), key=lambda kv: self.sensitivity.layers.index(kv[0])))
+
+    def predicted(self) -> dict[str, float]:
+        """figure -> predicted seconds per step of the chosen plan."""
+        if self.speed is None:
+            return {}
+        return {fig: self.speed.step_seconds(fig, self.point.times[k]) for k, fig in enumerate(self.figures)}
 
 
 def recipe_for(choice: dict[str, str], calibration: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One step per treatment used, its layers named in `include` (data-free steps first)."""
+    """One step per treatment used, its layers named in `include` (data-free steps first); layers
+    kept as they are need no step."""
     steps = []
-    for name in sorted(set(choice.values()), key=lambda t: (STEPS[t]["method"] != "rtn", t)):
+    used = {t for t in choice.values() if t != "keep"}
+    for name in sorted(used, key=lambda t: (STEPS[t]["method"] != "rtn", t)):
         step = dict(STEPS[name], include=sorted(layer for layer, t in choice.items() if t == name))
         if step["method"] != "rtn" and calibration:
             step.update(calibration)
@@ -96,31 +191,230 @@ def recipe_for(choice: dict[str, str], calibration: dict[str, Any] | None = None
     return steps
 
 
-def plan(load: Callable[[], nn.Module], tokens: Tensor, max_bytes: int | None, calibration: Tensor | None = None,
+_SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up",
+                 "w1": "gate_up", "w3": "gate_up"}
+
+
+def fused_groups(layers: list[str]) -> list[list[int]]:
+    """Layers the engine runs in one call when they share a format (q/k/v, gate/up of one block):
+    with a speed budget they are given one treatment, so the plan keeps the fused call the speed
+    model measured (a mixed q/k/v runs as three calls)."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(layers):
+        parent, _, leaf = name.rpartition(".")
+        key = f"{parent.rpartition('.')[0]}:{_SHARED_INPUT[leaf]}" if leaf in _SHARED_INPUT else name
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _with_times(sensitivity: Sensitivity, shapes: dict[str, tuple[int, int]], speed: SpeedModel | None,
+                figures: tuple[str, ...]) -> tuple[list[list[Option]], list[list[int]]]:
+    """Options per allocation item and each item's layers: one item per layer without speed
+    budgets; with them, the fused groups, each option the sum over its layers (with their times)."""
+    from slimlm.planner.speed import storage_format
+
+    options = sensitivity.options()
+    if speed is None:
+        return options, [[i] for i in range(len(options))]
+    timed = [[Option(o.name, o.bytes, o.loss, tuple(speed.layer_time(shapes[layer], storage_format(STEPS.get(o.name)), fig)
+                                                    for fig in figures)) for o in row]
+             for layer, row in zip(sensitivity.layers, options)]
+    groups = fused_groups(sensitivity.layers)
+    merged = []
+    for members in groups:
+        common = [o.name for o in timed[members[0]] if all(any(p.name == o.name for p in timed[i]) for i in members)]
+        row = []
+        for name in common:
+            parts = [next(p for p in timed[i] if p.name == name) for i in members]
+            row.append(Option(name, sum(p.bytes for p in parts), sum(p.loss for p in parts),
+                              tuple(sum(p.times[k] for p in parts) for k in range(len(figures)))))
+        merged.append(row)
+    return merged, groups
+
+
+def _choose(options: list[list[Option]], budgets: Budgets, speed: SpeedModel | None, figures: tuple[str, ...],
+            limits: dict[str, float]) -> Totals:
+    """The allocation for these budgets; infeasible ones get an error in the user's units."""
+    from slimlm.core.errors import SlimError
+    from slimlm.planner.allocate import solve
+
+    max_times = {}
+    for k, fig in enumerate(figures):
+        if fig in limits:
+            room = speed.layer_budget(fig, limits[fig])
+            if room <= 0:
+                raise SlimError(f"{_figure_text(fig, limits[fig], budgets)} cannot be met on this machine: the parts of a "
+                                f"step no compression touches (attention, norms, embedding, head) already take "
+                                f"{speed.overhead[fig] * 1e3:.2f} ms; loosen it")
+            max_times[k] = room
+    minimize = figures.index(budgets.maximize) if budgets.maximize else None
+    try:
+        return solve(options, max_bytes=budgets.max_bytes, max_loss=budgets.max_kl, max_times=max_times, minimize=minimize)
+    except SlimError:
+        pass
+    best = [f"the smallest plan is {sum(min(o.bytes for o in row) for row in options) / 1e6:.3f} MB",
+            f"the least predicted KL is {sum(min(o.loss for o in row) for row in options):.4g}"]
+    for k, fig in enumerate(figures):
+        fastest = speed.step_seconds(fig, sum(min(o.times[k] for o in row) for row in options))
+        best.append(f"the fastest {_figure_text(fig, fastest, budgets, reached=True)}")
+    asked = [f"size {budgets.max_bytes / 1e6:.3f} MB" if budgets.max_bytes else "",
+             f"KL {budgets.max_kl:g}" if budgets.max_kl else ""]
+    asked += [_figure_text(fig, limits[fig], budgets) for fig in figures if fig in limits]
+    raise SlimError(f"no plan meets {' and '.join(a for a in asked if a)}: {'; '.join(best)} (each alone); loosen a budget")
+
+
+def _figure_text(fig: str, seconds: float, budgets: Budgets, reached: bool = False) -> str:
+    if fig == "decode":
+        return f"{'decodes' if reached else 'decode'} {1 / seconds:.1f} tok/s at batch 1"
+    if fig == "prefill":
+        return f"{'reaches the ' if reached else ''}first token in {seconds * 1e3:.0f} ms ({budgets.prompt_tokens}-token prompt)"
+    return f"{'gives ' if reached else 'throughput '}{budgets.streams / seconds:.1f} tok/s at {budgets.streams} streams"
+
+
+def plan(load: Callable[[], nn.Module], tokens: Tensor, max_bytes: int | None = None, calibration: Tensor | None = None,
          gptq: bool = True, gptq_settings: dict[str, Any] | None = None,
          on_layer: Callable[[int, int], None] | None = None, state: str | None = None,
-         max_kl: float | None = None, method: str = "fisher", fisher_samples: int = 4) -> Plan:
-    """Plan `load()`'s compression within `max_bytes` of block linear weights (or, with max_kl instead,
-    the smallest plan predicted within that KL). tokens (n, T): the
-    sensitivity windows; calibration: token ids for the GPTQ treatments (default: `tokens`). state: a
-    JSON file the sensitivity measurement saves after every layer and resumes from."""
+         max_kl: float | None = None, method: str = "fisher", fisher_samples: int = 4,
+         budgets: Budgets | None = None, verify: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+         on_step: Callable[[str, int, int], None] | None = None, speed: SpeedModel | None = None) -> Plan:
+    """Plan `load()`'s compression within the budgets: `max_bytes` of block linear weights and/or
+    `max_kl` (alone: the smallest plan within it), or `budgets` for speed too (then speed is timed on
+    this machine, `planner.speed`). tokens (n, T): the sensitivity windows; calibration: token ids
+    for the GPTQ treatments (default: `tokens`). state: a JSON file the sensitivity measurement saves
+    after every layer and resumes from. speed: a speed model `calibrate` made for this model (else it
+    is made when a budget needs it). verify(recipe) -> measured figures (`check_plan`): with a speed
+    budget, a build that misses it is re-planned with the budget tightened by the measured error."""
     import slimlm
+    from slimlm.core.errors import SlimError
 
+    budgets = budgets or Budgets(max_bytes=max_bytes, max_kl=max_kl)
     base = load()
     extra = {}
     if gptq:
-        for name in GPTQ:
+        for k, name in enumerate(GPTQ):
             settings = {k: v for k, v in STEPS[name].items() if k != "method"}
             copy = slimlm.quantize(load(), "gptq", calibration=tokens if calibration is None else calibration,
                                    **settings, **(gptq_settings or {}))
             extra[name] = from_model(copy)
-    sensitivity = measure_sensitivity(base, tokens, names=RTN, extra=extra, on_layer=on_layer, state=state,
+            if on_step:
+                on_step("GPTQ treatments", k + 1, len(GPTQ))
+    sensitivity = measure_sensitivity(base, tokens, names=["keep"] + RTN, extra=extra, on_layer=on_layer, state=state,
                                       method=method, fisher_samples=fisher_samples)
     front = pareto_front(sensitivity.options())
-    point = front.best(max_bytes) if max_kl is None else front.smallest(max_kl)
-    result = Plan(sensitivity, front, point, [])
+    figures = budgets.figures()
+    from slimlm.planner.sensitivity import block_linears
+
+    shapes = {name: tuple(m.weight.shape) for name, m in block_linears(base).items()}
+    del base
+    if figures and (speed is None or not set(figures) <= set(speed.rows)):
+        from slimlm.planner.speed import calibrate, storage_format
+
+        formats = [storage_format(STEPS.get(t)) for t in sensitivity.treatments]
+        speed = calibrate(load, shapes, formats, figures, on_step=on_step)
+    speed = speed if figures else None
+    names = tuple(figures)
+    options, groups = _with_times(sensitivity, shapes, speed, names)
+    limits = budgets.step_limits()
+    result = Plan(sensitivity, front, _choose(options, budgets, speed, names, limits), [], options, speed, names,
+                  groups=groups)
     result.recipe = recipe_for(result.treatments(), gptq_settings)
+    if verify is None:
+        return result
+    for attempt in range(3):
+        measured = verify(result.recipe)
+        result.checks.append(dict(measured, predicted=result.predicted(), bytes_planned=result.point.bytes))
+        missed = {fig: measured[fig] / limit for fig, limit in limits.items() if measured.get(fig, 0) > limit}
+        if not missed or attempt == 2:
+            break
+        # the build was slower than predicted: ask the allocation for that much more room, then build again
+        limits = {fig: limit / missed.get(fig, 1.0) * (0.98 if fig in missed else 1.0) for fig, limit in limits.items()}
+        try:
+            point = _choose(options, budgets, speed, names, limits)
+        except SlimError:
+            break  # nothing the speed model thinks faster fits: the miss is reported as measured
+        if point.choice == result.point.choice:
+            break
+        result.point = point
+        result.recipe = recipe_for(result.treatments(), gptq_settings)
     return result
+
+
+def check_plan(load: Callable[[], nn.Module], recipe: list[dict[str, Any]], budgets: Budgets,
+               held_out: Tensor | None, on_step: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Build `recipe` on `load()` and measure it: block linear bytes, KL / top-1 / perplexity against
+    the original on held_out (T,) token ids, seconds per step of each speed figure."""
+    import slimlm
+    from slimlm.core.layers import is_compressed
+    from slimlm.eval.perplexity import evaluate_quality
+    from slimlm.planner.sensitivity import block_linears
+    from slimlm.planner.speed import measured_seconds
+
+    model = slimlm.apply(load(), recipe) if recipe else load()
+    stored = 0
+    for m in block_linears(model).values():
+        bias = getattr(m, "bias", None)
+        bias_bytes = bias.numel() * bias.element_size() if bias is not None else 0
+        stored += (m.storage_bytes() if is_compressed(m) else sum(p.numel() * p.element_size() for p in m.parameters())) - bias_bytes
+    out: dict[str, Any] = {"bytes": stored}
+    if on_step:
+        on_step("checking the plan", 1, 3)
+    if held_out is not None and held_out.numel() > 2:
+        quality = evaluate_quality(model, held_out, reference=load())
+        out.update(kl=quality.kl, top1=quality.top1, perplexity=quality.perplexity, eval_tokens=quality.tokens)
+    if on_step:
+        on_step("checking the plan", 2, 3)
+    figures = budgets.figures() or {"decode": 1}
+    out.update(measured_seconds(model, figures, budgets.prompt_tokens))
+    if on_step:
+        on_step("checking the plan", 3, 3)
+    return out
+
+
+def summarize(result: Plan, budgets: Budgets) -> dict:
+    """What the command prints and reports: the chosen point, its checks, whether the budgets held."""
+    from slimlm.planner.allocate import lagrangian_bound
+
+    only_size = budgets.max_bytes is not None and not budgets.figures()
+    bound = lagrangian_bound(result.sensitivity.options(), budgets.max_bytes) if only_size else None
+    predicted = result.predicted()
+    out = {"bytes": result.point.bytes, "predicted_kl": result.point.loss, "lower_bound": bound,
+           "predicted": {k: _figure(k, v, budgets) for k, v in predicted.items()}, "checks": result.checks,
+           "table": [], "notes": [], "met": True, "missed": ""}
+    if not result.checks:
+        return out
+    last = result.checks[-1]
+    rows = [("size (MB)", result.point.bytes / 1e6, last["bytes"] / 1e6)]
+    if "kl" in last:
+        rows.append(("KL (nats/token)", result.point.loss, last["kl"]))
+        rows.append(("perplexity", None, last["perplexity"]))
+        rows.append(("top-1 agreement", None, last["top1"]))
+    for fig, seconds in predicted.items():
+        rows.append((_figure_name(fig, budgets), _figure(fig, seconds, budgets), _figure(fig, last[fig], budgets)))
+    out["table"] = [{"": name, "predicted": "" if p is None else f"{p:.4g}", "measured": f"{m:.4g}"} for name, p, m in rows]
+    misses = []
+    for fig, limit in budgets.step_limits().items():
+        if last[fig] > limit * 1.0001:
+            misses.append(f"{_figure_name(fig, budgets)} measured {_figure(fig, last[fig], budgets):.4g}, "
+                          f"budget {_figure(fig, limit, budgets):.4g}")
+    if budgets.max_bytes is not None and last["bytes"] > budgets.max_bytes:
+        misses.append(f"size measured {last['bytes']:,} bytes, budget {budgets.max_bytes:,}")
+    if len(result.checks) > 1:
+        out["notes"].append(f"re-planned {len(result.checks) - 1} time(s): the first build missed a speed budget on "
+                            "this machine, so the allocation was given that much less room")
+    if misses:
+        out["met"] = False
+        out["missed"] = ("the built plan misses its budget on this machine after 3 tries: " + "; ".join(misses)
+                         + "; loosen the budget (or rerun when the machine is less loaded)")
+    return out
+
+
+def _figure_name(fig: str, budgets) -> str:
+    return {"decode": "decode tok/s (batch 1)", "prefill": f"time to first token (ms, {budgets.prompt_tokens} tokens)",
+            "streams": f"throughput tok/s ({budgets.streams} streams)"}[fig]
+
+
+def _figure(fig: str, seconds: float, budgets) -> float:
+    return {"decode": 1 / seconds, "prefill": seconds * 1e3, "streams": budgets.streams / seconds}[fig]
 
 
 def parse_size(text: str) -> int:
