@@ -19,7 +19,8 @@ VERBS = {
     "generate": "continue a prompt",
     "export": "write GGUF for llama.cpp/Ollama (quantized codes copied exactly) or a dense Hugging Face folder",
     "inspect": "architecture, parameters, per-layer schemes and size",
-    "plan": "choose per-layer quantization (RTN/GPTQ, int8..int2) with the least predicted KL within a size budget",
+    "sensitivity": "per-layer sensitivity: the KL each block linear layer costs under each treatment, and its bytes",
+    "plan": "choose per-layer compression for a target (edge/realtime/cloud) or budgets (size, KL, speed), built and measured",
     "plan-parallel": "predict latency, throughput and memory of tensor/pipeline/replica layouts on a cluster",
 }
 

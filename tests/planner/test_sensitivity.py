@@ -119,3 +119,23 @@ def test_an_unknown_method_or_treatment_is_a_clear_error():
         measure_sensitivity(model, tokens, method="exact")
     with pytest.raises(SlimError, match="int5"):
         measure_sensitivity(model, tokens, names=["int5"])
+
+
+def test_sensitivity_cli_writes_json_and_heatmap(tiny_folder, tmp_path, capsys):
+    import json
+
+    from tests.cli_helpers import one_line_error, run
+
+    out = tmp_path / "s.json"
+    code, text, err = run(capsys, "sensitivity", tiny_folder("llama"), "--windows", 2, "--seq-len", 32, "-o", out,
+                          "--heatmap", tmp_path / "s.png", "--treatments", "keep,int8,int4 g32")
+    assert code == 0, err
+    table = json.loads(out.read_text())
+    assert table["treatments"] == ["keep", "int8", "int4 g32"] and len(table["kl"]) == 14
+    assert all(row[0] == 0 and 0 < row[1] < row[2] * 10 for row in table["kl"])
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / ".s.json.partial.json").exists()
+    one_line_error(*run(capsys, "sensitivity", tiny_folder("llama"), "--windows", 2, "--seq-len", 32, "-o", out)[::2],
+                   "already exists")
+    one_line_error(*run(capsys, "sensitivity", tiny_folder("llama"), "--windows", 2, "--seq-len", 32, "-o",
+                        tmp_path / "t.json", "--treatments", "int5")[::2], "unknown treatment")
