@@ -150,3 +150,17 @@ def test_the_fastest_within_a_loss(seed):
                for c in itertools.product(*(range(len(layer)) for layer in options))
                if sum(options[i][j].loss for i, j in enumerate(c)) <= target)
     assert got.times[1] <= best + len(options) * slowest / 20_000 + 1e-12
+
+
+def test_a_very_slow_option_does_not_coarsen_a_tight_time_budget():
+    """Regression: the ticks were once a fraction of the slowest plan's time, so with one very slow
+    option (int3 without a fast kernel) a budget near the fastest plan was called infeasible."""
+    from slimlm.planner.allocate import solve
+
+    rng = random.Random(0)
+    options = [[Option(f"o{j}", 1000, rng.random(), (rng.random() * 1e-3 * (50 if j == 5 else 1), 0.0))
+                for j in range(6)] for _ in range(88)]
+    fastest = sum(min(o.times[0] for o in layer) for layer in options)
+    for factor in (1.0, 1.001, 1.05):
+        got = solve(options, max_times={0: fastest * factor})
+        assert got.times[0] <= fastest * factor * (1 + 1e-12)

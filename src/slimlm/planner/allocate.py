@@ -76,10 +76,11 @@ class Front:
 
 def pareto_front(options: Sequence[Sequence[Option]], max_points: int = 200_000,
                  resource: Callable[[Option], int] | None = None,
-                 penalty: Callable[[Option], float] | None = None) -> Front:
+                 penalty: Callable[[Option], float] | None = None, cap: int | None = None) -> Front:
     """The size/loss Pareto front over one option per layer (see the module docstring). resource: an
     integer cost per option to build the front over instead of bytes; penalty: added to each
-    option's loss (a Lagrange term)."""
+    option's loss (a Lagrange term); cap: drop partial choices costing more (costs are never
+    negative, so they cannot come back under it): the front up to cap, exactly."""
     if not options or any(not layer for layer in options):
         raise SlimError("every layer needs at least one option")
     if resource is not None or penalty is not None:
@@ -92,7 +93,10 @@ def pareto_front(options: Sequence[Sequence[Option]], max_points: int = 200_000,
     exact = True
     for layer in options:
         candidates = sorted(((b + o.bytes, l + o.loss, i, j) for i, (b, l) in enumerate(frontier)
-                             for j, o in enumerate(layer)), key=lambda t: (t[0], t[1]))
+                             for j, o in enumerate(layer) if cap is None or b + o.bytes <= cap), key=lambda t: (t[0], t[1]))
+        if not candidates:
+            raise SlimError(f"no choice of treatments fits in {cap:,} (the smallest possible is "
+                            f"{sum(min(o.bytes for o in row) for row in options):,})")
         kept, pointers, best = [], [], math.inf
         for b, l, i, j in candidates:
             if l < best:  # not dominated by a smaller (or equal) point already kept
@@ -183,18 +187,20 @@ def solve(options: Sequence[Sequence[Option]], max_bytes: int | None = None, max
     if first == "bytes":
         resource, room = None, int(limit)
     else:
-        biggest = sum(max(cost(o) for o in layer) for layer in options)
-        tick = biggest / ticks if biggest > 0 else 1.0
+        tick = limit / ticks if limit > 0 else 1.0  # the budget's resolution, whatever the slowest option costs
         resource = lambda o: math.ceil(cost(o) / tick - 1e-9)  # noqa: E731
         room = math.floor(limit / tick + 1e-9)
 
     def attempt(mu: dict[str, float]) -> Totals | None:
         penalty = (lambda o: sum(mu[name] * c(o) for name, c, _ in rest)) if rest else None
-        front = pareto_front(options, resource=resource, penalty=penalty)
         # ticks are rounded up, so up to one per layer more than the seconds: look that far, then keep
         # the least-loss point whose true seconds fit
-        slack = 0 if first == "bytes" else len(options)
-        fitting = [p for p in front.points if p.bytes <= room + slack]
+        slack = 0 if first == "bytes" else len(options) + 1
+        try:
+            front = pareto_front(options, resource=resource, penalty=penalty, cap=room + slack)
+        except SlimError:
+            return None
+        fitting = list(front.points)
         if max_loss is not None and not rest:
             fitting = [p for p in fitting if p.loss <= max_loss]
         for p in reversed(fitting):
