@@ -24,7 +24,8 @@ import torch
 
 import slimlm
 from slimlm.core.data import load_tokens
-from slimlm.planner.plan import Budgets, check_plan, plan
+from slimlm.planner.check import check_plan
+from slimlm.planner.plan import Budgets, plan
 from slimlm.planner.sensitivity import block_linears
 from slimlm.planner.speed import calibrate, storage_format
 

@@ -128,7 +128,8 @@ def test_sensitivity_cli_writes_json_and_heatmap(tiny_folder, tmp_path, capsys):
 
     out = tmp_path / "s.json"
     code, text, err = run(capsys, "sensitivity", tiny_folder("llama"), "--windows", 2, "--seq-len", 32, "-o", out,
-                          "--heatmap", tmp_path / "s.png", "--treatments", "keep,int8,int4 g32")
+                          "--heatmap", tmp_path / "s.png", "--treatments", "keep", "--treatments", "int8",
+                          "--treatments", "int4 g32")
     assert code == 0, err
     table = json.loads(out.read_text())
     assert table["treatments"] == ["keep", "int8", "int4 g32"] and len(table["kl"]) == 14

@@ -118,7 +118,7 @@ def add_config_flags(parser, classes: Iterable[type], skip: Iterable[str] = (), 
             note = f"default {next(iter(defaults))}"
         else:
             note = "default " + "; ".join(f"{value} for {', '.join(who)}" for value, who in defaults.items())
-        help_text = f"{f.metadata['help']} ({note})"
+        help_text = f"{f.metadata['help']} ({note})".replace("%", "%%")  # argparse %-formats help
         base, optional = _kind(annotation)
         kwargs: dict[str, Any] = dict(dest=name, default=NOT_GIVEN, help=help_text)
         if f.metadata.get("metavar"):

@@ -48,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from slimlm.api import load
-    from slimlm.core.data import load_tokens
     from slimlm.core.errors import SlimError
     from slimlm.core.files import atomic_file
     from slimlm.core.recipe import dump_recipe
-    from slimlm.planner.plan import check_plan, plan, summarize
+    from slimlm.planner.check import check_plan, summarize
+    from slimlm.planner.plan import plan
 
     config = plan_config().from_dict(settings_from_args(args, plan_config()))
     budgets = config.budgets()
@@ -64,13 +64,8 @@ def run(args: argparse.Namespace) -> int:
             raise SlimError(f"parent folder of '{path}' does not exist; create it or choose another path")
     model, tokenizer = load(args.model)
     del model
-    ids = load_tokens(config.calib, tokenizer)
-    windows = ids.numel() // config.seq_len
-    if windows < config.windows:
-        raise SlimError(f"the calibration text has {ids.numel()} tokens: {windows} windows of {config.seq_len}, fewer than "
-                        f"--windows {config.windows}; give more text or lower --windows/--seq-len")
-    used = config.windows * config.seq_len
-    tokens = ids[:used].view(config.windows, config.seq_len)
+    ids, tokens = config.windows_of(tokenizer)
+    used = tokens.numel()
     held = held_out_tokens(config, args.model, tokenizer, ids, used) if config.verify else None
     gptq = dict(calib=config.calib, n_samples=config.n_samples, seq_len=config.seq_len)
     state = out.with_name(f".{out.name}.sensitivity.json")  # an interrupted or repeated run reuses it

@@ -8,6 +8,13 @@ from __future__ import annotations
 import argparse
 
 from slimlm.commands._common import print_json, print_table, progress_bar, quiet_libraries
+from slimlm.commands._flags import add_config_flags, settings_from_args
+
+
+def sensitivity_config():
+    from slimlm.planner.sensitivity import SensitivityConfig
+
+    return SensitivityConfig
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -15,15 +22,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="sensitivity.json", help="where the table is written (JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--heatmap", default=None, help="also draw the heat map (PNG; needs matplotlib)")
-    p.add_argument("--calib", default="demo", help="calibration text (.txt, .jsonl, 'demo'; FILE@0:200 for documents 0-199)")
-    p.add_argument("--windows", type=int, default=8, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
-    p.add_argument("--treatments", default="", help="comma-separated subset (default all): keep,int8,int4 g128,int4 g32,"
-                                                    "int3 g32,int2 g32,2:4,50%%")
-    p.add_argument("--method", default="fisher", help="fisher (block by block, second order; fast) or direct (exact, "
-                                                      "one whole forward per layer and treatment)")
-    p.add_argument("--fisher-samples", type=int, default=4, help="sampled next tokens per window (fisher)")
     p.add_argument("--json", action="store_true")
+    add_config_flags(p, [sensitivity_config()])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,32 +32,25 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from slimlm.api import load
-    from slimlm.core.data import load_tokens
     from slimlm.core.errors import SlimError
     from slimlm.core.files import atomic_file
     from slimlm.planner.sensitivity import measure_sensitivity
 
+    config = sensitivity_config().from_dict(settings_from_args(args, sensitivity_config()))
     out = Path(args.output).expanduser()
     if out.exists() and not args.overwrite:
         raise SlimError(f"'{out}' already exists; pass --overwrite or choose another -o")
     if not out.parent.is_dir():
         raise SlimError(f"parent folder of '{out}' does not exist; create it or choose another -o")
-    for name in ("windows", "seq_len", "fisher_samples"):
-        if getattr(args, name) < 1:
-            raise SlimError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     model, tokenizer = load(args.model)
-    ids = load_tokens(args.calib, tokenizer)
-    if ids.numel() < args.windows * args.seq_len:
-        raise SlimError(f"the calibration text has {ids.numel()} tokens, fewer than --windows {args.windows} x --seq-len "
-                        f"{args.seq_len}; give more text or lower them")
-    tokens = ids[: args.windows * args.seq_len].view(args.windows, args.seq_len)
-    names = [t.strip() for t in args.treatments.split(",") if t.strip()] or None
+    _, tokens = config.windows_of(tokenizer)
     state = out.with_name(f".{out.name}.partial.json")  # an interrupted run resumes from it
     with progress_bar(not args.json) as update:
-        result = measure_sensitivity(model, tokens, names=names, method=args.method, fisher_samples=args.fisher_samples,
-                                     state=state, on_layer=lambda done, total: update("sensitivity", done, total))
+        result = measure_sensitivity(model, tokens, names=list(config.treatments) or None, method=config.method,
+                                     fisher_samples=config.fisher_samples, state=state,
+                                     on_layer=lambda done, total: update("sensitivity", done, total))
     with atomic_file(out, args.overwrite) as tmp:
-        tmp.write_text(json.dumps(dict(result.to_dict(), method=args.method), indent=1) + "\n")
+        tmp.write_text(json.dumps(dict(result.to_dict(), method=config.method), indent=1) + "\n")
     state.unlink(missing_ok=True)
     if args.heatmap:
         from slimlm.planner.heatmap import draw_heatmap
@@ -73,6 +66,6 @@ def run(args: argparse.Namespace) -> int:
     print_table([{"treatment": t, "sum of per-layer KL": f"{totals[t]:.4g}", "most sensitive layer": result.layers[worst[t]],
                   "MB": f"{sum(row[j] for row in result.bytes) / 1e6:.3f}"}
                  for j, t in enumerate(result.treatments) if t != "keep"],
-                title=f"{args.model}: {len(result.layers)} layers x {len(result.treatments)} treatments ({args.method})")
+                title=f"{args.model}: {len(result.layers)} layers x {len(result.treatments)} treatments ({config.method})")
     print(f"wrote {out}" + (f" and {args.heatmap}" if args.heatmap else ""))
     return 0

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from slimlm.core.config import Config, check, field
 from slimlm.planner.allocate import Front, Option, Totals, pareto_front
-from slimlm.planner.sensitivity import Sensitivity, from_model, measure_sensitivity
+from slimlm.planner.sensitivity import Sensitivity, SensitivityFields, from_model, measure_sensitivity
 from slimlm.planner.speed import SpeedModel
 
 # treatment -> recipe step (method and settings) that makes it
@@ -51,8 +51,8 @@ DEFAULT_DECODE = 20.0  # realtime, without --min-decode: tokens/s at batch 1 (fa
 
 
 @dataclasses.dataclass(frozen=True)
-class PlanConfig(Config):
-    """What `slimlm plan` searches with."""
+class PlanConfig(SensitivityFields, Config):
+    """What `slimlm plan` searches with (the sensitivity's fields, and seq_len for GPTQ too)."""
 
     name = "plan"
     target: str = field("", "edge (the smallest within --max-kl, default 0.05, or the best within --max-size), "
@@ -68,30 +68,22 @@ class PlanConfig(Config):
     prompt_tokens: int = field(128, "prompt length of the speed figures")
     verify: bool = field(True, "build the chosen model and measure its size, KL, perplexity and speed; a missed "
                                "speed budget is re-planned with the measured error (at most 3 times)")
-    calib: str = field("demo", "calibration text (.txt, .jsonl, 'demo'; FILE@0:200 for a range of documents)")
     eval_data: str = field("", "held-out text the check measures KL and perplexity on (default: the model's held-out "
                                "text for 'demo', else the calibration text after the windows measured)")
     eval_tokens: int = field(8192, "held-out tokens the check reads")
-    windows: int = field(8, "calibration windows the per-layer sensitivity is measured on")
-    seq_len: int = field(256, "tokens per window (sensitivity and GPTQ)")
     n_samples: int = field(128, "GPTQ calibration windows")
     gptq: bool = field(True, "also offer GPTQ's codes for every layer (one GPTQ run per scheme)")
-    method: str = field("fisher", "sensitivity measurement: fisher (block by block, second order; fast) or direct "
-                                  "(one whole forward per layer and treatment; exact, slow)")
-    fisher_samples: int = field(4, "sampled next tokens per window for the fisher method's Fisher information")
 
     def __post_init__(self) -> None:
-        from slimlm.planner.sensitivity import METHODS
-
+        SensitivityFields.__post_init__(self)
         check(not self.target or self.target in TARGETS, f"target '{self.target}' is not one of {', '.join(TARGETS)}")
-        check(self.method in METHODS, f"method '{self.method}' is not one of {', '.join(METHODS)}")
         if self.max_size:
             parse_size(self.max_size)
         for name in ("max_kl", "min_decode", "max_ttft", "min_throughput"):
             value = getattr(self, name)
             check(value is None or (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)),
                   f"{name} {value!r} must be a positive number")
-        for name in ("windows", "seq_len", "n_samples", "fisher_samples", "streams", "prompt_tokens", "eval_tokens"):
+        for name in ("n_samples", "streams", "prompt_tokens", "eval_tokens"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"{name} {value!r} must be at least 1")
         check(bool(self.target or self.max_size or self.max_kl or self.min_decode or self.max_ttft or self.min_throughput),
@@ -175,7 +167,7 @@ class Plan:
         """figure -> predicted seconds per step of the chosen plan."""
         if self.speed is None:
             return {}
-        return {fig: self.speed.step_seconds(fig, self.point.times[k]) for k, fig in enumerate(self.figures)}
+        return dict(zip(self.figures, self.point.times))
 
 
 def recipe_for(choice: dict[str, str], calibration: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -232,21 +224,13 @@ def _with_times(sensitivity: Sensitivity, shapes: dict[str, tuple[int, int]], sp
     return merged, groups
 
 
-def _choose(options: list[list[Option]], budgets: Budgets, speed: SpeedModel | None, figures: tuple[str, ...],
+def _choose(options: list[list[Option]], budgets: Budgets, figures: tuple[str, ...],
             limits: dict[str, float]) -> Totals:
     """The allocation for these budgets; infeasible ones get an error in the user's units."""
     from slimlm.core.errors import SlimError
     from slimlm.planner.allocate import solve
 
-    max_times = {}
-    for k, fig in enumerate(figures):
-        if fig in limits:
-            room = speed.layer_budget(fig, limits[fig])
-            if room <= 0:
-                raise SlimError(f"{_figure_text(fig, limits[fig], budgets)} cannot be met on this machine: the parts of a "
-                                f"step no compression touches (attention, norms, embedding, head) already take "
-                                f"{speed.overhead[fig] * 1e3:.2f} ms; loosen it")
-            max_times[k] = room
+    max_times = {k: limits[fig] for k, fig in enumerate(figures) if fig in limits}
     minimize = figures.index(budgets.maximize) if budgets.maximize else None
     try:
         return solve(options, max_bytes=budgets.max_bytes, max_loss=budgets.max_kl, max_times=max_times, minimize=minimize)
@@ -255,7 +239,7 @@ def _choose(options: list[list[Option]], budgets: Budgets, speed: SpeedModel | N
     best = [f"the smallest plan is {sum(min(o.bytes for o in row) for row in options) / 1e6:.3f} MB",
             f"the least predicted KL is {sum(min(o.loss for o in row) for row in options):.4g}"]
     for k, fig in enumerate(figures):
-        fastest = speed.step_seconds(fig, sum(min(o.times[k] for o in row) for row in options))
+        fastest = sum(min(o.times[k] for o in row) for row in options)
         best.append(f"the fastest {_figure_text(fig, fastest, budgets, reached=True)}")
     asked = [f"size {budgets.max_bytes / 1e6:.3f} MB" if budgets.max_bytes else "",
              f"KL {budgets.max_kl:g}" if budgets.max_kl else ""]
@@ -282,7 +266,7 @@ def plan(load: Callable[[], nn.Module], tokens: Tensor, max_bytes: int | None = 
     this machine, `planner.speed`). tokens (n, T): the sensitivity windows; calibration: token ids
     for the GPTQ treatments (default: `tokens`). state: a JSON file the sensitivity measurement saves
     after every layer and resumes from. speed: a speed model `calibrate` made for this model (else it
-    is made when a budget needs it). verify(recipe) -> measured figures (`check_plan`): with a speed
+    is made when a budget needs it). verify(recipe) -> measured figures (`check.check_plan`): with a speed
     budget, a build that misses it is re-planned with the budget tightened by the measured error."""
     import slimlm
     from slimlm.core.errors import SlimError
@@ -315,106 +299,36 @@ def plan(load: Callable[[], nn.Module], tokens: Tensor, max_bytes: int | None = 
     names = tuple(figures)
     options, groups = _with_times(sensitivity, shapes, speed, names)
     limits = budgets.step_limits()
-    result = Plan(sensitivity, front, _choose(options, budgets, speed, names, limits), [], options, speed, names,
+    result = Plan(sensitivity, front, _choose(options, budgets, names, limits), [], options, speed, names,
                   groups=groups)
     result.recipe = recipe_for(result.treatments(), gptq_settings)
     if verify is None:
         return result
+    asked = dict(limits)  # the user's; `limits` is what the allocation is given
     for attempt in range(3):
         measured = verify(result.recipe)
-        result.checks.append(dict(measured, predicted=result.predicted(), bytes_planned=result.point.bytes))
-        missed = {fig: measured[fig] / limit for fig, limit in limits.items() if measured.get(fig, 0) > limit}
+        predicted = result.predicted()
+        result.checks.append(dict(measured, predicted=predicted, bytes_planned=result.point.bytes))
+        missed = [fig for fig, limit in asked.items() if measured.get(fig, 0) > limit]
         if not missed or attempt == 2:
             break
-        # the build was slower than predicted: ask the allocation for that much more room, then build again
-        limits = {fig: limit / missed.get(fig, 1.0) * (0.98 if fig in missed else 1.0) for fig, limit in limits.items()}
+        # the build ran slower than predicted: give the allocation the budget shrunk by that error
+        # (1% more), or, if nothing fits that, the fastest plan within the other budgets; build again
+        limits = {fig: asked[fig] * min(1.0, predicted[fig] / measured[fig]) * (0.99 if fig in missed else 1.0)
+                  for fig in asked}
         try:
-            point = _choose(options, budgets, speed, names, limits)
+            point = _choose(options, budgets, names, limits)
         except SlimError:
-            break  # nothing the speed model thinks faster fits: the miss is reported as measured
+            fastest = dataclasses.replace(budgets, maximize=missed[0])
+            try:
+                point = _choose(options, fastest, names, {fig: v for fig, v in limits.items() if fig != missed[0]})
+            except SlimError:
+                break  # the other budgets allow nothing faster: the miss is reported as measured
         if point.choice == result.point.choice:
             break
         result.point = point
         result.recipe = recipe_for(result.treatments(), gptq_settings)
     return result
-
-
-def check_plan(load: Callable[[], nn.Module], recipe: list[dict[str, Any]], budgets: Budgets,
-               held_out: Tensor | None, on_step: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Build `recipe` on `load()` and measure it: block linear bytes, KL / top-1 / perplexity against
-    the original on held_out (T,) token ids, seconds per step of each speed figure."""
-    import slimlm
-    from slimlm.core.layers import is_compressed
-    from slimlm.eval.perplexity import evaluate_quality
-    from slimlm.planner.sensitivity import block_linears
-    from slimlm.planner.speed import measured_seconds
-
-    model = slimlm.apply(load(), recipe) if recipe else load()
-    stored = 0
-    for m in block_linears(model).values():
-        bias = getattr(m, "bias", None)
-        bias_bytes = bias.numel() * bias.element_size() if bias is not None else 0
-        stored += (m.storage_bytes() if is_compressed(m) else sum(p.numel() * p.element_size() for p in m.parameters())) - bias_bytes
-    out: dict[str, Any] = {"bytes": stored}
-    if on_step:
-        on_step("checking the plan", 1, 3)
-    if held_out is not None and held_out.numel() > 2:
-        quality = evaluate_quality(model, held_out, reference=load())
-        out.update(kl=quality.kl, top1=quality.top1, perplexity=quality.perplexity, eval_tokens=quality.tokens)
-    if on_step:
-        on_step("checking the plan", 2, 3)
-    figures = budgets.figures() or {"decode": 1}
-    out.update(measured_seconds(model, figures, budgets.prompt_tokens))
-    if on_step:
-        on_step("checking the plan", 3, 3)
-    return out
-
-
-def summarize(result: Plan, budgets: Budgets) -> dict:
-    """What the command prints and reports: the chosen point, its checks, whether the budgets held."""
-    from slimlm.planner.allocate import lagrangian_bound
-
-    only_size = budgets.max_bytes is not None and not budgets.figures()
-    bound = lagrangian_bound(result.sensitivity.options(), budgets.max_bytes) if only_size else None
-    predicted = result.predicted()
-    out = {"bytes": result.point.bytes, "predicted_kl": result.point.loss, "lower_bound": bound,
-           "predicted": {k: _figure(k, v, budgets) for k, v in predicted.items()}, "checks": result.checks,
-           "table": [], "notes": [], "met": True, "missed": ""}
-    if not result.checks:
-        return out
-    last = result.checks[-1]
-    rows = [("size (MB)", result.point.bytes / 1e6, last["bytes"] / 1e6)]
-    if "kl" in last:
-        rows.append(("KL (nats/token)", result.point.loss, last["kl"]))
-        rows.append(("perplexity", None, last["perplexity"]))
-        rows.append(("top-1 agreement", None, last["top1"]))
-    for fig, seconds in predicted.items():
-        rows.append((_figure_name(fig, budgets), _figure(fig, seconds, budgets), _figure(fig, last[fig], budgets)))
-    out["table"] = [{"": name, "predicted": "" if p is None else f"{p:.4g}", "measured": f"{m:.4g}"} for name, p, m in rows]
-    misses = []
-    for fig, limit in budgets.step_limits().items():
-        if last[fig] > limit * 1.0001:
-            misses.append(f"{_figure_name(fig, budgets)} measured {_figure(fig, last[fig], budgets):.4g}, "
-                          f"budget {_figure(fig, limit, budgets):.4g}")
-    if budgets.max_bytes is not None and last["bytes"] > budgets.max_bytes:
-        misses.append(f"size measured {last['bytes']:,} bytes, budget {budgets.max_bytes:,}")
-    if len(result.checks) > 1:
-        out["notes"].append(f"re-planned {len(result.checks) - 1} time(s): the first build missed a speed budget on "
-                            "this machine, so the allocation was given that much less room")
-    if misses:
-        out["met"] = False
-        out["missed"] = ("the built plan misses its budget on this machine after 3 tries: " + "; ".join(misses)
-                         + "; loosen the budget (or rerun when the machine is less loaded)")
-    return out
-
-
-def _figure_name(fig: str, budgets) -> str:
-    return {"decode": "decode tok/s (batch 1)", "prefill": f"time to first token (ms, {budgets.prompt_tokens} tokens)",
-            "streams": f"throughput tok/s ({budgets.streams} streams)"}[fig]
-
-
-def _figure(fig: str, seconds: float, budgets) -> float:
-    return {"decode": 1 / seconds, "prefill": seconds * 1e3, "streams": budgets.streams / seconds}[fig]
 
 
 def parse_size(text: str) -> int:

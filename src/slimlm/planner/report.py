@@ -61,7 +61,7 @@ def _table(rows: list[dict], caption: str = "") -> str:
 
 
 def render(result, title: str, budgets) -> str:
-    from slimlm.planner.plan import summarize
+    from slimlm.planner.check import summarize
     from slimlm.core.recipe import dump_recipe
 
     summary = summarize(result, budgets)
@@ -85,8 +85,7 @@ def render(result, title: str, budgets) -> str:
         parts.append(_table([{"uniform model": label, **{f"{fig} measured (ms)": f"{v[fig] * 1e3:.3f}" for fig in v},
                               **{f"{fig} model (ms)": f"{sp.fitted.get(label, {}).get(fig, float('nan')) * 1e3:.3f}" for fig in v}}
                              for label, v in sp.reference.items()],
-                            "speed model: step = a + sum of b(format) x layer timing; "
-                            + ", ".join(f"{fig}: a = {a * 1e3:.3f} ms" for fig, a in sp.overhead.items())))
+                            "speed model: step = sum over the layers of b(format) x the layer's timing here"))
     for note in summary["notes"] + ([summary["missed"]] if summary["missed"] else []):
         parts.append(f"<p><b>{html.escape(note)}</b></p>")
     try:

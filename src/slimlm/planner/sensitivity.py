@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from slimlm.core.config import Config, check, field
 from slimlm.core.layers import find_blocks
 from slimlm.planner.allocate import Option
 
@@ -160,6 +161,50 @@ def _save_state(path: Path, state: dict) -> None:
 
 
 METHODS = ("fisher", "direct")
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityFields:
+    """How the per-layer sensitivity is measured (shared by `slimlm sensitivity` and `slimlm plan`)."""
+
+    calib: str = field("demo", "calibration text (.txt, .jsonl, 'demo'; FILE@0:200 for a range of documents)")
+    windows: int = field(8, "calibration windows the per-layer sensitivity is measured on")
+    seq_len: int = field(256, "tokens per window")
+    method: str = field("fisher", "sensitivity measurement: fisher (block by block, second order; fast) or direct "
+                                  "(one whole forward per layer and treatment; exact, slow)")
+    fisher_samples: int = field(4, "sampled next tokens per window for the fisher method's Fisher information")
+
+    def __post_init__(self) -> None:
+        check(self.method in METHODS, f"method '{self.method}' is not one of {', '.join(METHODS)}")
+        for name in ("windows", "seq_len", "fisher_samples"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{name} {value!r} must be at least 1")
+
+    def windows_of(self, tokenizer) -> tuple[Tensor, Tensor]:
+        """(all calibration token ids (T,), the first `windows` windows (windows, seq_len))."""
+        from slimlm.core.data import load_tokens
+        from slimlm.core.errors import SlimError
+
+        ids = load_tokens(self.calib, tokenizer)
+        if ids.numel() < self.windows * self.seq_len:
+            raise SlimError(f"the calibration text has {ids.numel()} tokens, fewer than --windows {self.windows} x "
+                            f"--seq-len {self.seq_len}; give more text or lower them")
+        return ids, ids[: self.windows * self.seq_len].view(self.windows, self.seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityConfig(SensitivityFields, Config):
+    """What `slimlm sensitivity` measures."""
+
+    name = "sensitivity"
+    treatments: tuple[str, ...] = field((), "treatments to measure (default all): keep, int8, int4 g128, int4 g32, "
+                                            "int3 g32, int2 g32, 2:4, 50%; repeat the flag for several")
+
+    def __post_init__(self) -> None:
+        SensitivityFields.__post_init__(self)
+        object.__setattr__(self, "treatments", tuple(self.treatments))
+        unknown = [t for t in self.treatments if t not in treatments()]
+        check(not unknown, f"unknown treatment(s) {', '.join(unknown)}; the built-in ones are {', '.join(treatments())}")
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ over the sum of its isolated layer timings (`calibrate`), so that the parts no c
 and what isolated timings miss are spread over the layers. Isolated timings alone mislead: on the
 demo model an int4 layer alone is slower than a float one, yet the int4 model decodes faster.
 Because a step is a sum over the layers, a speed budget is a budget on that sum, which the
-allocation (`allocate.solve`) handles like a size budget. `plan.check_plan` then builds the chosen
+allocation (`allocate.solve`) handles like a size budget. `check.check_plan` then builds the chosen
 model and measures it: the prediction is a guide; the measurement is what the planner reports
 and holds to.
 
@@ -85,11 +85,11 @@ def time_layer(fmt: tuple, n: int, k: int, rows: int, dtype: torch.dtype, workin
 
 @dataclasses.dataclass
 class SpeedModel:
-    """Per (shape, format, figure) layer seconds; per figure the overhead a (s) and per format the scale b."""
+    """Per (shape, format, figure) layer seconds and per figure and format the scale b; a step's
+    predicted seconds are the sum of its layers' `layer_time`."""
 
     rows: dict[str, int]  # figure -> input rows of a layer
     layer_seconds: dict[tuple, float]  # ((n, k), format, figure) -> seconds
-    overhead: dict[str, float]  # figure -> a
     scale: dict[str, dict[tuple, float]]  # figure -> format -> b
     reference: dict[str, dict[str, float]]  # uniform model ("original", "int4 g32", ...) -> figure -> measured s/step
     fitted: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # the same, as the model predicts them
@@ -104,14 +104,6 @@ class SpeedModel:
             return self.scale[figure][fmt] * t
         keep = self.layer_seconds[(shape, (KEEP,), figure)]
         return self.scale[figure][(KEEP,)] * keep + max(0.0, t - keep)
-
-    def step_seconds(self, figure: str, layer_sum: float) -> float:
-        """A step's predicted seconds from Σ b·t over the layers."""
-        return self.overhead[figure] + layer_sum
-
-    def layer_budget(self, figure: str, step_seconds: float) -> float:
-        """The Σ b·t a step of `step_seconds` leaves for the layers."""
-        return step_seconds - self.overhead[figure]
 
 
 def measured_seconds(model: nn.Module, figures: dict[str, int], prompt_tokens: int, new_tokens: int = 64) -> dict[str, float]:
@@ -190,7 +182,7 @@ def calibrate(load: Callable[[], nn.Module], shapes: dict[str, tuple[int, int]],
             scale[fig][fmt] = reference[label][fig] / layer_sum(fmt, fig)
         if on_step:
             on_step("timing whole models", done + 2, total)
-    result = SpeedModel(dict(figures), layer_seconds, {fig: 0.0 for fig in figures}, scale, reference)
+    result = SpeedModel(dict(figures), layer_seconds, scale, reference)
     for fmt, label in labels.items():
         result.fitted[label] = {fig: sum(result.layer_time(s, fmt, fig) for s in shapes.values()) for fig in figures}
     return result
