@@ -168,8 +168,7 @@ def solve(options: Sequence[Sequence[Option]], max_bytes: int | None = None, max
     """One option per layer within every budget given: bytes, predicted loss, and seconds per speed
     figure k (sum of `Option.times[k]`). With a size or time budget: the least loss within them
     (and within max_loss if given too); with only max_loss: the smallest (bytes) within it.
-    minimize=k instead: the fewest seconds of figure k within the budgets (the first point of the
-    time / loss front that meets them all). SlimError when the budgets cannot all be met."""
+    minimize=k instead: the fewest seconds of figure k within the budgets (to 1e-4 of it). SlimError when the budgets cannot all be met."""
     max_times = {k: v for k, v in (max_times or {}).items() if v is not None}
     if minimize is not None:
         return _fastest(options, minimize, max_bytes, max_loss, max_times, ticks)
@@ -253,21 +252,34 @@ def solve(options: Sequence[Sequence[Option]], max_bytes: int | None = None, max
     return result
 
 
-def _ticked(options: Sequence[Sequence[Option]], k: int, ticks: int) -> Callable[[Option], int]:
-    biggest = sum(max(o.times[k] for o in layer) for layer in options)
-    tick = biggest / ticks if biggest > 0 else 1.0
-    return lambda o: math.ceil(o.times[k] / tick - 1e-9)
-
-
 def _fastest(options, k: int, max_bytes, max_loss, max_times, ticks: int) -> Totals:
-    front = pareto_front(options, resource=_ticked(options, k, ticks))
-    for p in front.points:  # fewest ticks first
-        if max_loss is not None and p.loss > max_loss:
-            continue
-        t = totals(options, p.choice)
-        if (max_bytes is None or t.bytes <= max_bytes) and all(t.times[j] <= v * (1 + 1e-12) for j, v in max_times.items()):
-            return t
-    raise SlimError("no choice meets the budgets")
+    """The fewest seconds of figure k within the other budgets: bisection on a time budget for k,
+    each step a `solve` (whose ticks are a fraction of that budget, so the answer is as fine as the
+    budget, however slow the slowest option is)."""
+
+    def within(limit: float) -> Totals | None:
+        try:
+            return solve(options, max_bytes=max_bytes, max_loss=max_loss, max_times={**max_times, k: limit}, ticks=ticks)
+        except SlimError:
+            return None
+
+    lo = sum(min(o.times[k] for o in layer) for layer in options)
+    best = within(lo)
+    if best is not None:
+        return best
+    hi = sum(max(o.times[k] for o in layer) for layer in options)
+    best = within(hi)
+    if best is None:
+        raise SlimError("no choice meets the budgets")
+    hi = best.times[k]
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        found = within(mid)
+        if found is None:
+            lo = mid
+        else:
+            best, hi = found, found.times[k]
+    return best
 
 
 def _label(name: str) -> str:
