@@ -18,7 +18,8 @@ The public verbs (each modifies a model in place and returns it, or returns what
 
 Step configs for `quantize`, `prune` and `apply`: CastConfig, RTNConfig, GPTQConfig, AWQConfig,
 SmoothQuantConfig, MagnitudeConfig, RandomConfig, TaylorConfig, WandaConfig, SparseGPTConfig,
-HeadsConfig, ChannelsConfig, BlocksConfig. Settings of `distill`/`finetune`: TrainConfig; of `bench`:
+HeadsConfig, ChannelsConfig, BlocksConfig, RecoverConfig (recipes only: brief distillation from the
+original after the steps before it). Settings of `distill`/`finetune`: TrainConfig; of `bench`:
 BenchSettings; of `generate` and the server: SamplingParams; of `load` across processes (tp, pp):
 ParallelConfig; of `export`: ExportConfig.
 """
@@ -37,6 +38,7 @@ _CONFIGS = {
     "TaylorConfig": "slimlm.pruning.config", "WandaConfig": "slimlm.pruning.config",
     "SparseGPTConfig": "slimlm.pruning.config", "HeadsConfig": "slimlm.pruning.structured",
     "ChannelsConfig": "slimlm.pruning.structured", "BlocksConfig": "slimlm.pruning.structured",
+    "RecoverConfig": "slimlm.distillation.recover",
 }
 _OTHER = {"SlimError": "slimlm.core.errors", "TrainConfig": "slimlm.distillation.trainer",
           "BenchSettings": "slimlm.eval.speed", "SamplingParams": "slimlm.engine.sampling",

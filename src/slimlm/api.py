@@ -154,22 +154,33 @@ def apply(model: nn.Module, recipe: list[dict[str, Any]] | list[Config] | str | 
         steps = list(recipe)
     else:
         steps = validate_recipe(recipe)
+    from slimlm.core.steps import STEPS
+
+    found = [STEPS.for_config(s) if isinstance(s, Config) else STEPS.get(s["method"]) for s in steps]
+    original = None
+    if any(step.needs_original for step in found):  # e.g. `recover` distills from the model as it came
+        import copy
+
+        original = copy.deepcopy(model).eval()
     for step in steps:
         if isinstance(step, Config):
-            _run_step(model, step, {}, None, tokenizer, None, on_block)
+            _run_step(model, step, {}, None, tokenizer, None, on_block, original)
         else:
             settings = dict(step)
-            _run_step(model, settings.pop("method"), settings, None, tokenizer, None, on_block)
+            _run_step(model, settings.pop("method"), settings, None, tokenizer, None, on_block, original)
     return model
 
 
 def _run_step(model: nn.Module, method: str | Config, settings: dict[str, Any], kind: str | None, tokenizer,
-              calibration: torch.Tensor | None, on_block: OnBlock | None) -> nn.Module:
+              calibration: torch.Tensor | None, on_block: OnBlock | None, original: nn.Module | None = None) -> nn.Module:
     from slimlm.core.steps import STEPS
 
     step, config = STEPS.resolve(method, settings, kind)
     samples = _calibration_samples(model, step.name, config, tokenizer, calibration) if step.needs_samples(config) else None
-    step.apply(model, config, samples, on_block)
+    if step.needs_original:
+        step.apply(model, config, samples, on_block, original=original)
+    else:
+        step.apply(model, config, samples, on_block)
     model.slimlm_recipe = [*getattr(model, "slimlm_recipe", []), {"method": step.name, **config.to_dict()}]
     return model
 

@@ -56,3 +56,15 @@ def test_plan_cli_writes_a_recipe_quantize_builds(tiny_folder, tmp_path, capsys)
                         "--seq-len", 32, "-o", tmp_path / "x.yaml")[::2], "the smallest plan is")
     one_line_error(*run(capsys, "plan", tiny_folder("llama"), "--max-size", "lots", "-o", tmp_path / "y.yaml")[::2],
                    "is not a size")
+
+
+def test_plan_cli_checks_a_plan_with_calibrated_steps(tiny_folder, tmp_path, capsys):
+    """The check builds the recipe, whose GPTQ steps read their calibration text with the model's
+    tokenizer (it once had none, and `slimlm plan` failed whenever GPTQ was chosen)."""
+    from tests.cli_helpers import run
+
+    recipe = tmp_path / "plan.yaml"
+    code, out, err = run(capsys, "plan", tiny_folder("llama"), "--max-size", "40KB", "--windows", 2, "--seq-len", 32,
+                         "--n-samples", 4, "-o", recipe)
+    assert code == 0, err
+    assert "method: gptq" in recipe.read_text() and "measured" in out

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         verify = None
         if config.verify:
             def verify(recipe):
-                return check_plan(loader, recipe, budgets, held, on_step=update)
+                return check_plan(loader, recipe, budgets, held, on_step=update, tokenizer=tokenizer)
         result = plan(loader, tokens, calibration=ids, gptq=config.gptq, gptq_settings=gptq, budgets=budgets,
                       on_layer=lambda done, total: update("sensitivity", done, total), state=str(state),
                       method=config.method, fisher_samples=config.fisher_samples, verify=verify, on_step=update)

@@ -21,7 +21,7 @@ from slimlm.core.config import Config
 from slimlm.core.errors import SlimError
 from slimlm.core.registry import Registry
 
-KINDS = ("quantize", "prune")
+KINDS = ("quantize", "prune", "recover")
 Apply = Callable[[nn.Module, Config, "Tensor | None", "Callable[[int, int], None] | None"], nn.Module]
 
 
@@ -29,9 +29,10 @@ Apply = Callable[[nn.Module, Config, "Tensor | None", "Callable[[int, int], None
 class Step:
     config_cls: type[Config]
     apply: Apply  # (model, config, calibration windows (n, T) or None, on_block) -> the model, changed in place
-    kind: str  # "quantize" or "prune": which verb runs it
+    kind: str  # "quantize" or "prune": which verb runs it; "recover": recipes only (after other steps)
     calibrated: bool | Callable[[Any], bool] = False  # needs calibration windows (or a function of the config)
     summary: str = ""  # one line for `--help` and error messages
+    needs_original: bool = False  # apply(..., original=) gets the model as the recipe received it (a teacher)
 
     @property
     def name(self) -> str:
@@ -86,6 +87,9 @@ class StepTable:
         else:
             raise SlimError(f"method must be a name ({', '.join(self.names(kind))}) or a config object, "
                             f"not {type(method).__name__}")
+        if kind is not None and step.kind != kind and step.kind == "recover":
+            raise SlimError(f"'{step.name}' trains the model after earlier recipe steps; run it as a recipe step "
+                            f"(slimlm.apply, or --recipe) after the step it recovers from")
         if kind is not None and step.kind != kind:
             raise SlimError(f"'{step.name}' is a {step.kind} method; use slimlm.{step.kind} (or `slimlm {step.kind}`), "
                             f"or a recipe, which runs either")
@@ -106,4 +110,5 @@ STEPS = StepTable(builtins={
     "heads": "slimlm.pruning.structured:HEADS",
     "channels": "slimlm.pruning.structured:CHANNELS",
     "blocks": "slimlm.pruning.structured:BLOCKS",
+    "recover": "slimlm.distillation.recover:RECOVER",
 })

@@ -11,16 +11,18 @@ from slimlm.planner.plan import Budgets, Plan
 
 
 def check_plan(load: Callable[[], nn.Module], recipe: list[dict[str, Any]], budgets: Budgets,
-               held_out: Tensor | None, on_step: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+               held_out: Tensor | None, on_step: Callable[[str, int, int], None] | None = None,
+               tokenizer=None, speed: bool = True) -> dict[str, Any]:
     """Build `recipe` on `load()` and measure it: block linear bytes, KL / top-1 / perplexity against
-    the original on held_out (T,) token ids, seconds per step of each speed figure."""
+    the original on held_out (T,) token ids, seconds per step of each speed figure (without `speed`:
+    none). tokenizer: reads the calibration text of recipe steps that carry no windows of their own."""
     import slimlm
     from slimlm.core.layers import is_compressed
     from slimlm.eval.perplexity import evaluate_quality
     from slimlm.planner.sensitivity import block_linears
     from slimlm.planner.speed import measured_seconds
 
-    model = slimlm.apply(load(), recipe) if recipe else load()
+    model = slimlm.apply(load(), recipe, tokenizer) if recipe else load()
     stored = 0
     for m in block_linears(model).values():
         bias = getattr(m, "bias", None)
@@ -34,8 +36,8 @@ def check_plan(load: Callable[[], nn.Module], recipe: list[dict[str, Any]], budg
         out.update(kl=quality.kl, top1=quality.top1, perplexity=quality.perplexity, eval_tokens=quality.tokens)
     if on_step:
         on_step("checking the plan", 2, 3)
-    figures = budgets.figures() or {"decode": 1}
-    out.update(measured_seconds(model, figures, budgets.prompt_tokens))
+    if speed:
+        out.update(measured_seconds(model, budgets.figures() or {"decode": 1}, budgets.prompt_tokens))
     if on_step:
         on_step("checking the plan", 3, 3)
     return out

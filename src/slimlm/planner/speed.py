@@ -99,11 +99,23 @@ class SpeedModel:
         model; for one without a fast kernel, the float layer's share plus the extra time isolated
         timing sees over the float layer."""
         shape = tuple(shape)
-        t = self.layer_seconds[(shape, fmt, figure)]
+        t = self._seconds(shape, fmt, figure)
         if fmt in self.scale[figure]:
             return self.scale[figure][fmt] * t
-        keep = self.layer_seconds[(shape, (KEEP,), figure)]
+        keep = self._seconds(shape, (KEEP,), figure)
         return self.scale[figure][(KEEP,)] * keep + max(0.0, t - keep)
+
+    def _seconds(self, shape: tuple[int, int], fmt: tuple, figure: str) -> float:
+        """The timed layer, or for a shape not timed (a structurally pruned layer) the timed shape of
+        the nearest size in that format scaled by the weights' ratio (the layers stream their weights)."""
+        if (shape, fmt, figure) in self.layer_seconds:
+            return self.layer_seconds[(shape, fmt, figure)]
+        timed = [(s, t) for (s, f, g), t in self.layer_seconds.items() if f == fmt and g == figure]
+        if not timed:
+            raise KeyError((shape, fmt, figure))
+        area = shape[0] * shape[1]
+        near, t = min(timed, key=lambda st: (abs(math.log(st[0][0] * st[0][1] / area)), st[0]))
+        return t * area / (near[0] * near[1])
 
 
 def measured_seconds(model: nn.Module, figures: dict[str, int], prompt_tokens: int, new_tokens: int = 64) -> dict[str, float]:
