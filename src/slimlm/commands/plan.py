@@ -31,7 +31,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def held_out_tokens(config, model: str, tokenizer, ids, used: int):
-    """Token ids the check measures quality on (see PlanConfig.eval_data)."""
+    """Token ids the check measures quality on (see PlanConfig.eval_data); from the calibration
+    text, those after the windows (and after the slice a search scores)."""
     from slimlm.core.data import load_tokens
     from slimlm.core.model_io import DEMO, demo_path
 
@@ -39,7 +40,8 @@ def held_out_tokens(config, model: str, tokenizer, ids, used: int):
         return load_tokens(config.eval_data, tokenizer, max_tokens=config.eval_tokens)
     if model == DEMO:
         return load_tokens(str(demo_path() / "heldout.txt"), tokenizer, max_tokens=config.eval_tokens)
-    rest = ids[used : used + config.eval_tokens]
+    start = used + (config.slice_tokens if config.search else 0)
+    rest = ids[start : start + config.eval_tokens]
     return rest if rest.numel() > 64 else None
 
 
@@ -73,14 +75,25 @@ def run(args: argparse.Namespace) -> int:
     def loader():
         return load(args.model)[0]
 
+    searched = None
     with progress_bar(not args.json) as update:
         verify = None
         if config.verify:
             def verify(recipe):
                 return check_plan(loader, recipe, budgets, held, on_step=update, tokenizer=tokenizer)
-        result = plan(loader, tokens, calibration=ids, gptq=config.gptq, gptq_settings=gptq, budgets=budgets,
-                      on_layer=lambda done, total: update("sensitivity", done, total), state=str(state),
-                      method=config.method, fisher_samples=config.fisher_samples, verify=verify, on_step=update)
+        if config.search:
+            from slimlm.planner.search import candidates, search
+
+            searched = search(loader, tokenizer, ids, tokens, held, budgets,
+                              candidates(config.structures, config.recover_steps, config.methods), gptq,
+                              eta=config.eta, rungs=config.rungs, slice_tokens=config.slice_tokens,
+                              method=config.method, fisher_samples=config.fisher_samples,
+                              state=str(out.with_name(f".{out.name}.search.json")), on_step=update)
+            result = searched.plan
+        else:
+            result = plan(loader, tokens, calibration=ids, gptq=config.gptq, gptq_settings=gptq, budgets=budgets,
+                          on_layer=lambda done, total: update("sensitivity", done, total), state=str(state),
+                          method=config.method, fisher_samples=config.fisher_samples, verify=verify, on_step=update)
     with atomic_file(out, args.overwrite) as tmp:
         tmp.write_text(dump_recipe(result.recipe))
     if args.sensitivity_out:
@@ -97,12 +110,18 @@ def run(args: argparse.Namespace) -> int:
         from slimlm.planner.report import write_report
 
         with atomic_file(args.report, args.overwrite) as tmp:
-            write_report(result, tmp, title=f"slimlm plan {args.model}", budgets=budgets)
+            write_report(result, tmp, title=f"slimlm plan {args.model}", budgets=budgets, searched=searched)
     summary = summarize(result, budgets)
     if args.json:
-        print_json(dict(summary, recipe=str(out), treatments=result.treatments(),
+        extra = {} if searched is None else {"search": {"winner": searched.winner, "objective": searched.objective,
+                                                        "history": searched.history, "trials": searched.trials}}
+        print_json(dict(summary, recipe=str(out), treatments=result.treatments(), **extra,
                         front=[{"bytes": p.bytes, "predicted_kl": p.loss} for p in result.front.points]))
         return 0 if summary["met"] else 1
+    if searched is not None:
+        print_table(searched.rows(), title=f"search: {len(searched.history[0])} candidates, successive halving "
+                                                 f"by {searched.objective} (last rung: held-out text)")
+        print(f"winner: {searched.winner}")
     points = result.front.points
     shown = sorted({round(k * (len(points) - 1) / 7) for k in range(8)})
     print_table([{"KB": f"{points[k].bytes / 1e3:.1f}", "predicted KL": f"{points[k].loss:.4f}"} for k in shown],
@@ -110,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for t in result.treatments().values():
         counts[t] = counts.get(t, 0) + 1
-    print(f"chosen: {result.point.bytes / 1e3:.1f} KB, predicted KL {result.point.loss:.4f}"
+    print(f"chosen: {result.point.bytes / 1e3:.1f} KB, predicted KL {summary['predicted_kl']:.4f}"
           + (f" (no choice within {budgets.max_bytes / 1e3:.1f} KB can do better than {summary['lower_bound']:.4f})"
              if summary.get("lower_bound") is not None else "")
           + f"; {', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}")
@@ -119,7 +138,11 @@ def run(args: argparse.Namespace) -> int:
     for line in summary["notes"]:
         print(line)
     print(f"wrote {out}; build it with: slimlm quantize {args.model} --recipe {out} -o OUT")
-    print(f"(the measured sensitivity is kept in {state}: another budget, or a run interrupted, reuses it)")
+    if searched is None:
+        print(f"(the measured sensitivity is kept in {state}: another budget, or a run interrupted, reuses it)")
+    else:
+        print(f"(the search's trials are kept in {out.with_name(f'.{out.name}.search.json')}: a run interrupted "
+              "resumes from them)")
     if not summary["met"]:
         raise SlimError(summary["missed"])
     return 0

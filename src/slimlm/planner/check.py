@@ -12,10 +12,11 @@ from slimlm.planner.plan import Budgets, Plan
 
 def check_plan(load: Callable[[], nn.Module], recipe: list[dict[str, Any]], budgets: Budgets,
                held_out: Tensor | None, on_step: Callable[[str, int, int], None] | None = None,
-               tokenizer=None, speed: bool = True) -> dict[str, Any]:
+               tokenizer=None, speed: bool = True, reference: nn.Module | None = None) -> dict[str, Any]:
     """Build `recipe` on `load()` and measure it: block linear bytes, KL / top-1 / perplexity against
     the original on held_out (T,) token ids, seconds per step of each speed figure (without `speed`:
-    none). tokenizer: reads the calibration text of recipe steps that carry no windows of their own."""
+    none). tokenizer: reads the calibration text of recipe steps that carry no windows of their own;
+    reference: the original (default: another `load()`)."""
     import slimlm
     from slimlm.core.layers import is_compressed
     from slimlm.eval.perplexity import evaluate_quality
@@ -32,7 +33,7 @@ def check_plan(load: Callable[[], nn.Module], recipe: list[dict[str, Any]], budg
     if on_step:
         on_step("checking the plan", 1, 3)
     if held_out is not None and held_out.numel() > 2:
-        quality = evaluate_quality(model, held_out, reference=load())
+        quality = evaluate_quality(model, held_out, reference=load() if reference is None else reference)
         out.update(kl=quality.kl, top1=quality.top1, perplexity=quality.perplexity, eval_tokens=quality.tokens)
     if on_step:
         on_step("checking the plan", 2, 3)
@@ -49,8 +50,10 @@ def summarize(result: Plan, budgets: Budgets) -> dict:
 
     only_size = budgets.max_bytes is not None and not budgets.figures()
     bound = lagrangian_bound(result.sensitivity.options(), budgets.max_bytes) if only_size else None
+    bound = None if bound is None else bound + result.prefix_kl
     predicted = result.predicted()
-    out = {"bytes": result.point.bytes, "predicted_kl": result.point.loss, "lower_bound": bound,
+    predicted_kl = result.point.loss + result.prefix_kl
+    out = {"bytes": result.point.bytes, "predicted_kl": predicted_kl, "lower_bound": bound,
            "predicted": {k: _figure(k, v, budgets) for k, v in predicted.items()}, "checks": result.checks,
            "table": [], "notes": [], "met": True, "missed": ""}
     if not result.checks:
@@ -58,7 +61,7 @@ def summarize(result: Plan, budgets: Budgets) -> dict:
     last = result.checks[-1]
     rows = [("size (MB)", result.point.bytes / 1e6, last["bytes"] / 1e6)]
     if "kl" in last:
-        rows.append(("KL (nats/token)", result.point.loss, last["kl"]))
+        rows.append(("KL (nats/token)", predicted_kl, last["kl"]))
         rows.append(("perplexity", None, last["perplexity"]))
         rows.append(("top-1 agreement", None, last["top1"]))
     for fig, seconds in predicted.items():

@@ -73,6 +73,20 @@ class PlanConfig(SensitivityFields, Config):
     eval_tokens: int = field(8192, "held-out tokens the check reads")
     n_samples: int = field(128, "GPTQ calibration windows")
     gptq: bool = field(True, "also offer GPTQ's codes for every layer (one GPTQ run per scheme)")
+    search: bool = field(False, "search over recipes too: structure (--structures), recovery (--recover-steps) and "
+                                "the method (--methods) around the allocation, by successive halving; finalists "
+                                "checked on held-out text (slower: one plan per candidate and rung)")
+    structures: tuple[str, ...] = field(("blocks:0.2", "channels:0.25", "heads:0.25"),
+                                        "search: structures tried besides none, KIND:FRACTION with KIND blocks, "
+                                        "channels or heads (repeat the flag for several)")
+    recover_steps: int = field(100, "search: distillation steps tried after each structure (0: no recovery)")
+    methods: tuple[str, ...] = field(("rtn", "gptq", "awq", "awq+gptq"),
+                                     "search: methods the allocation's codes come from: rtn, gptq, awq, awq+gptq "
+                                     "(repeat the flag for several)")
+    eta: int = field(3, "search: each rung keeps the best 1/eta of its candidates, with eta times the data")
+    rungs: int = field(3, "search: rounds of successive halving (the last checks the finalists on held-out text)")
+    slice_tokens: int = field(4096, "search: calibration tokens (after the sensitivity windows) the last rung before "
+                                    "the finalists scores; earlier rungs score 1/eta of it per rung")
 
     def __post_init__(self) -> None:
         SensitivityFields.__post_init__(self)
@@ -83,7 +97,15 @@ class PlanConfig(SensitivityFields, Config):
             value = getattr(self, name)
             check(value is None or (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)),
                   f"{name} {value!r} must be a positive number")
-        for name in ("n_samples", "streams", "prompt_tokens", "eval_tokens"):
+        if self.search:
+            from slimlm.planner.search import candidates
+
+            candidates(self.structures, self.recover_steps, self.methods)  # names checked before any work
+            check(self.methods, "give at least one --methods for the search")
+            check(isinstance(self.eta, int) and self.eta >= 2, f"eta {self.eta!r} must be at least 2")
+            check(isinstance(self.recover_steps, int) and self.recover_steps >= 0,
+                  f"recover_steps {self.recover_steps!r} must be 0 or more")
+        for name in ("n_samples", "streams", "prompt_tokens", "eval_tokens", "rungs", "slice_tokens"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"{name} {value!r} must be at least 1")
         check(bool(self.target or self.max_size or self.max_kl or self.min_decode or self.max_ttft or self.min_throughput),
@@ -152,6 +174,8 @@ class Plan:
     figures: tuple[str, ...] = ()  # the order of point.times
     checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # measured builds, in order
     groups: list[list[int]] = dataclasses.field(default_factory=list)  # per option row: its layers (indices)
+    prefix: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # steps before the allocation's (search)
+    prefix_kl: float = 0.0  # their measured KL against the original, on the sensitivity windows
 
     def treatments(self) -> dict[str, str]:
         """Layer -> chosen treatment."""

@@ -60,7 +60,7 @@ def _table(rows: list[dict], caption: str = "") -> str:
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render(result, title: str, budgets) -> str:
+def render(result, title: str, budgets, searched=None) -> str:
     from slimlm.planner.check import summarize
     from slimlm.core.recipe import dump_recipe
 
@@ -77,7 +77,13 @@ def render(result, title: str, budgets) -> str:
     parts = [f"<h1>{html.escape(title)}</h1>",
              _table([{"budget": k, "value": v} for k, v in asked.items() if v], "budgets"),
              f"<p>Chosen: {result.point.bytes / 1e6:.4f} MB of block linear weights, predicted KL "
-             f"{result.point.loss:.4f}; {html.escape(', '.join(f'{n} layers {t}' for t, n in sorted(counts.items())))}.</p>"]
+             f"{summary['predicted_kl']:.4f}; {html.escape(', '.join(f'{n} layers {t}' for t, n in sorted(counts.items())))}.</p>"]
+    if searched is not None:
+        parts.append(f"<h2>search</h2><p>Winner: {html.escape(searched.winner)} (successive halving by "
+                     f"{html.escape(searched.objective)}; the last rung on held-out text).</p>")
+        notes = [{"candidate": k, "note": t["note"]} for k, t in searched.trials.items() if t.get("note")]
+        parts.append(_table(searched.rows(), "candidates per rung"))
+        parts.append(_table(notes, "candidates that could not meet the budgets"))
     if summary["table"]:
         parts.append(_table(summary["table"], "predicted against measured (the chosen plan, built and run on this machine)"))
     if result.speed is not None:
@@ -111,7 +117,7 @@ def render(result, title: str, budgets) -> str:
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
-def write_report(result, path: str | Path, title: str, budgets) -> Path:
+def write_report(result, path: str | Path, title: str, budgets, searched=None) -> Path:
     out = Path(path)
-    out.write_text(render(result, title, budgets), encoding="utf-8")
+    out.write_text(render(result, title, budgets, searched), encoding="utf-8")
     return out
