@@ -152,3 +152,22 @@ def test_a_miss_near_the_fastest_plan_falls_back_to_the_fastest():
     assert len(result.checks) == 2
     assert result.point.times[0] == pytest.approx(fastest)
     assert result.checks[-1]["decode"] <= 1 / floor
+
+
+def test_the_front_carries_each_points_predicted_speed():
+    tokens = torch.randint(0, 320, (2, 32))
+    speed = hand_speed()
+    result = plan(load, tokens, gptq=False, budgets=Budgets(min_decode=1.0), speed=speed)
+    rows = result.front_rows(6)
+    assert len(rows) == 6 and float(rows[0]["MB"]) < float(rows[-1]["MB"])
+    seconds = [float(r["predicted decode s/step"]) for r in rows]
+    everything_keep = result.predicted()["decode"]  # the largest point keeps every layer: the float step
+    assert seconds[-1] == pytest.approx(everything_keep, rel=1e-3) and seconds[0] < seconds[-1]
+    assert "predicted decode s/step" not in plan(load, tokens, 10**9, gptq=False).front_rows(3)[0]
+
+
+def test_an_untimed_shape_is_scaled_from_the_nearest_timed_one():
+    speed = hand_speed()
+    fmt = storage_format(STEPS["int8"])
+    (n, k) = next(s for (s, f, g) in speed.layer_seconds if f == fmt)
+    assert speed.layer_time((n // 2, k), fmt, "decode") == pytest.approx(speed.layer_time((n, k), fmt, "decode") / 2)

@@ -123,9 +123,7 @@ def run(args: argparse.Namespace) -> int:
                                                  f"by {searched.objective} (last rung: held-out text)")
         print(f"winner: {searched.winner}")
     points = result.front.points
-    shown = sorted({round(k * (len(points) - 1) / 7) for k in range(8)})
-    print_table([{"KB": f"{points[k].bytes / 1e3:.1f}", "predicted KL": f"{points[k].loss:.4f}"} for k in shown],
-                title=f"{args.model}: {len(points)} points on the size / predicted-KL front")
+    print_table(result.front_rows(8), title=f"{args.model}: {len(points)} points on the size / predicted-KL front")
     counts: dict[str, int] = {}
     for t in result.treatments().values():
         counts[t] = counts.get(t, 0) + 1

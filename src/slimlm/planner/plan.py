@@ -176,6 +176,7 @@ class Plan:
     groups: list[list[int]] = dataclasses.field(default_factory=list)  # per option row: its layers (indices)
     prefix: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # steps before the allocation's (search)
     prefix_kl: float = 0.0  # their measured KL against the original, on the sensitivity windows
+    shapes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # layer -> (n, k)
 
     def treatments(self) -> dict[str, str]:
         """Layer -> chosen treatment."""
@@ -186,6 +187,25 @@ class Plan:
             for i in members:
                 out[self.sensitivity.layers[i]] = row[j].name
         return dict(sorted(out.items(), key=lambda kv: self.sensitivity.layers.index(kv[0])))
+
+    def front_rows(self, count: int = 8) -> list[dict[str, str]]:
+        """`count` points spread over the size / predicted-KL front: MB, predicted KL and, with a speed
+        model, each speed figure predicted for that point (the front's third axis)."""
+        from slimlm.planner.speed import storage_format
+
+        points = self.front.points
+        shown = sorted({round(k * (len(points) - 1) / (count - 1)) for k in range(count)}) if count > 1 else [0]
+        rows = []
+        for k in shown:
+            row = {"MB": f"{points[k].bytes / 1e6:.4f}", "predicted KL": f"{points[k].loss + self.prefix_kl:.5f}"}
+            if self.speed is not None and self.shapes:
+                options = self.sensitivity.options()
+                for fig in self.figures:
+                    seconds = sum(self.speed.layer_time(self.shapes[layer], storage_format(STEPS.get(options[i][j].name)), fig)
+                                  for i, (layer, j) in enumerate(zip(self.sensitivity.layers, points[k].choice)))
+                    row[f"predicted {fig} s/step"] = f"{seconds:.4g}"
+            rows.append(row)
+        return rows
 
     def predicted(self) -> dict[str, float]:
         """figure -> predicted seconds per step of the chosen plan."""
@@ -324,7 +344,7 @@ def plan(load: Callable[[], nn.Module], tokens: Tensor, max_bytes: int | None = 
     options, groups = _with_times(sensitivity, shapes, speed, names)
     limits = budgets.step_limits()
     result = Plan(sensitivity, front, _choose(options, budgets, names, limits), [], options, speed, names,
-                  groups=groups)
+                  groups=groups, shapes=shapes)
     result.recipe = recipe_for(result.treatments(), gptq_settings)
     if verify is None:
         return result

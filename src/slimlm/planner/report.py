@@ -28,6 +28,14 @@ def _front_plot(result) -> str:
     if measured:
         ax.plot([c["bytes"] / 1e6 for c in measured], [max(c["kl"], 1e-6) for c in measured], "x", color="C2", ms=9,
                 label="chosen (measured)")
+    rows = result.front_rows(40) if result.speed is not None else []
+    if rows and "predicted decode s/step" in rows[0]:  # the third axis: each point's predicted decode speed
+        sizes = [float(r["MB"]) for r in rows]
+        speeds = [1 / float(r["predicted decode s/step"]) for r in rows]
+        twin = ax.twinx()
+        twin.plot(sizes, speeds, "s:", ms=3, color="C1", label="decode tok/s (predicted)")
+        twin.set_ylabel("batch-1 decode tok/s (predicted)")
+        twin.legend(loc="upper center")
     ax.set_yscale("log")
     ax.set_xlabel("block linear weights (MB)")
     ax.set_ylabel("KL (nats/token)")
@@ -103,9 +111,9 @@ def render(result, title: str, budgets, searched=None) -> str:
     except ImportError:
         parts.append("<p>(plots need matplotlib: pip install 'slimlm[report]')</p>")
     points = result.front.points
-    shown = sorted({round(k * (len(points) - 1) / 19) for k in range(20)})
-    parts.append(_table([{"MB": f"{points[k].bytes / 1e6:.4f}", "predicted KL": f"{points[k].loss:.5f}"} for k in shown],
-                        f"the size / predicted-KL front ({len(points)} points, {'exact' if result.front.exact else 'thinned'})"))
+    parts.append(_table(result.front_rows(20), f"the size / predicted-KL front ({len(points)} points, "
+                                               f"{'exact' if result.front.exact else 'thinned'}; speed predicted "
+                                               "per point where a speed budget was given)"))
     parts.append(f"<h2>recipe</h2><pre>{html.escape(dump_recipe(result.recipe))}</pre>")
     parts.append(_table([{"layer": layer, **{t: f"{row[j]:.2e}" for j, t in enumerate(result.sensitivity.treatments)
                                              if t != "keep"}}
