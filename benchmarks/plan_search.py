@@ -5,7 +5,8 @@ successive halving over the default space (no structure, blocks 20%, channels 25
 structure with and without 100 steps of distillation; rtn / gptq / awq / awq+gptq), calibrating on
 documents 0-199 and checking the finalists on 8192 tokens of documents 200-499. Then measure on
 held-out text from document 500 (never seen by the search): the search's winner, the allocation alone (`slimlm plan` without --search:
-RTN and GPTQ codes, all windows), and uniform RTN / GPTQ int4 g32 (or int3 g32).
+AWQ's scales folded, then RTN and GPTQ codes per layer, all windows; and without the scales), and
+uniform RTN / GPTQ int4 g32 (or int3 g32).
 
     python benchmarks/plan_search.py [--budgets int4,int3] [--eval-tokens 49664]
 """
@@ -22,19 +23,17 @@ import slimlm
 from slimlm.core.data import load_tokens
 from slimlm.eval.perplexity import evaluate_quality
 from slimlm.planner.check import check_plan
-from slimlm.planner.plan import Budgets, PlanConfig, plan
+from slimlm.planner.plan import AWQ_SCALES, Budgets, PlanConfig, plan
 from slimlm.planner.search import candidates, search
-from slimlm.planner.sensitivity import block_linears
+from slimlm.planner.sensitivity import block_linears, treatments
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/eval-data"
 
 
 def uniform_bytes(model, bits: int) -> int:
-    total = 0
-    for m in block_linears(model).values():
-        n, k = m.weight.shape
-        total += n * k * bits // 8 + n * (k // 32) * 3
-    return total
+    """What uniform RTN int{bits} g32 stores for the block linear layers (the planner's own count)."""
+    stored = treatments()[f"int{bits} g32"].stored
+    return sum(stored(name, *m.weight.shape, m.weight.element_size()) for name, m in block_linears(model).items())
 
 
 def main() -> None:
@@ -74,12 +73,17 @@ def main() -> None:
         for row in result.rows():
             print("  " + " | ".join(f"{v:<34}" if k == "candidate" else f"{v:<12}" for k, v in row.items()))
         t0 = time.perf_counter()
+        default = plan(load, tokens, calibration=ids, gptq=True, gptq_settings=calibration, budgets=budgets,
+                       prefix=[dict(AWQ_SCALES, **calibration)], tokenizer=tok)
+        default_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
         alone = plan(load, tokens, calibration=ids, gptq=True, gptq_settings=calibration, budgets=budgets)
         alone_s = time.perf_counter() - t0
         uniform = [dict(method="rtn", bits=bits, group_size=32, symmetric=False)]
         gptq = [dict(method="gptq", bits=bits, group_size=32, symmetric=False, **calibration)]
         for label, recipe in [(f"search winner ({result.winner})", result.plan.recipe),
-                              (f"allocation alone ({alone_s:.0f} s)", alone.recipe),
+                              (f"slimlm plan's default ({default_s:.0f} s)", default.recipe),
+                              (f"allocation without AWQ's scales ({alone_s:.0f} s)", alone.recipe),
                               (f"uniform rtn {name} g32", uniform), (f"uniform gptq {name} g32", gptq)]:
             m = check_plan(load, recipe, budgets, held, tokenizer=tok, speed=False)
             rows.append((f"@{name} size: {label}", m["bytes"], m["kl"], m["top1"], m["perplexity"]))

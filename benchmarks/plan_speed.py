@@ -5,6 +5,7 @@ speed is measured; predicted against measured, and whether X was met.
 
     python benchmarks/plan_speed.py --model demo --floors 1000,1300
     python benchmarks/plan_speed.py --tinyllama --floors 15,25,30
+    python benchmarks/plan_speed.py --tinyllama --floors '' --ttft 3000,2000 --throughput 60 --streams 8
 
 --tinyllama: a TinyLlama-1.1B-shaped model with random weights (bf16; hidden 2048, 22 layers), saved
 to a temporary folder; its sensitivity is measured on 2 windows of 64 tokens (random weights: the
@@ -54,9 +55,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="demo")
     p.add_argument("--tinyllama", action="store_true")
-    p.add_argument("--floors", default="1000,1300", help="tok/s floors, comma separated")
+    p.add_argument("--floors", default="1000,1300", help="tok/s floors, comma separated ('' for none)")
+    p.add_argument("--ttft", default="", help="time-to-first-token budgets in ms (--max-ttft), comma separated")
+    p.add_argument("--throughput", default="", help="throughput floors in tok/s at --streams (--min-throughput)")
+    p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=128)
     args = p.parse_args()
-    floors = [float(x) for x in args.floors.split(",")]
+    cases = [Budgets(min_decode=float(x)) for x in args.floors.split(",") if x]
+    cases += [Budgets(max_ttft=float(x) / 1e3, prompt_tokens=args.prompt_tokens) for x in args.ttft.split(",") if x]
+    cases += [Budgets(min_throughput=float(x), streams=args.streams) for x in args.throughput.split(",") if x]
+    figures: dict[str, int] = {}
+    for b in cases:
+        figures.update(b.figures())
     with tempfile.TemporaryDirectory() as tmp:
         path = str(tinyllama_folder(Path(tmp))) if args.tinyllama else args.model
         _, tok = slimlm.load(path)
@@ -76,14 +86,17 @@ def main() -> None:
         from slimlm.planner.plan import RTN, STEPS
 
         formats = [storage_format(None)] + [storage_format(STEPS[t]) for t in RTN]
-        speed = calibrate(load, shapes, formats, {"decode": 1})
+        speed = calibrate(load, shapes, formats, figures)
         print(f"speed model calibrated in {time.time() - t0:.0f} s; uniform models, measured and as the model "
-              f"predicts them (tok/s):")
+              f"predicts them (seconds per step: decode 1 token, prefill {args.prompt_tokens}, streams {args.streams}):")
         for label, measured in speed.reference.items():
-            print(f"  {label:<12} measured {1 / measured['decode']:8.1f}   model {1 / speed.fitted[label]['decode']:8.1f}")
+            print(f"  {label:<12} " + "  ".join(f"{fig} measured {measured[fig]:.4g} model {speed.fitted[label][fig]:.4g}"
+                                                for fig in measured))
         rows = []
-        for floor in floors:
-            budgets = Budgets(min_decode=floor)
+        for budgets in cases:
+            (fig, limit), = budgets.step_limits().items()
+            floor = {"decode": lambda s: f"decode >= {1 / s:g} tok/s", "prefill": lambda s: f"TTFT <= {s * 1e3:g} ms",
+                     "streams": lambda s: f"throughput >= {budgets.streams / s:g} tok/s at {budgets.streams} streams"}[fig](limit)
             t0 = time.time()
             try:
                 result = plan(load, tokens, gptq=False, budgets=budgets, state=str(Path(tmp) / "sens.json"),
@@ -91,18 +104,18 @@ def main() -> None:
                               verify=lambda recipe: check_plan(load, recipe, budgets, held))
             except slimlm.SlimError as e:
                 rows.append((floor, "infeasible", str(e)))
-                print(f"floor {floor:g}: infeasible: {e}", flush=True)
+                print(f"{floor}: infeasible: {e}", flush=True)
                 continue
             last = result.checks[-1]
             counts: dict[str, int] = {}
             for t in result.treatments().values():
                 counts[t] = counts.get(t, 0) + 1
-            rows.append((floor, f"predicted {1 / result.predicted()['decode']:.1f}, measured {1 / last['decode']:.1f} tok/s "
-                                f"({'met' if 1 / last['decode'] >= floor else 'MISSED'}; {len(result.checks)} build(s)); "
+            rows.append((floor, f"predicted {result.predicted()[fig]:.4g} s, measured {last[fig]:.4g} s per step "
+                                f"({'met' if last[fig] <= limit * 1.0001 else 'MISSED'}; {len(result.checks)} build(s)); "
                                 f"{last['bytes'] / 1e6:.1f} MB, predicted KL {result.point.loss:.4f}"
                                 + (f", measured KL {last['kl']:.4f}, ppl {last['perplexity']:.2f}" if "kl" in last else ""),
                          str(counts)))
-            print(f"floor {floor:g}: {rows[-1][1]}  {rows[-1][2]}  ({time.time() - t0:.0f} s)", flush=True)
+            print(f"{floor}: {rows[-1][1]}  {rows[-1][2]}  ({time.time() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -68,3 +68,26 @@ def test_plan_cli_checks_a_plan_with_calibrated_steps(tiny_folder, tmp_path, cap
                          "--n-samples", 4, "-o", recipe)
     assert code == 0, err
     assert "method: gptq" in recipe.read_text() and "measured" in out
+    steps = __import__("yaml").safe_load(recipe.read_text())["steps"]
+    assert steps[0]["method"] == "awq" and steps[0]["quantize"] is False  # the scales folded first, by default
+    code, _, err = run(capsys, "plan", tiny_folder("llama"), "--max-size", "40KB", "--windows", 2, "--seq-len", 32,
+                       "--n-samples", 4, "--no-awq", "--no-gptq", "-o", recipe, "--overwrite")
+    assert code == 0, err
+    assert {s["method"] for s in __import__("yaml").safe_load(recipe.read_text())["steps"]} == {"rtn"}
+
+
+def test_a_prefix_is_planned_on_the_model_it_makes():
+    from slimlm.planner.plan import AWQ_SCALES
+    from slimlm.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tokens = torch.randint(0, 320, (2, 32))
+    load = lambda: tiny_model("llama", vocab=320, hidden=64)  # noqa: E731
+    prefix = [dict(AWQ_SCALES, calib="demo", n_samples=4, seq_len=32)]
+    result = plan(load, tokens, 40_000, gptq=False, prefix=prefix, tokenizer=tok)
+    assert result.recipe[0] == prefix[0] and result.prefix == prefix
+    smoothed = slimlm.apply(load(), prefix, tok)
+    plain = plan(lambda: smoothed, tokens, 40_000, gptq=False)
+    assert result.point.choice == plain.point.choice and result.recipe[1:] == plain.recipe
+    built = slimlm.apply(load(), result.recipe, tok)
+    assert sum(m.storage_bytes() for m in block_linears(built).values()) == result.point.bytes

@@ -2,7 +2,9 @@
 40 --max-kl 0.05`): the mix of per-layer treatments (kept, RTN and GPTQ at int8 ... int2) with the
 least predicted KL within the budgets, from measured per-layer sensitivity and, for speed budgets,
 layer timings on this machine; prints the size / predicted-KL front, builds and measures the chosen
-plan (predicted against measured), and writes the recipe, which `slimlm quantize --recipe` builds."""
+plan (predicted against measured), and writes the recipe, which `slimlm quantize --recipe` builds.
+With `--search`, the allocation runs inside a successive-halving search over structure (blocks,
+channels, heads), recovery and the method (rtn, gptq, awq, awq+gptq): `planner/search.py`."""
 
 from __future__ import annotations
 
@@ -91,9 +93,12 @@ def run(args: argparse.Namespace) -> int:
                               state=str(out.with_name(f".{out.name}.search.json")), on_step=update)
             result = searched.plan
         else:
+            from slimlm.planner.plan import AWQ_SCALES
+
             result = plan(loader, tokens, calibration=ids, gptq=config.gptq, gptq_settings=gptq, budgets=budgets,
                           on_layer=lambda done, total: update("sensitivity", done, total), state=str(state),
-                          method=config.method, fisher_samples=config.fisher_samples, verify=verify, on_step=update)
+                          method=config.method, fisher_samples=config.fisher_samples, verify=verify, on_step=update,
+                          prefix=[dict(AWQ_SCALES, **gptq)] if config.awq else None, tokenizer=tokenizer)
     with atomic_file(out, args.overwrite) as tmp:
         tmp.write_text(dump_recipe(result.recipe))
     if args.sensitivity_out:

@@ -45,6 +45,10 @@ RTN = ["int8", "int4 g128", "int4 g32", "int3 g32", "int2 g32"]
 GPTQ = ["gptq int8", "gptq int4 g128", "gptq int4 g32", "gptq int3 g32"]
 
 
+# AWQ's activation-aware scales folded into the weights before the allocation (the function is
+# unchanged; each layer's codes are then found on the smoothed weights): `slimlm plan`'s default
+AWQ_SCALES = dict(method="awq", bits=4, group_size=128, symmetric=False, quantize=False)
+
 TARGETS = ("edge", "realtime", "cloud")
 DEFAULT_KL = 0.05  # edge and cloud, without a budget: the predicted KL they stay within
 DEFAULT_DECODE = 20.0  # realtime, without --min-decode: tokens/s at batch 1 (faster than one reads)
@@ -73,6 +77,8 @@ class PlanConfig(SensitivityFields, Config):
     eval_tokens: int = field(8192, "held-out tokens the check reads")
     n_samples: int = field(128, "GPTQ calibration windows")
     gptq: bool = field(True, "also offer GPTQ's codes for every layer (one GPTQ run per scheme)")
+    awq: bool = field(True, "fold AWQ's activation-aware scales into the weights first (the function is unchanged; "
+                            "the codes of every layer are then found on smoothed weights)")
     search: bool = field(False, "search over recipes too: structure (--structures), recovery (--recover-steps) and "
                                 "the method (--methods) around the allocation, by successive halving; finalists "
                                 "checked on held-out text (slower: one plan per candidate and rung)")
@@ -304,18 +310,31 @@ def plan(load: Callable[[], nn.Module], tokens: Tensor, max_bytes: int | None = 
          on_layer: Callable[[int, int], None] | None = None, state: str | None = None,
          max_kl: float | None = None, method: str = "fisher", fisher_samples: int = 4,
          budgets: Budgets | None = None, verify: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
-         on_step: Callable[[str, int, int], None] | None = None, speed: SpeedModel | None = None) -> Plan:
+         on_step: Callable[[str, int, int], None] | None = None, speed: SpeedModel | None = None,
+         prefix: list[dict[str, Any]] | None = None, tokenizer=None) -> Plan:
     """Plan `load()`'s compression within the budgets: `max_bytes` of block linear weights and/or
     `max_kl` (alone: the smallest plan within it), or `budgets` for speed too (then speed is timed on
     this machine, `planner.speed`). tokens (n, T): the sensitivity windows; calibration: token ids
     for the GPTQ treatments (default: `tokens`). state: a JSON file the sensitivity measurement saves
     after every layer and resumes from. speed: a speed model `calibrate` made for this model (else it
     is made when a budget needs it). verify(recipe) -> measured figures (`check.check_plan`): with a speed
-    budget, a build that misses it is re-planned with the budget tightened by the measured error."""
+    budget, a build that misses it is re-planned with the budget tightened by the measured error.
+    prefix: recipe steps run first (read with `tokenizer`), e.g. AWQ's scales folded (`AWQ_SCALES`);
+    the plan is made on the model they produce, and the recipe starts with them."""
     import slimlm
     from slimlm.core.errors import SlimError
 
     budgets = budgets or Budgets(max_bytes=max_bytes, max_kl=max_kl)
+    if prefix:  # steps that keep the function (AWQ's folded scales): planned on the model they make
+        import copy
+
+        prefixed = slimlm.apply(load(), prefix, tokenizer)
+        inner = None if verify is None else (lambda recipe: verify(list(prefix) + recipe))
+        result = plan(lambda: copy.deepcopy(prefixed), tokens, max_bytes, calibration=calibration, gptq=gptq,
+                      gptq_settings=gptq_settings, on_layer=on_layer, state=state, max_kl=max_kl, method=method,
+                      fisher_samples=fisher_samples, budgets=budgets, verify=inner, on_step=on_step, speed=speed)
+        result.prefix, result.recipe = list(prefix), list(prefix) + result.recipe
+        return result
     base = load()
     extra = {}
     if gptq:

@@ -87,7 +87,9 @@ class Candidate:
         if self.recover:
             steps.append(dict(method="recover", steps=self.recover, **calibration))
         if self.method.startswith("awq"):
-            steps.append(dict(method="awq", bits=4, group_size=128, symmetric=False, quantize=False, **calibration))
+            from slimlm.planner.plan import AWQ_SCALES
+
+            steps.append(dict(AWQ_SCALES, **calibration))
         return steps
 
 
