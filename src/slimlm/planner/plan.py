@@ -25,6 +25,7 @@ from typing import Any, Callable
 from torch import Tensor, nn
 
 from slimlm.core.config import Config, check, field
+from slimlm.core.errors import SlimError
 from slimlm.planner.allocate import Front, Option, Totals, pareto_front
 from slimlm.planner.sensitivity import Sensitivity, SensitivityFields, from_model, measure_sensitivity
 from slimlm.planner.speed import SpeedModel
@@ -48,6 +49,23 @@ GPTQ = ["gptq int8", "gptq int4 g128", "gptq int4 g32", "gptq int3 g32"]
 # AWQ's activation-aware scales folded into the weights before the allocation (the function is
 # unchanged; each layer's codes are then found on the smoothed weights): `slimlm plan`'s default
 AWQ_SCALES = dict(method="awq", bits=4, group_size=128, symmetric=False, quantize=False)
+
+STRUCTURES = ("blocks", "channels", "heads")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+
+
+def parse_structure(text: str) -> tuple[str, float]:
+    """'channels:0.25' (or 'channels 0.25') -> ('channels', 0.25)."""
+    kind, _, value = str(text).replace(" ", ":").partition(":")
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if kind not in STRUCTURES or not 0 < fraction < 1:
+        raise SlimError(f"structure '{text}' must be KIND:FRACTION with KIND one of {', '.join(STRUCTURES)} and "
+                        "FRACTION in (0, 1), e.g. channels:0.25")
+    return kind, fraction
+
 
 TARGETS = ("edge", "realtime", "cloud")
 DEFAULT_KL = 0.05  # edge and cloud, without a budget: the predicted KL they stay within
@@ -103,11 +121,12 @@ class PlanConfig(SensitivityFields, Config):
             value = getattr(self, name)
             check(value is None or (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)),
                   f"{name} {value!r} must be a positive number")
-        if self.search:
-            from slimlm.planner.search import candidates
-
-            candidates(self.structures, self.recover_steps, self.methods)  # names checked before any work
-            check(self.methods, "give at least one --methods for the search")
+        if self.search:  # the space's names checked before any work
+            for structure in self.structures:
+                parse_structure(structure)
+            for m in self.methods:
+                check(m in METHODS, f"method '{m}' is not one of {', '.join(METHODS)}")
+            check(bool(self.methods), "give at least one --methods for the search")
             check(isinstance(self.eta, int) and self.eta >= 2, f"eta {self.eta!r} must be at least 2")
             check(isinstance(self.recover_steps, int) and self.recover_steps >= 0,
                   f"recover_steps {self.recover_steps!r} must be 0 or more")
