@@ -120,3 +120,21 @@ def test_plan_cli_search(tiny_folder, tmp_path, capsys):
     assert "search" in (tmp_path / "r.html").read_text()
     one_line_error(*run(capsys, "plan", tiny_folder("llama"), "--max-size", "40KB", "--search", "--structures",
                         "rows:0.5", "-o", tmp_path / "x.yaml")[::2], "KIND:FRACTION")
+
+
+def test_a_search_under_a_speed_floor_times_its_finalists():
+    from tests.planner.test_speed_plan import hand_speed
+
+    tok = tiny_tokenizer()
+    from slimlm.core.data import load_tokens
+
+    ids = load_tokens("demo", tok)
+    load = lambda: tiny_model("llama", vocab=320, hidden=64)  # noqa: E731
+    space = candidates(("heads:0.5",), 0, ("rtn",))
+    result = search(load, tok, ids, ids[:64].view(2, 32), ids[-512:], Budgets(min_decode=1.0), space,
+                    dict(calib="demo", n_samples=8, seq_len=32), eta=2, rungs=2, slice_tokens=256, speed=hand_speed())
+    final = result.trials[f"{result.winner}@1"]
+    assert final["feasible"] and 0 < final["decode"] <= 1.0  # measured on this machine, within the floor
+    assert result.plan.checks and result.plan.predicted()["decode"] > 0
+    # the pruned candidate's shapes were never timed: the speed model scaled the nearest timed ones
+    assert "seconds" in result.trials["heads 0.5 + rtn@0"]

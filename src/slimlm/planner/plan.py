@@ -1,5 +1,7 @@
 """`plan`: the compression that fits a size budget with the least predicted loss, as a recipe.
 
+0. (`slimlm plan`'s default, `prefix`) AWQ's activation-aware scales folded into the weights; the
+   rest is planned on the smoothed model and the recipe starts with that step.
 1. Candidate treatments per layer: round-to-nearest int8 / int4 g128 / int4 g32 / int3 g32 / int2 g32,
    and (with `gptq`) GPTQ int8 / int4 g128 / int4 g32 / int3 g32, each GPTQ run once over the whole
    model and read off it per layer (`sensitivity.from_model`).
