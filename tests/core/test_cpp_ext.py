@@ -72,6 +72,20 @@ def test_a_source_that_does_not_compile_falls_back_with_one_warning(tmp_path, mo
     assert len(built) == 1 and built[0].name.startswith("slimlm_test_broken_")
 
 
+def test_a_first_build_says_so_in_one_line_and_a_cached_one_is_silent(tmp_path, monkeypatch, capsys, compiler):
+    pytest.importorskip("torch.utils.cpp_extension")
+    monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "broken.cpp"
+    source.write_text("#error this source is broken on purpose\n")
+    load_cpp("slimlm_test_first", source, ("f",))
+    err = capsys.readouterr().err
+    assert err.count("slimlm: compiling slimlm_test_first for this CPU") == 1
+    (folder,) = (tmp_path / "cache" / "extensions").iterdir()
+    (folder / f"{folder.name}.so").write_bytes(b"")  # as if built: not announced again
+    load_cpp("slimlm_test_first", source, ("f",))
+    assert "compiling" not in capsys.readouterr().err
+
+
 def test_an_unwritable_cache_falls_back_with_one_warning(tmp_path, monkeypatch, caplog, compiler):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")  # the cache folder cannot be made under a file, even as root

@@ -6,7 +6,9 @@ them all, since it is compiled with -march=native against this torch) into sliml
 `~/.cache/slimlm/extensions`, one folder per module. Without a C++ compiler, or with
 SLIMLM_NO_CPP=1, `load_cpp` returns None and callers take their pure-PyTorch path; so it does, with
 one warning line, when the source is missing or unreadable, the cache is not writable, or the build
-fails: a broken install or toolchain never breaks inference.
+fails: a broken install or toolchain never breaks inference. A first build prints one line to
+stderr (it pauses the command for 20-60 s); the cache outlives reinstalls of slimlm, since a
+module's name depends on its source, not on the package's version or install path.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -66,6 +69,9 @@ def load_cpp(name: str, source: Path, functions: tuple[str, ...], needed_flags: 
         folder = cache_dir() / module
         folder.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(folder)
+        if not any(folder.glob("*.so")):  # a first build takes 20-60 s: say why the command pauses
+            print(f"slimlm: compiling {name} for this CPU (once; about a minute; cached in {folder.parent})",
+                  file=sys.stderr, flush=True)
         return load_inline(
             name=module, cpp_sources=[text], functions=list(functions), build_directory=str(folder),
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
