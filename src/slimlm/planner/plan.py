@@ -30,6 +30,7 @@ from slimlm.core.config import Config, check, field
 from slimlm.core.errors import SlimError
 from slimlm.planner.allocate import Front, Option, Totals, pareto_front
 from slimlm.planner.sensitivity import Sensitivity, SensitivityFields, from_model, measure_sensitivity
+from slimlm.planner.space import METHODS, parse_structure
 from slimlm.planner.speed import SpeedModel
 
 # treatment -> recipe step (method and settings) that makes it
@@ -51,23 +52,6 @@ GPTQ = ["gptq int8", "gptq int4 g128", "gptq int4 g32", "gptq int3 g32"]
 # AWQ's activation-aware scales folded into the weights before the allocation (the function is
 # unchanged; each layer's codes are then found on the smoothed weights): `slimlm plan`'s default
 AWQ_SCALES = dict(method="awq", bits=4, group_size=128, symmetric=False, quantize=False)
-
-STRUCTURES = ("blocks", "channels", "heads")
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
-
-
-def parse_structure(text: str) -> tuple[str, float]:
-    """'channels:0.25' (or 'channels 0.25') -> ('channels', 0.25)."""
-    kind, _, value = str(text).replace(" ", ":").partition(":")
-    try:
-        fraction = float(value)
-    except ValueError:
-        fraction = -1.0
-    if kind not in STRUCTURES or not 0 < fraction < 1:
-        raise SlimError(f"structure '{text}' must be KIND:FRACTION with KIND one of {', '.join(STRUCTURES)} and "
-                        "FRACTION in (0, 1), e.g. channels:0.25")
-    return kind, fraction
-
 
 TARGETS = ("edge", "realtime", "cloud")
 DEFAULT_KL = 0.05  # edge and cloud, without a budget: the predicted KL they stay within

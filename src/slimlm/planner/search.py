@@ -46,7 +46,7 @@ from typing import Any, Callable
 from torch import Tensor, nn
 
 from slimlm.core.errors import SlimError
-from slimlm.planner.plan import METHODS, parse_structure
+from slimlm.planner.space import METHODS, parse_structure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +182,6 @@ def search(load: Callable[[], nn.Module], tokenizer, ids: Tensor, tokens: Tensor
     the calibration slice scored at rung r is slice_tokens / eta^(rungs-1-r) tokens of ids after the
     windows; held_out: what the finalists are checked on. calibration: the settings of the recipes'
     calibrated steps (calib, n_samples, seq_len), so the recipe rebuilds the model from its text."""
-    from slimlm.core.data import load_tokens  # noqa: F401  (the recipe's steps read calib through it)
     from slimlm.eval.perplexity import evaluate_quality
     from slimlm.planner.check import check_plan
     from slimlm.planner.plan import plan
@@ -318,25 +317,21 @@ def search(load: Callable[[], nn.Module], tokenizer, ids: Tensor, tokens: Tensor
         raise SlimError(f"no candidate of the search meets the budgets ({notes}); loosen a budget")
     if winner not in plans:  # resumed past the last rung: plan the winner again (deterministic), unbuilt
         plans[winner] = _replan(by_label[winner], load, tokenizer, ids, tokens, budgets, calibration, method,
-                                fisher_samples, speed, original, final)
+                                fisher_samples, speed, final)
     return SearchResult(history, done, winner, plans[winner], objective)
 
 
 def _replan(candidate: Candidate, load, tokenizer, ids, tokens, budgets, calibration, method, fisher_samples, speed,
-            original, final: dict):
-    import slimlm
+            final: dict):
+    """The last rung's plan of `candidate` again (deterministic), unbuilt: its recorded checks attached."""
     from slimlm.planner.plan import plan
 
-    prefix = candidate.prefix(calibration)
-    prefixed = slimlm.apply(load(), prefix, tokenizer) if prefix else load()
-    sub = budgets
-    if budgets.max_kl is not None:
-        sub = dataclasses.replace(budgets, max_kl=budgets.max_kl - final.get("prefix_kl", 0.0))
-    result = plan(lambda: copy.deepcopy(prefixed), tokens, calibration=ids, gptq="gptq" in candidate.method,
-                  gptq_settings=calibration, budgets=sub, method=method, fisher_samples=fisher_samples, speed=speed)
-    result.prefix, result.prefix_kl = prefix, final.get("prefix_kl", 0.0)
-    result.recipe = final["recipe"]
-    result.checks = final.get("checks", [])
+    prefix_kl = final.get("prefix_kl", 0.0)
+    sub = budgets if budgets.max_kl is None else dataclasses.replace(budgets, max_kl=budgets.max_kl - prefix_kl)
+    result = plan(load, tokens, calibration=ids, gptq="gptq" in candidate.method, gptq_settings=calibration,
+                  budgets=sub, method=method, fisher_samples=fisher_samples, speed=speed,
+                  prefix=candidate.prefix(calibration), tokenizer=tokenizer)
+    result.prefix_kl, result.recipe, result.checks = prefix_kl, final["recipe"], final.get("checks", [])
     return result
 
 
