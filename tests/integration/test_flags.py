@@ -2,6 +2,7 @@
 off, and a flag the chosen method does not take is refused."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -42,4 +43,8 @@ def test_overrides_and_none_values_parse(tmp_path, capsys):
                  "--override", "*.self_attn.*=bits:8,group_size:none", "--override", "model.layers.0.*=skip",
                  "--dry-run", "--json"])
     out = capsys.readouterr().out
-    assert code == 0 and '"group_size": null' in out and '"model.layers.0.*": "skip"' in out
+    assert code == 0 and '"model.layers.0.*": "skip"' in out
+    step = json.loads(out)[0]["step"]
+    # 'none' typed on the command line sets per-channel scales; it was once read as "flag not given"
+    # (the default, g128), which the override's own group_size:none hid from this test
+    assert step["group_size"] is None and step["overrides"]["*.self_attn.*"]["group_size"] is None

@@ -21,10 +21,21 @@ from slimlm.core.errors import SlimError
 NOT_GIVEN = None
 
 
+class _NoneGiven:
+    """'none' typed for an optional setting (`--group-size none`): unlike a flag left out (NOT_GIVEN),
+    it sets the field to None."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+NONE_GIVEN = _NoneGiven()
+
+
 def _parse_none_or(kind):
     def parse(text: str):
         if text.lower() in ("none", "null", "channel", "per-channel"):
-            return None
+            return NONE_GIVEN
         try:
             return kind(text)
         except ValueError:
@@ -164,5 +175,5 @@ def settings_from_args(args: argparse.Namespace, cls: type, method: str | None =
         base, _ = _kind(annotation)
         if base is dict or typing.get_origin(base) is dict:
             value = dict(parse_override(text) for text in value)
-        settings[name] = value
+        settings[name] = None if value is NONE_GIVEN else value
     return settings
