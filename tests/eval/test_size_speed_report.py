@@ -16,7 +16,7 @@ def test_size_figures_follow_the_scheme():
     s32 = measure_size(fp32)
     assert s32.parameters == sum(p.numel() for p in fp32.parameters())
     assert s32.linear_bits_per_weight == pytest.approx(32.0)
-    q = slimlm.quantize(tiny_model("mistral", hidden=128), "rtn", bits=4, group_size=32, symmetric=True)
+    q = slimlm.quantize(tiny_model("mistral", hidden=128), "rtn", bits=4, group_size=32, symmetric=True, head="float")
     s4 = measure_size(q)
     assert parameter_count(q) == n_params  # logical parameters do not change
     assert s4.linear_bits_per_weight == pytest.approx(4 + 16 / 32)  # codes + an fp16 scale per 32
@@ -67,7 +67,7 @@ def test_speed_with_a_quantized_output_head():
     every step's logits through it (its kernel), not through some float copy."""
     from slimlm.quant.linear import QuantizedLinear
 
-    float_head = slimlm.quantize(tiny_model("mistral"), "rtn", bits=8, group_size=None)
+    float_head = slimlm.quantize(tiny_model("mistral"), "rtn", bits=8, group_size=None, head="float")
     model = slimlm.quantize(tiny_model("mistral"), "rtn", bits=8, group_size=None, include=["*", "lm_head"])
     head = model.get_output_embeddings()
     assert isinstance(head, QuantizedLinear) and head.scheme.bits == 8 and head.kernel is None

@@ -32,11 +32,13 @@ def solo_tokens(model, steps=10):
     ("tp-replicated-head", "llama", None, "slimlm", {}),
     ("tp", "llama", {"bits": 4, "group_size": 32}, "slimlm", {}),
     ("tp", "qwen2", {"bits": 8, "group_size": None, "symmetric": True}, "compressed-tensors", {}),
-    ("tp", "mistral", {"bits": 4, "group_size": 32}, "compressed-tensors", {"sliding_window": 6}),
+    ("tp", "mistral", {"bits": 4, "group_size": 32, "head": "float"}, "compressed-tensors", {"sliding_window": 6}),
+    ("tp", "mistral", {"bits": 4, "group_size": 32}, "slimlm", {}),  # the default int8 head, split across ranks
     ("pp", "llama", {"bits": 4, "group_size": 32, "include": ["*", "lm_head"]}, "slimlm", {}),
     ("pp-one-micro-batch", "qwen2", None, "slimlm", {}),
     ("pp", "mistral", {"bits": 8, "group_size": None, "symmetric": True}, "compressed-tensors", {"sliding_window": 6}),
-], ids=["tp-llama-float", "tp-llama-float-replicated-head", "tp-llama-int4", "tp-qwen2-int8-ct", "tp-mistral-int4-ct-window", "pp-llama-int4",
+], ids=["tp-llama-float", "tp-llama-float-replicated-head", "tp-llama-int4", "tp-qwen2-int8-ct", "tp-mistral-int4-ct-window",
+        "tp-mistral-int4-int8-head", "pp-llama-int4",
         "pp-qwen2-float-one-micro-batch", "pp-mistral-int8-ct-window"])
 def test_two_ranks_generate_what_one_process_does(tmp_path, layout, family, quant, save_format, overrides):
     path = folder(tmp_path, family, quant, save_format, **overrides)

@@ -346,7 +346,7 @@ def plan(load: Callable[[], nn.Module], tokens: Tensor, max_bytes: int | None = 
         for k, name in enumerate(GPTQ):
             settings = {k: v for k, v in STEPS[name].items() if k != "method"}
             copy = slimlm.quantize(load(), "gptq", calibration=tokens if calibration is None else calibration,
-                                   **settings, **(gptq_settings or {}))
+                                   **settings, **{"head": "float", **(gptq_settings or {})})  # codes of the blocks only
             extra[name] = from_model(copy)
             if on_step:
                 on_step("GPTQ treatments", k + 1, len(GPTQ))

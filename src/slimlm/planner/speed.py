@@ -187,7 +187,7 @@ def calibrate(load: Callable[[], nn.Module], shapes: dict[str, tuple[int, int]],
         bits, group, symmetric = fmt
         label = f"int{bits}" + (f" g{group}" if group else "") + (" sym" if symmetric and bits != 8 else "")
         labels[fmt] = label
-        uniform = slimlm.quantize(load(), "rtn", bits=bits, group_size=group, symmetric=symmetric)
+        uniform = slimlm.quantize(load(), "rtn", bits=bits, group_size=group, symmetric=symmetric, head="float")
         reference[label] = measured_seconds(uniform, figures, prompt, new_tokens)
         del uniform
         for fig in figures:

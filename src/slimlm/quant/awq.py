@@ -26,7 +26,7 @@ from slimlm.core.targeting import as_globs
 from slimlm.quant import primitives as P
 from slimlm.quant.awq_math import search_clip, search_scales
 from slimlm.quant.linear import QuantizedLinear, check_finite_weight
-from slimlm.quant.rtn import RTNConfig
+from slimlm.quant.rtn import RTNConfig, quantize_head_
 from slimlm.quant.smoothing import find_scale_groups, fold_scales_
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,12 @@ class AWQStep:
 
 
 def awq_quantize_(model: nn.Module, config: AWQConfig, samples: Tensor, on_block=None) -> nn.Module:
-    """Quantize the selected linear layers with AWQ using calibration samples (n, T); in place."""
-    return run_blockwise(model, samples, config.targets(model), AWQStep(config), config.batch_size, on_block)
+    """Quantize the selected linear layers with AWQ using calibration samples (n, T), and the output head
+    as `config.head` says (int8 RTN, `rtn.quantize_head_`; not when `quantize` is off); in place."""
+    run_blockwise(model, samples, config.targets(model), AWQStep(config), config.batch_size, on_block)
+    if config.quantize:
+        quantize_head_(model, config)
+    return model
 
 
 AWQ = Step(AWQConfig, awq_quantize_, "quantize", calibrated=True,

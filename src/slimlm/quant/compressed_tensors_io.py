@@ -98,7 +98,10 @@ def export_reason(model: nn.Module) -> str | None:
     if len(schemes) > 1 and any(not sym for _, _, sym in schemes):
         # transformers 5.24 + compressed-tensors 0.20 dequantize every group with one group's
         # parameters when zero points are present, so such a folder would not load there
-        return "it mixes schemes with asymmetric ones, which transformers cannot load from compressed-tensors yet"
+        head = output_head_name(model)
+        hint = (" (here the int8 output head beside asymmetric layers: quantize with --head float, or --symmetric)"
+                if any(n == head for n, _ in quantized) else "")
+        return f"it mixes schemes with asymmetric ones, which transformers cannot load from compressed-tensors yet{hint}"
     return None
 
 

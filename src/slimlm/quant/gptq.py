@@ -14,7 +14,7 @@ from slimlm.core.layers import weight_matrix
 from slimlm.core.steps import Step
 from slimlm.quant.gptq_solver import gptq_quantize
 from slimlm.quant.linear import QuantizedLinear, check_finite_weight
-from slimlm.quant.rtn import RTNConfig
+from slimlm.quant.rtn import RTNConfig, quantize_head_
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +59,12 @@ class GPTQStep(HessianObserver):
 
 
 def gptq_quantize_(model: nn.Module, config: GPTQConfig, samples: Tensor, on_block=None) -> nn.Module:
-    """Quantize the selected linear layers with GPTQ using calibration samples (n, T); in place."""
-    return run_blockwise(model, samples, config.targets(model), GPTQStep(config), config.batch_size, on_block,
-                         sequential=config.true_sequential)
+    """Quantize the selected linear layers with GPTQ using calibration samples (n, T), and the output
+    head as `config.head` says (int8 RTN, `rtn.quantize_head_`); in place."""
+    run_blockwise(model, samples, config.targets(model), GPTQStep(config), config.batch_size, on_block,
+                  sequential=config.true_sequential)
+    quantize_head_(model, config)
+    return model
 
 
 GPTQ = Step(GPTQConfig, gptq_quantize_, "quantize", calibrated=True,
