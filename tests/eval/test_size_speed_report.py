@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 import slimlm
 from slimlm.core.errors import SlimError
@@ -82,3 +83,21 @@ def test_speed_with_a_quantized_output_head():
     assert len(calls) >= settings.new_tokens  # prefills and every decode step: logits come from this layer
     assert result.decode_tps[1] > 0
     assert result.decode_gbps == pytest.approx(decode_bytes_per_step(model) * result.decode_tps[1] / 1e9)
+
+
+@pytest.mark.parametrize("high_water_mark", [True, False])
+def test_peak_memory_sees_a_freed_allocation(monkeypatch, high_water_mark):
+    """The peak counts memory freed before the block ends: from the kernel's high-water mark, or (where
+    it cannot be reset) from the sampling thread, whose samples catch an allocation held for 50 ms."""
+    import time
+
+    from slimlm.eval import memory
+
+    if not high_water_mark:
+        monkeypatch.setattr(memory, "reset_peak_rss", lambda: False)
+    with memory.PeakMemory("cpu") as mem:
+        block = torch.ones(50_000_000)  # 200 MB, touched
+        time.sleep(0.05)
+        del block
+    assert (mem._thread is None) == (high_water_mark and memory.peak_rss() > 0)
+    assert 190e6 < mem.peak_bytes < 400e6

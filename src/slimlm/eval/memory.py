@@ -1,4 +1,10 @@
-"""Peak memory while something runs: resident set size sampled on CPU, the allocator's peak on CUDA."""
+"""Peak memory while something runs: on CPU the kernel's resident-set high-water mark (VmHWM, reset on
+entry through /proc/self/clear_refs), or RSS sampled by a thread where that reset is not allowed; on
+CUDA the allocator's peak.
+
+Why not always sample: on a 2-core machine the sampling thread, waking every 2 ms, preempts one of
+the two compute threads and stalls every parallel region at its barrier; `slimlm bench` measured
+int4 decode of a 1.1B model 15% slower with it running (31.8 against 37.3 tok/s, alternating)."""
 
 from __future__ import annotations
 
@@ -20,6 +26,28 @@ def current_rss() -> int:
         return 0
 
 
+def peak_rss() -> int:
+    """The process's peak resident set size in bytes since the last reset (VmHWM; 0 where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux 4.0+); False where it cannot be."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return peak_rss() > 0
+    except OSError:
+        return False
+
+
 class PeakMemory:
     """Context manager: `.peak_bytes` is the peak increase over the start (RSS on CPU, allocator on CUDA)."""
 
@@ -36,8 +64,10 @@ class PeakMemory:
             return self
         self._start = current_rss()
         self._peak = self._start
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._thread = None
+        if not reset_peak_rss():
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self) -> None:
@@ -49,7 +79,10 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
             return
-        self._stop.set()
-        self._thread.join()
+        if self._thread is None:
+            self._peak = max(self._peak, peak_rss())
+        else:
+            self._stop.set()
+            self._thread.join()
         self._peak = max(self._peak, current_rss())
         self.peak_bytes = max(0, self._peak - self._start)
