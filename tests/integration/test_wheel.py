@@ -115,7 +115,7 @@ def test_compress_int4_runs_from_the_installed_wheel(installed):
 
 def test_the_fused_decode_step_runs_from_the_installed_wheel(installed):
     """The C++ sources are read from the installed package and built; the engine takes the fused step
-    and, on an AVX-512 CPU, the int4 layers the AVX-512 kernel."""
+    and, on an AVX-512 CPU, the int4 layers the AVX-512 int8-activation kernel."""
     _, venv, env, work = installed
     done = _run([venv / "bin" / "python", "-c", PROBE], cwd=work, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -131,4 +131,4 @@ def test_the_fused_decode_step_runs_from_the_installed_wheel(installed):
     assert probe["decode_ops"] == "fused", f"{probe['reason']}\n{done.stderr}"
     if not set(NEEDED_FLAGS) <= cpp_ext.cpu_flags():
         pytest.skip(f"the fused step ran; this CPU lacks {', '.join(set(NEEDED_FLAGS) - cpp_ext.cpu_flags())}")
-    assert probe["kernels"] == ["cpu_int4_avx512"], done.stderr
+    assert probe["kernels"] == ["cpu_int4_a8"], done.stderr

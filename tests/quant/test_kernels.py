@@ -89,11 +89,13 @@ def test_reference_kernel_is_dequantize_matmul():
 
 def test_automatic_choice_and_fallback():
     int4 = make_layer(32, 64, QuantScheme(bits=4, group_size=32))
-    assert choose_kernel(int4, torch.device("cpu")).name == ("cpu_int4_avx512" if AVX512 else "cpu_int4")
-    int4_g64 = make_layer(32, 64, QuantScheme(bits=4, group_size=64))  # the AVX-512 kernel has g32/g128 only
-    assert choose_kernel(int4_g64, torch.device("cpu")).name == "cpu_int4"
-    odd = make_layer(24, 64, QuantScheme(bits=4, group_size=32))  # N % 16 != 0
-    assert choose_kernel(odd, torch.device("cpu")).name == "reference"
+    assert choose_kernel(int4, torch.device("cpu")).name == ("cpu_int4_a8" if AVX512 else "cpu_int4")
+    int4_g64 = make_layer(32, 64, QuantScheme(bits=4, group_size=64))  # the bf16 AVX-512 kernel has g32/g128 only
+    assert choose_kernel(int4_g64, torch.device("cpu")).name == ("cpu_int4_a8" if AVX512 else "cpu_int4")
+    odd = make_layer(24, 64, QuantScheme(bits=4, group_size=32))  # N % 16 != 0: only the portable kernel
+    assert choose_kernel(odd, torch.device("cpu")).name == ("cpu_int4_a8" if AVX512 else "reference")
+    bf16_scales = make_layer(32, 64, QuantScheme(bits=4, group_size=32, scale_dtype="bfloat16"))
+    assert choose_kernel(bf16_scales, torch.device("cpu")).name == "cpu_int4"
     padded = make_layer(32, 100, QuantScheme(bits=4, group_size=32))  # group does not divide K
     assert choose_kernel(padded, torch.device("cpu")).name == "reference"
     grouped8 = make_layer(32, 64, QuantScheme(bits=8, group_size=32))
@@ -171,7 +173,7 @@ def test_run_many_equals_one_call_per_layer(group, dtype):
     grouped = projection(layers, x[:1])
     assert isinstance(grouped, KernelProjection)  # the engine decides once to run them together
     together = grouped(x)
-    assert all(layer.kernel == "cpu_int4_avx512" for layer in layers)
+    assert all(layer.kernel == "cpu_int4_a8" for layer in layers)
     for layer, y in zip(layers, together):
         assert torch.equal(y, layer(x))
 
@@ -189,13 +191,14 @@ def test_run_many_falls_back_for_mixed_group_sizes():
 @pytest.mark.skipif(not AVX512, reason="needs a C++ compiler and an AVX-512 VNNI/BF16 CPU")
 @pytest.mark.parametrize("k, group", [(256, 32), (256, 128), (128, None)])  # None: per-channel, one group of 128
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_prefill_dequantization_is_the_reference_weight_rounded_once(k, group, symmetric):
+@pytest.mark.parametrize("name", ["cpu_int4_avx512", "cpu_int4_a8"])
+def test_prefill_dequantization_is_the_reference_weight_rounded_once(k, group, symmetric, name):
     """Every int4 layout the AVX-512 kernel runs dequantizes for prefill to exactly the reference weight
     in bfloat16. (Group 64 is not one: such layers get another kernel, see test_automatic_choice_and_fallback.)"""
     from slimlm.quant.kernels import get_kernel
 
     layer = make_layer(48, k, QuantScheme(bits=4, group_size=group, symmetric=symmetric))
-    kernel = get_kernel("cpu_int4_avx512")
+    kernel = get_kernel(name)
     assert kernel.supports(layer, torch.device("cpu"))  # a layout it declined would test nothing
     dense = kernel.dense_weight(layer, kernel.prepare(layer, torch.float32))
     assert torch.equal(dense, layer.dequantize(torch.float32).bfloat16())
@@ -210,3 +213,40 @@ def test_int8_prefill_dequantization_is_the_reference_weight_rounded_once(symmet
     kernel = get_kernel("cpu_int8_avx512")
     dense = kernel.dense_weight(layer, kernel.prepare(layer, torch.float32))
     assert torch.equal(dense, layer.dequantize(torch.float32).bfloat16())
+
+
+def int8_activation_oracle(layer, x):
+    """What the int8-activation kernels compute, in float64: x rounded to int8 per 32 columns (scale
+    amax/127, round half to even) times the exact dequantized weight."""
+    xb = x.double().reshape(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    xq = torch.where(amax > 0, torch.round(xb * (127 / amax)), torch.zeros_like(xb)) * (amax / 127)
+    return xq.reshape(x.shape) @ layer.dequantize(torch.float32).double().t() + (
+        layer.bias.double() if layer.bias is not None else 0)
+
+
+@pytest.mark.skipif(not AVX512, reason="needs a C++ compiler and an AVX-512 VNNI/BF16 CPU")
+@pytest.mark.parametrize("n, k, group", [(48, 256, 32), (40, 640, 128), (16, 2048, 64), (24, 160, 32), (32, 512, 256)])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_int4_a8_is_exactly_int8_activations_times_the_codes(n, k, group, symmetric, m):
+    """The default int4 decode kernel against its own arithmetic done in float64: only float32 rounding
+    differs. Shapes cover a partial last 128-column chunk (K = 160), N not a multiple of 16, every group
+    size, more than 8 rows (two passes) and K >= 640, where GCC 12 -O3 once vectorized the activation
+    preparation wrongly."""
+    layer = make_layer(n, k, QuantScheme(bits=4, group_size=group, symmetric=symmetric))
+    x = torch.randn(m, k)
+    got = run_with(layer, "cpu_int4_a8", x)
+    want = int8_activation_oracle(layer, x)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.skipif(not AVX512, reason="needs a C++ compiler and an AVX-512 VNNI/BF16 CPU")
+def test_default_int4_kernel_holds_no_copy_of_the_weights():
+    """int4 weights are held once: the default decode kernel reads the layer's own buffers."""
+    layer = make_layer(64, 256, QuantScheme(bits=4, group_size=32))
+    layer(torch.randn(1, 256))
+    kernel, state = layer.kernel_state(torch.randn(1, 256))
+    assert kernel.name == "cpu_int4_a8"
+    held = [t for t in (state if isinstance(state, tuple) else (state,)) if isinstance(t, torch.Tensor)]
+    assert not held

@@ -1,13 +1,15 @@
 """AVX-512 decode kernels for int4/int8 weights, C++ compiled at first use (`csrc/avx512_decode.cpp`,
 through `torch.utils.cpp_extension`), for the few rows of a decode step.
 
-  cpu_int4_avx512  int4 g32/g128 with bfloat16 activations (`_mm512_dpbf16_ps`): the default for
-                   decode; about as accurate as the ATen op (activations rounded to bfloat16) and
-                   1.1-2.2x faster, more at 4-8 rows (benchmarks/kernels.py);
-  cpu_int4_a8      the same layout with activations quantized to int8 per 32 columns
-                   (`vpdpbusd`, what llama.cpp's Q4_0 x Q8_0 does): faster still, but the activation
-                   rounding adds error, so only on request (`layer.set_kernel_("cpu_int4_a8")`);
-  cpu_int8_a8      int8 weights x int8 activations, on request for the same reason.
+  cpu_int4_a8      int4 (groups of 32-256) with activations quantized to int8 per 32 columns (`vpdpbusd`,
+                   llama.cpp's Q4_0 x Q8_0 arithmetic), read straight from the layer's own buffers: no
+                   repacked copy, so an int4 model holds its weights once. The default for decode: as
+                   fast as the bf16 kernel at g32 and faster at g128, while the activation rounding
+                   adds 1-2% to the KL of int4 itself (demo model, README "Kernels");
+  cpu_int4_avx512  int4 g32/g128 with bfloat16 activations (`_mm512_dpbf16_ps`) on a repacked copy of
+                   the codes (held next to them): on request (`layer.set_kernel_("cpu_int4_avx512")`);
+  cpu_int8_avx512  int8 per-channel with bfloat16 activations (the default for int8, near-lossless);
+  cpu_int8_a8      int8 weights x int8 activations, on request (it triples int8's small KL).
 From `DENSE_ROWS` rows on (prefill), weights are dequantized to bfloat16 for a dense GEMM.
 
 The extension is built once per CPU feature set (the name carries a hash of the source and the
@@ -31,7 +33,7 @@ from slimlm.quant.primitives import group_size_for
 
 SOURCE = Path(__file__).parent / "csrc" / "avx512_decode.cpp"
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
-FUNCTIONS = ("q4a8_mm", "q8a8_mm", "q4bf16_mm_many", "q8bf16_mm", "q4_dequant_bf16", "q8_dequant_bf16")
+FUNCTIONS = ("q8a8_mm", "q4bf16_mm_many", "q8bf16_mm", "q4_dequant_bf16", "q8_dequant_bf16", "q4p_a8_mm_many")
 DENSE_ROWS = 128  # the kernel beats dequantize + bf16 GEMM up to ~64-128 rows (benchmarks/kernels.py)
 
 
@@ -106,8 +108,6 @@ class _Avx512Kernel(KernelBase):
         elif self.activations == "bf16":
             qw, sc, zp, group = packed
             y = ext.q4bf16_mm_many(x.to(COMPUTE).contiguous(), [qw], [sc], [zp], group, x.dtype == COMPUTE)[0]
-        elif self.bits == 4:
-            y = ext.q4a8_mm(x.float().contiguous(), *packed)
         else:
             y = ext.q8a8_mm(x.float().contiguous(), *packed)
         return y.to(x.dtype)
@@ -129,8 +129,39 @@ class CpuInt4Avx512Kernel(_Avx512Kernel):
 
 
 class CpuInt4A8Kernel(_Avx512Kernel):
+    """int4 weights x int8 activations read straight from the layer's portable buffers (`q4p_a8_mm_many`):
+    no repacked copy, so an int4 model holds its weights once."""
+
     name = "cpu_int4_a8"
     activations = "int8"
+
+    def supports(self, layer, device: torch.device) -> bool:
+        if device.type != "cpu" or layer.slimlm_kind != "quantized_linear":
+            return False
+        s, k = layer.scheme, layer.in_features
+        group = group_size_for(k, s)
+        return (s.format == "int" and s.bits == 4 and s.scale_dtype == "float16" and k % 32 == 0
+                and group in (32, 64, 128, 256) and k % group == 0 and extension() is not None)
+
+    def prepare(self, layer, dtype: torch.dtype):
+        return None, group_size_for(layer.in_features, layer.scheme)  # nothing repacked; (unused, group)
+
+    def run(self, x: Tensor, layer, state) -> Tensor:
+        return self.run_many(x, [layer], [state])[0]
+
+    def run_many(self, x: Tensor, layers: list, states: list) -> list[Tensor]:
+        """x (M, K) against several layers reading it (q/k/v, gate/up) in one parallel region."""
+        groups = {state[1] for state in states}
+        if x.shape[0] >= self.dense_rows:  # prefill: dequantize to bfloat16 once per call, dense GEMM
+            return [F.linear(x.to(COMPUTE), self.dense_weight(layer, state)).to(x.dtype)
+                    for layer, state in zip(layers, states)]
+        if len(groups) != 1:
+            return [self.run_many(x, [layer], [state])[0] for layer, state in zip(layers, states)]
+        empty = torch.empty(0, dtype=torch.uint8)
+        ys = extension().q4p_a8_mm_many(
+            x.float().contiguous(), [layer.qweight for layer in layers], [layer.scale.contiguous() for layer in layers],
+            [layer.zero if layer.zero is not None else empty for layer in layers], groups.pop(), x.dtype == COMPUTE)
+        return [y.to(x.dtype) for y in ys]
 
 
 class CpuInt8Avx512Kernel(_Avx512Kernel):

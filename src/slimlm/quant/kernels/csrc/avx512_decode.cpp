@@ -1,23 +1,22 @@
 // Decode (small-M) weight-only matmul kernels for slimlm, AVX-512 VNNI / BF16.
 //
-// y (M, N) fp32 = x (M, K) fp32 @ W^T, W dequantized on the fly.
+// y (M, N) = x (M, K) @ W^T, W dequantized on the fly.
 //
-// int4 VNNI ("q4a8"): activations quantized on the fly to int8 per 32-column block (scale dx = amax/127,
-//   round to nearest), dot products with _mm512_dpbusd_epi32 (u8 nibble codes x s8 activations).
-//   Layout (tile = 16 output rows):
+// int4 x int8 activations ("q4p_a8", the default for int4): straight from the layer's portable buffers,
+//   nothing repacked (see the section at the end of this file).
+//
+// Repacked layouts (tile = 16 output rows), for the kernels below that keep a copy next to the codes:
+// int4 ("q4bf16", opt-in `cpu_int4_avx512`): activations rounded to bf16 (like ATen's op).
 //     qw  uint8 [N/16][K/8][64]: chunk (t, c) holds k = 8c..8c+7 of rows 16t..16t+15;
 //         byte 4j+i = q[16t+j][8c+i] | q[16t+j][8c+4+i] << 4   (j < 16, i < 4)
 //     sc  fp16  [N/16][G][16]  scale of row 16t+j, group g
 //     zp  uint8 [N/16][G][16]  zero point of row 16t+j, group g
-//   y[m][n] = sum_g s_ng * (sum_{b in g} dx_mb * dot_mnb  -  z_ng * sum_{b in g} dx_mb * sum_k xq_mk)
-//
-// int8 VNNI ("q8a8"): same activation quantization; weights as unsigned codes u = q + 128 (stored ^ 0x80).
+//   Nibble q becomes the bf16 bit pattern 0x4300|q = 128+q exactly (byte unpack with 0x43), dot products
+//   with _mm512_dpbf16_ps, and (128 + z) * sum(x_g) is subtracted per group.
+// int8 VNNI ("q8a8"): activations quantized to int8 per 32-column block (dx = amax/127, round to nearest);
+//   weights as unsigned codes u = q + 128 (stored ^ 0x80).
 //     qw  uint8 [N/16][K/4][64]: chunk (t, c): byte 4j+i = u[16t+j][4c+i]
 //     sc  fp32 [N], zp fp32 [N] (128 for symmetric, else the zero point)
-//
-// int4 BF16 ("q4bf16"): activations rounded to bf16 (like ATen's op), weights use the same qw/sc/zp layout as
-//   int4 VNNI (same repack!). Nibble q becomes the bf16 bit pattern 0x4300|q = 128+q exactly (byte unpack with
-//   0x43), dot products with _mm512_dpbf16_ps, and (128 + z) * sum(x_g) is subtracted per group.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -51,55 +50,6 @@ void quant_act(const float* x, int M, int K, int8_t* xq, float* dx, float* dsum)
       dx[m * nb + b] = d;
       dsum[m * nb + b] = d * (float)s;
     }
-  }
-}
-
-template <int M, int NBG>  // NBG: 32-blocks per weight group
-void q4a8_tiles(const int8_t* xq, const float* dx, const float* xsg, int K, int G, const uint8_t* qw,
-                const uint16_t* sc, const uint8_t* zp, float* y, int N, int64_t t0, int64_t t1) {
-  const int nb = K / QB;
-  const __m512i mask = _mm512_set1_epi8(0x0F);
-  for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* w = qw + (size_t)t * (K / 8) * 64;
-    const uint16_t* s = sc + (size_t)t * G * 16;
-    const uint8_t* z = zp + (size_t)t * G * 16;
-    __m512 yacc[M];
-    for (int m = 0; m < M; ++m) yacc[m] = _mm512_setzero_ps();
-    for (int g = 0; g < G; ++g) {
-      __m512 af[M];
-      for (int bb = 0; bb < NBG; ++bb) {
-        const int kb = g * NBG + bb;
-        const uint8_t* wb = w + (size_t)kb * 256;
-        for (int p = 0; p < 256; p += 64) _mm_prefetch((const char*)(wb + PF + p), _MM_HINT_T0);
-        __m512i ai[M], bi[M];
-        for (int m = 0; m < M; ++m) ai[m] = bi[m] = _mm512_setzero_si512();
-#pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) {
-          __m512i v = _mm512_loadu_si512(wb + c * 64);
-          __m512i lo = _mm512_and_si512(v, mask);
-          __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-          for (int m = 0; m < M; ++m) {
-            const int8_t* xp = xq + (size_t)m * K + kb * QB + c * 8;
-            ai[m] = _mm512_dpbusd_epi32(ai[m], lo, _mm512_set1_epi32(*(const int32_t*)xp));
-            bi[m] = _mm512_dpbusd_epi32(bi[m], hi, _mm512_set1_epi32(*(const int32_t*)(xp + 4)));
-          }
-        }
-        for (int m = 0; m < M; ++m) {
-          __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(ai[m], bi[m]));
-          __m512 d = _mm512_set1_ps(dx[m * nb + kb]);
-          af[m] = bb == 0 ? _mm512_mul_ps(f, d) : _mm512_fmadd_ps(f, d, af[m]);
-        }
-      }
-      if (((g * 32) & 63) == 0) {  // scales/zeros: same lead in time as the codes (1 line per 2/4 groups)
-        _mm_prefetch((const char*)(s + g * 16) + PF / (8 * NBG), _MM_HINT_T0);
-        if (((g * 16) & 63) == 0) _mm_prefetch((const char*)(z + g * 16) + PF / (16 * NBG), _MM_HINT_T0);
-      }
-      __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + g * 16)));
-      __m512 zv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + g * 16))));
-      for (int m = 0; m < M; ++m)
-        yacc[m] = _mm512_fmadd_ps(sv, _mm512_fnmadd_ps(zv, _mm512_set1_ps(xsg[m * G + g]), af[m]), yacc[m]);
-    }
-    for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + (size_t)m * N + t * 16, yacc[m]);
   }
 }
 
@@ -256,46 +206,6 @@ void par(int64_t ntiles, F f) {
 }
 
 }  // namespace
-
-// x (M, K) fp32 contiguous. Returns (M, N) fp32.
-torch::Tensor q4a8_mm(torch::Tensor x, torch::Tensor qw, torch::Tensor sc, torch::Tensor zp, int64_t group) {
-  const int M = x.size(0), K = x.size(1);
-  const int N = qw.size(0) * 16, G = K / group, nb = K / QB;
-  TORCH_CHECK(K % 128 == 0 || K % group == 0, "K");
-  auto y = torch::empty({M, N}, x.options());
-  std::vector<int8_t> xq((size_t)M * K);
-  std::vector<float> dx((size_t)M * nb), ds((size_t)M * nb), xsg((size_t)M * G);
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* w = qw.data_ptr<uint8_t>();
-  const uint16_t* s = (const uint16_t*)sc.data_ptr<at::Half>();
-  const uint8_t* z = zp.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  const int64_t ntiles = N / 16;
-  for (int m0 = 0; m0 < M; m0 += 8) {
-    const int mm = std::min(8, M - m0);
-    quant_act(xp + (size_t)m0 * K, mm, K, xq.data(), dx.data(), ds.data());
-    const int nbg = group / QB;
-    for (int m = 0; m < mm; ++m)
-      for (int g = 0; g < G; ++g) {
-        float a = 0;
-        for (int b = 0; b < nbg; ++b) a += ds[m * nb + g * nbg + b];
-        xsg[m * G + g] = a;
-      }
-    float* yo = yp + (size_t)m0 * N;
-#define Q4CASE(MM, NBG)                                                                                              \
-  case MM:                                                                                                            \
-    par(ntiles, [&](int64_t a, int64_t b) { q4a8_tiles<MM, NBG>(xq.data(), dx.data(), xsg.data(), K, G, w, s, z, yo, N, a, b); }); \
-    break;
-    if (nbg == 1) {
-      switch (mm) { Q4CASE(1, 1) Q4CASE(2, 1) Q4CASE(3, 1) Q4CASE(4, 1) Q4CASE(5, 1) Q4CASE(6, 1) Q4CASE(7, 1) Q4CASE(8, 1) }
-    } else if (nbg == 4) {
-      switch (mm) { Q4CASE(1, 4) Q4CASE(2, 4) Q4CASE(3, 4) Q4CASE(4, 4) Q4CASE(5, 4) Q4CASE(6, 4) Q4CASE(7, 4) Q4CASE(8, 4) }
-    } else {
-      TORCH_CHECK(false, "group must be 32 or 128");
-    }
-  }
-  return y;
-}
 
 torch::Tensor q8a8_mm(torch::Tensor x, torch::Tensor qw, torch::Tensor sc, torch::Tensor zp) {
   const int M = x.size(0), K = x.size(1);
@@ -507,3 +417,193 @@ torch::Tensor q8_dequant_bf16(torch::Tensor qweight, torch::Tensor scale, torch:
   return w;
 }
 
+
+// ---- int4 x int8 activations straight from the portable layout (no repacked copy) -------------------
+//
+// The layer's own buffers, as saved: qweight (N, K/2) uint8, byte i of a row = q[2i] | q[2i+1] << 4;
+// scale (N, G) fp16; zero (N, G) uint8 (empty: symmetric, zero point 8). Activations are quantized to
+// int8 per 32 columns (dx = amax/127, round to nearest even), as llama.cpp's Q8_0 does.
+//
+// A row is read 64 bytes (128 columns) at a time: its low nibbles are the even columns and its high
+// nibbles the odd ones, so x is quantized into the same split (xe, xo: per 128-column chunk, the 64 even
+// then the 64 odd columns) and two vpdpbusd give 16 int32 lanes, lane d covering columns 8d..8d+7 of
+// the chunk, all inside one 32-column block b = 4c + d/4. Per chunk and row:
+//   acc += float(lanes) * s[n, group of lane] * dx[b of lane]
+// and at the end y = sum(acc) - sum_g s[n,g] z[n,g] xs[g], xs[g] = sum_{b in g} dx_b * sum(xq in b).
+// R rows go together so x's vectors are loaded once for them; every row is its own sequential stream.
+
+namespace {
+
+struct Q4PAct {  // x (M, K) prepared once per call
+  int M, K, C, G;  // C: 128-column chunks (the last may be partial), G: weight groups
+  std::vector<int8_t> xe, xo;  // (M, C, 64)
+  std::vector<float> dxv;      // (M, C, 16): dx of each lane's block (0 past K)
+  std::vector<float> xs;       // (M, G)
+};
+
+Q4PAct q4p_prepare(const float* x, int M, int K, int group) {
+  Q4PAct a;
+  a.M = M, a.K = K, a.C = (K + 127) / 128, a.G = K / group;
+  a.xe.assign((size_t)M * a.C * 64, 0), a.xo.assign((size_t)M * a.C * 64, 0);
+  a.dxv.assign((size_t)M * a.C * 16, 0.f), a.xs.assign((size_t)M * a.G, 0.f);
+  const int nb = K / QB;
+  std::vector<int8_t> xq((size_t)K);
+  std::vector<float> dx(nb), dsum(nb);
+  for (int m = 0; m < M; ++m) {
+    quant_act(x + (size_t)m * K, 1, K, xq.data(), dx.data(), dsum.data());
+    int8_t* e = a.xe.data() + (size_t)m * a.C * 64;
+    int8_t* o = a.xo.data() + (size_t)m * a.C * 64;
+    for (int k = 0; k < K; k += 2) {
+      const int c = k / 128, i = (k % 128) / 2;
+      e[c * 64 + i] = xq[k], o[c * 64 + i] = xq[k + 1];
+    }
+    float* dv = a.dxv.data() + (size_t)m * a.C * 16;
+    // lane d of chunk c is block 4c + d/4, so each block's dx fills 4 consecutive lanes. (Written as a
+    // loop over lanes with `4c + d/4 < nb ? dx : 0`, GCC 12 -O3 vectorized it wrongly for K >= 640.)
+    for (int b = 0; b < nb; ++b)
+      for (int i = 0; i < 4; ++i) dv[b * 4 + i] = dx[b];
+    for (int b = 0; b < nb; ++b) a.xs[(size_t)m * a.G + b * QB / group] += dsum[b];
+  }
+  return a;
+}
+
+// lane d of a chunk -> index of its weight group relative to the chunk's first group
+template <int GS>
+inline __m512i q4p_group_lanes() {
+  if constexpr (GS == 32) return _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  else if constexpr (GS == 64) return _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  else return _mm512_setzero_si512();
+}
+
+// rows [n0, n0 + R) of one weight against M rows of x; writes y[m * ldy + n]
+template <int M, int R, int GS, bool BF16OUT>
+void q4p_rows(const Q4PAct& a, const uint8_t* qw, const uint16_t* sc, const uint8_t* zp, void* y, int64_t ldy,
+              int64_t n0) {
+  const int K = a.K, C = a.C, G = a.G, KB = K / 2;
+  const __m512i mask = _mm512_set1_epi8(0x0F), lanes = q4p_group_lanes<GS>();
+  constexpr int GPC = GS >= 128 ? 1 : 128 / GS;  // groups starting in a full chunk
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int c = 0; c < C; ++c) {
+    const int bytes = std::min(64, KB - c * 64);
+    const __mmask64 lm = bytes == 64 ? ~0ULL : ((1ULL << bytes) - 1);
+    const int g0 = c * 128 / GS;
+    const int ng = std::min(GPC, G - g0);
+    __m512i v[R];
+    __m512 sv[R];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = qw + (size_t)(n0 + r) * KB + c * 64;
+      _mm_prefetch((const char*)(row + PF), _MM_HINT_T0);
+      v[r] = bytes == 64 ? _mm512_loadu_si512(row) : _mm512_maskz_loadu_epi8(lm, row);
+      const uint16_t* s = sc + (size_t)(n0 + r) * G + g0;
+      const __m128 s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << ng) - 1), s));
+      sv[r] = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(s4));
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m512i xe = _mm512_loadu_si512(a.xe.data() + ((size_t)m * C + c) * 64);
+      const __m512i xo = _mm512_loadu_si512(a.xo.data() + ((size_t)m * C + c) * 64);
+      const __m512 dv = _mm512_loadu_ps(a.dxv.data() + ((size_t)m * C + c) * 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512i lo = _mm512_and_si512(v[r], mask);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v[r], 4), mask);
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe);
+        d = _mm512_dpbusd_epi32(d, hi, xo);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv[r], dv), acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r;
+    // zero-point term: sum_g s z xs, 16 groups at a time
+    __m512 zt[M];
+    for (int m = 0; m < M; ++m) zt[m] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g += 16) {
+      const __mmask16 gm = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+      const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, sc + n * G + g));
+      const __m512 z = zp ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(gm, zp + n * G + g)))
+                          : _mm512_set1_ps(8.f);
+      const __m512 sz = _mm512_mul_ps(s, z);
+      for (int m = 0; m < M; ++m)
+        zt[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(gm, a.xs.data() + (size_t)m * G + g), zt[m]);
+    }
+    for (int m = 0; m < M; ++m) {
+      const float out = _mm512_reduce_add_ps(acc[r][m]) - _mm512_reduce_add_ps(zt[m]);
+      if constexpr (BF16OUT) {  // round to nearest even, as torch's float -> bfloat16 cast (finite values)
+        uint32_t bits;
+        std::memcpy(&bits, &out, 4);
+        ((uint16_t*)y)[(size_t)m * ldy + n] = (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+      } else {
+        ((float*)y)[(size_t)m * ldy + n] = out;
+      }
+    }
+  }
+}
+
+template <int M, int GS, bool BF16OUT>
+void q4p_span(const Q4PAct& a, const uint8_t* qw, const uint16_t* sc, const uint8_t* zp, void* y, int64_t N,
+              int64_t n0, int64_t n1) {
+  constexpr int R = 1;  // one row at a time: the weights are read as one sequential stream
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) q4p_rows<M, R, GS, BF16OUT>(a, qw, sc, zp, y, N, n);
+  for (; n < n1; ++n) q4p_rows<M, 1, GS, BF16OUT>(a, qw, sc, zp, y, N, n);
+}
+
+template <int GS, bool BF16OUT>
+void q4p_dispatch(int mm, const Q4PAct& a, const uint8_t* qw, const uint16_t* sc, const uint8_t* zp, void* y,
+                  int64_t N, int64_t n0, int64_t n1) {
+#define Q4PCASE(MM) case MM: q4p_span<MM, GS, BF16OUT>(a, qw, sc, zp, y, N, n0, n1); break;
+  switch (mm) { Q4PCASE(1) Q4PCASE(2) Q4PCASE(3) Q4PCASE(4) Q4PCASE(5) Q4PCASE(6) Q4PCASE(7) Q4PCASE(8) }
+#undef Q4PCASE
+}
+
+}  // namespace
+
+// x (M, K) fp32 contiguous against several int4 layers in the portable layout (same K and group size;
+// e.g. q, k and v) in one parallel region. Returns one (M, N_j) tensor per layer, bf16 if out_bf16 else fp32.
+std::vector<torch::Tensor> q4p_a8_mm_many(torch::Tensor x, std::vector<torch::Tensor> qws, std::vector<torch::Tensor> scs,
+                                          std::vector<torch::Tensor> zps, int64_t group, bool out_bf16) {
+  const int M = x.size(0), K = x.size(1);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "q4p_a8_mm_many: x must be contiguous fp32");
+  TORCH_CHECK(K % 32 == 0 && K % group == 0 && (group == 32 || group == 64 || group == 128 || group == 256),
+              "q4p_a8_mm_many: K must be a multiple of 32 and of the group size (32, 64, 128 or 256)");
+  const int G = K / group;
+  std::vector<int64_t> first{0};
+  std::vector<torch::Tensor> out;
+  for (size_t j = 0; j < qws.size(); ++j) {
+    TORCH_CHECK(qws[j].is_contiguous() && qws[j].size(1) * 2 == K && scs[j].is_contiguous() &&
+                scs[j].scalar_type() == torch::kHalf && scs[j].size(1) == G &&
+                (zps[j].numel() == 0 || (zps[j].is_contiguous() && zps[j].size(1) == G)), "q4p_a8_mm_many: layer ", j);
+    out.push_back(torch::empty({M, qws[j].size(0)}, x.options().dtype(out_bf16 ? torch::kBFloat16 : torch::kFloat32)));
+    first.push_back(first.back() + qws[j].size(0));
+  }
+  // x in chunks of 8 rows (the accumulators fill the registers); each prepared once
+  std::vector<Q4PAct> parts;
+  for (int m0 = 0; m0 < M; m0 += 8)
+    parts.push_back(q4p_prepare(x.data_ptr<float>() + (size_t)m0 * K, std::min(8, M - m0), K, group));
+  constexpr int64_t BLOCK = 16;  // rows per work item
+  const int64_t blocks = (first.back() + BLOCK - 1) / BLOCK;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int m0 = 0; m0 < M; m0 += 8) {
+      const int mm = std::min(8, M - m0);
+      const Q4PAct* act = &parts[m0 / 8];
+      for (size_t j = 0; j < qws.size(); ++j) {
+        const int64_t lo = std::max(b0 * BLOCK, first[j]), hi = std::min(b1 * BLOCK, first[j + 1]);
+        if (lo >= hi) continue;
+        const int64_t N = first[j + 1] - first[j];
+        const uint8_t* zp = zps[j].numel() ? zps[j].data_ptr<uint8_t>() : nullptr;
+        const uint16_t* sc = (const uint16_t*)scs[j].data_ptr<at::Half>();
+        void* y = (char*)out[j].data_ptr() + (size_t)m0 * N * out[j].element_size();
+        auto run = [&](auto fn) { fn(mm, *act, qws[j].data_ptr<uint8_t>(), sc, zp, y, N, lo - first[j], hi - first[j]); };
+        if (out_bf16) {
+          if (group == 32) run(q4p_dispatch<32, true>); else if (group == 64) run(q4p_dispatch<64, true>);
+          else if (group == 128) run(q4p_dispatch<128, true>); else run(q4p_dispatch<256, true>);
+        } else {
+          if (group == 32) run(q4p_dispatch<32, false>); else if (group == 64) run(q4p_dispatch<64, false>);
+          else if (group == 128) run(q4p_dispatch<128, false>); else run(q4p_dispatch<256, false>);
+        }
+      }
+    }
+  });
+  return out;
+}
