@@ -250,3 +250,20 @@ def test_default_int4_kernel_holds_no_copy_of_the_weights():
     assert kernel.name == "cpu_int4_a8"
     held = [t for t in (state if isinstance(state, tuple) else (state,)) if isinstance(t, torch.Tensor)]
     assert not held
+
+
+@pytest.mark.skipif(not AVX512, reason="needs a C++ compiler and an AVX-512 VNNI/BF16 CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 6, 130])  # 130: prefill's dense path
+def test_engine_binding_of_one_layer_equals_the_module(dtype, rows):
+    """The engine calls compressed o_proj/down_proj/head through a bound kernel call (`decoder.single`):
+    the same numbers as the module, for decode-sized and prefill-sized inputs, with the bias."""
+    from slimlm.engine.decoder import OneLayer, single
+
+    layer = make_layer(40, 256, QuantScheme(bits=4, group_size=32)).to(dtype)
+    bound = single(layer, torch.zeros(1, 8, dtype=dtype))
+    assert isinstance(bound, OneLayer)
+    x = torch.randn(2, rows, 256).to(dtype)
+    assert torch.equal(bound(x), layer(x))
+    float_layer = nn.Linear(8, 8)
+    assert single(float_layer, torch.zeros(1, 8)) is float_layer

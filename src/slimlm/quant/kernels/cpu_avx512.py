@@ -157,11 +157,27 @@ class CpuInt4A8Kernel(_Avx512Kernel):
                     for layer, state in zip(layers, states)]
         if len(groups) != 1:
             return [self.run_many(x, [layer], [state])[0] for layer, state in zip(layers, states)]
+        return self.bind(layers, states)(x)
+
+    def bind(self, layers: list, states: list):
+        """fn(x (M, K)) -> [(M, N_j)] for these layers with the arguments resolved once, for the engine's
+        decode steps (a Python call per layer per step costs more than the C++ call; fewer than
+        `dense_rows` rows). None where the layers cannot share one call (different group sizes)."""
+        groups = {state[1] for state in states}
+        if len(groups) != 1:
+            return None
+        group, ext = groups.pop(), extension()
         empty = torch.empty(0, dtype=torch.uint8)
-        ys = extension().q4p_a8_mm_many(
-            x.float().contiguous(), [layer.qweight for layer in layers], [layer.scale.contiguous() for layer in layers],
-            [layer.zero if layer.zero is not None else empty for layer in layers], groups.pop(), x.dtype == COMPUTE)
-        return [y.to(x.dtype) for y in ys]
+        qweights = [layer.qweight for layer in layers]
+        scales = [layer.scale.contiguous() for layer in layers]
+        zeros = [layer.zero if layer.zero is not None else empty for layer in layers]
+
+        def run(x: Tensor) -> list[Tensor]:
+            ys = ext.q4p_a8_mm_many(x if x.dtype in (torch.float32, COMPUTE) else x.float(), qweights, scales, zeros,
+                                    group, x.dtype == COMPUTE)
+            return ys if x.dtype in (torch.float32, COMPUTE) else [y.to(x.dtype) for y in ys]
+
+        return run
 
 
 class CpuInt8Avx512Kernel(_Avx512Kernel):

@@ -434,6 +434,8 @@ torch::Tensor q8_dequant_bf16(torch::Tensor qweight, torch::Tensor scale, torch:
 
 namespace {
 
+constexpr int Q4P_PF = 8192;  // prefetch distance in the row stream, bytes
+
 struct Q4PAct {  // x (M, K) prepared once per call
   int M, K, C, G;  // C: 128-column chunks (the last may be partial), G: weight groups
   std::vector<int8_t> xe, xo;  // (M, C, 64)
@@ -494,7 +496,7 @@ void q4p_rows(const Q4PAct& a, const uint8_t* qw, const uint16_t* sc, const uint
     __m512 sv[R];
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = qw + (size_t)(n0 + r) * KB + c * 64;
-      _mm_prefetch((const char*)(row + PF), _MM_HINT_T0);
+      _mm_prefetch((const char*)(row + Q4P_PF), _MM_HINT_T0);
       v[r] = bytes == 64 ? _mm512_loadu_si512(row) : _mm512_maskz_loadu_epi8(lm, row);
       const uint16_t* s = sc + (size_t)(n0 + r) * G + g0;
       const __m128 s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << ng) - 1), s));
@@ -559,12 +561,14 @@ void q4p_dispatch(int mm, const Q4PAct& a, const uint8_t* qw, const uint16_t* sc
 
 }  // namespace
 
-// x (M, K) fp32 contiguous against several int4 layers in the portable layout (same K and group size;
+// x (M, K) fp32 or bf16 against several int4 layers in the portable layout (same K and group size;
 // e.g. q, k and v) in one parallel region. Returns one (M, N_j) tensor per layer, bf16 if out_bf16 else fp32.
 std::vector<torch::Tensor> q4p_a8_mm_many(torch::Tensor x, std::vector<torch::Tensor> qws, std::vector<torch::Tensor> scs,
                                           std::vector<torch::Tensor> zps, int64_t group, bool out_bf16) {
   const int M = x.size(0), K = x.size(1);
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "q4p_a8_mm_many: x must be contiguous fp32");
+  TORCH_CHECK((x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) && x.dim() == 2,
+              "q4p_a8_mm_many: x must be (M, K) fp32 or bf16");
+  x = x.to(torch::kFloat32).contiguous();  // no copy when it already is
   TORCH_CHECK(K % 32 == 0 && K % group == 0 && (group == 32 || group == 64 || group == 128 || group == 256),
               "q4p_a8_mm_many: K must be a multiple of 32 and of the group size (32, 64, 128 or 256)");
   const int G = K / group;
