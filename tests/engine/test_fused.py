@@ -158,3 +158,19 @@ def test_static_decode_for_cuda_graphs_equals_the_dynamic_step(family, overrides
 def test_cuda_graphs_need_cuda():
     with pytest.raises(SlimError, match="CUDA graphs"):
         Engine(model_for("llama"), slots=1, max_len=16, cuda_graphs=True)
+
+
+@pytest.mark.parametrize("rope, table", [({"rope_type": "linear", "factor": 2.0}, True),
+                                         ({"rope_type": "dynamic", "factor": 2.0}, False)])
+def test_rope_table_only_for_position_only_types(rope, table):
+    """Static RoPE types are looked up in a table computed once (same numbers as the module per step);
+    "dynamic" depends on the sequence length, so it is computed every step."""
+    from slimlm.testing import tiny_model
+
+    model = tiny_model("llama", rope_parameters={**rope, "rope_theta": 10000.0})
+    got, want = decode_both(model)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    engine = Engine(model, slots=1, max_len=64)
+    engine.prefill(0, ids(5))
+    engine.decode(torch.tensor([0]), torch.tensor([3]))
+    assert (engine.fused._rope is not None) == table

@@ -48,9 +48,29 @@ def _is_rms_norm(norm: nn.Module, kernels, dtype: torch.dtype) -> bool:
     return torch.allclose(kernels.add_rms_norm(x.clone(), None, norm.weight, eps), norm(x), rtol=tol, atol=tol)
 
 
+# RoPE types whose tables depend on the position only (not on the sequence length, as "dynamic" and
+# "longrope" do): their cos/sin are computed once for every cache position and looked up per step.
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
 class FusedOps:
     def __init__(self, spec: DecoderSpec, cache: KVCache, kernels, eps: dict[nn.Module, float]) -> None:
         self.spec, self.cache, self.kernels, self.eps = spec, cache, kernels, eps
+        self._rope: tuple[Tensor, Tensor] | None = None  # cos, sin (max_len, R) for a static RoPE type
+
+    def _rope_rows(self, plan: DecoderPlan, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (B, R) of each row's position: the model's own rotary module, run once for all cache
+        positions where its type allows (the same numbers: each position's angles are computed alone),
+        else every step (~0.3 ms of a 1.1B model's step on PyTorch ops)."""
+        if getattr(plan.rotary, "rope_type", None) not in STATIC_ROPE:
+            cos, sin = plan.rotary(h[:, None], positions)  # (B, 1, R)
+            return cos[:, 0].contiguous(), sin[:, 0].contiguous()
+        if self._rope is None or self._rope[0].dtype != h.dtype:
+            every = torch.arange(self.cache.max_len, device=h.device)[None]
+            cos, sin = plan.rotary(h[:1, None], every)  # (1, max_len, R)
+            self._rope = (cos[0].contiguous(), sin[0].contiguous())
+        index = positions[:, 0]
+        return self._rope[0].index_select(0, index), self._rope[1].index_select(0, index)
 
     @classmethod
     def build(cls, plan: DecoderPlan, cache: KVCache) -> tuple["FusedOps | None", str]:
@@ -76,8 +96,8 @@ class FusedOps:
             h = plan.embed(batch.ids[:, 0]).contiguous()  # (B, C); updated in place by the residual adds
         else:
             h = batch.hidden[:, 0].contiguous()  # a later pipeline stage's input
-        cos, sin = plan.rotary(h[:, None], batch.positions)  # (B, 1, R)
-        return h, (cos[:, 0].contiguous(), sin[:, 0].contiguous(), batch)
+        cos, sin = self._rope_rows(plan, h, batch.positions)
+        return h, (cos, sin, batch)
 
     def add_norm(self, h: Tensor, delta: Tensor | None, norm: nn.Module) -> tuple[Tensor, Tensor]:
         return h, self.kernels.add_rms_norm(h, delta, norm.weight, self.eps[norm])  # h += delta; x = norm(h)

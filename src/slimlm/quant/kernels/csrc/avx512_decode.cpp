@@ -530,7 +530,7 @@ void q4p_rows(const Q4PAct& a, const uint8_t* qw, const uint16_t* sc, const uint
         zt[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(gm, a.xs.data() + (size_t)m * G + g), zt[m]);
     }
     for (int m = 0; m < M; ++m) {
-      const float out = _mm512_reduce_add_ps(acc[r][m]) - _mm512_reduce_add_ps(zt[m]);
+      const float out = _mm512_reduce_add_ps(_mm512_sub_ps(acc[r][m], zt[m]));  // one horizontal sum
       if constexpr (BF16OUT) {  // round to nearest even, as torch's float -> bfloat16 cast (finite values)
         uint32_t bits;
         std::memcpy(&bits, &out, 4);
@@ -568,7 +568,8 @@ std::vector<torch::Tensor> q4p_a8_mm_many(torch::Tensor x, std::vector<torch::Te
   const int M = x.size(0), K = x.size(1);
   TORCH_CHECK((x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) && x.dim() == 2,
               "q4p_a8_mm_many: x must be (M, K) fp32 or bf16");
-  x = x.to(torch::kFloat32).contiguous();  // no copy when it already is
+  if (x.scalar_type() == torch::kFloat32 && !x.is_contiguous()) x = x.contiguous();
+  if (x.scalar_type() == torch::kBFloat16 && !x.is_contiguous()) x = x.contiguous();
   TORCH_CHECK(K % 32 == 0 && K % group == 0 && (group == 32 || group == 64 || group == 128 || group == 256),
               "q4p_a8_mm_many: K must be a multiple of 32 and of the group size (32, 64, 128 or 256)");
   const int G = K / group;
@@ -583,8 +584,21 @@ std::vector<torch::Tensor> q4p_a8_mm_many(torch::Tensor x, std::vector<torch::Te
   }
   // x in chunks of 8 rows (the accumulators fill the registers); each prepared once
   std::vector<Q4PAct> parts;
+  std::vector<float> xf;  // bf16 rows widened to fp32 here (no tensor allocated through the dispatcher)
+  const float* x32 = nullptr;
+  if (x.scalar_type() == torch::kBFloat16) {
+    xf.resize((size_t)M * K);
+    const uint16_t* xb = (const uint16_t*)x.data_ptr<at::BFloat16>();
+    for (size_t i = 0; i < xf.size(); ++i) {
+      const uint32_t u = (uint32_t)xb[i] << 16;
+      std::memcpy(&xf[i], &u, 4);
+    }
+    x32 = xf.data();
+  } else {
+    x32 = x.data_ptr<float>();
+  }
   for (int m0 = 0; m0 < M; m0 += 8)
-    parts.push_back(q4p_prepare(x.data_ptr<float>() + (size_t)m0 * K, std::min(8, M - m0), K, group));
+    parts.push_back(q4p_prepare(x32 + (size_t)m0 * K, std::min(8, M - m0), K, group));
   constexpr int64_t BLOCK = 16;  // rows per work item
   const int64_t blocks = (first.back() + BLOCK - 1) / BLOCK;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
