@@ -140,10 +140,12 @@ def main() -> None:
         ours = results[label]
         share = statistics.median(x["gbps"] / x["ceiling"] for x in ours)
         if args.llama_bench:
-            ratios = [a["decode"] / b["decode"] for a, b in zip(ours, _rounds_of(results, kind, label, args.variants))]
-            print(f"| {label} | {med(label, 'decode'):.1f} | {kind} | {med(kind, 'decode'):.1f} | "
-                  f"{med(label, 'decode') / med(kind, 'decode'):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
-                  f"{med(label, 'prefill') / med(kind, 'prefill'):.2f}x | {share:.0%} |")
+            paired = _rounds_of(results, kind, label, args.variants)  # llama.cpp's runs beside this variant's
+            ours_d, theirs_d = statistics.median(x["decode"] for x in ours), statistics.median(x["decode"] for x in paired)
+            ratios = [a["decode"] / b["decode"] for a, b in zip(ours, paired)]
+            prefill = statistics.median(x["prefill"] for x in ours) / statistics.median(x["prefill"] for x in paired)
+            print(f"| {label} | {ours_d:.1f} | {kind} | {theirs_d:.1f} | {ours_d / theirs_d:.2f}x "
+                  f"({min(ratios):.2f}-{max(ratios):.2f}) | {prefill:.2f}x | {share:.0%} |")
         else:
             print(f"| {label} | {med(label, 'decode'):.1f} | - | - | - | - | {share:.0%} |")
     print(f"\nmodels in {work}")

@@ -166,6 +166,16 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
+def _no_init():
+    """transformers' switch that skips weight initialisation (its torch.nn.init functions become no-ops),
+    or a no-op context where this transformers lacks it."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def load_tokenizer(path: Path, config: Any = None):
     from transformers import AutoTokenizer
 
@@ -212,7 +222,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None 
 def check_finite_(model: nn.Module, where: Any) -> None:
     """Refuse a model whose stored floating-point tensors hold NaN or infinity, naming the first one
     (checked in chunks, so the check never needs more than a few MB beyond the weights)."""
-    chunk = 1 << 24
+    chunk = 1 << 20  # 4 MB of float32 temporaries at most (16M-element chunks left ~110 MB with the allocator)
     for name, t in model.state_dict(keep_vars=True).items():
         if not t.is_floating_point() or t.is_meta:
             continue
@@ -257,7 +267,7 @@ def build_skeleton(path: Path, raw: dict[str, Any], dtype: torch.dtype | None) -
     float_dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(float_dtype, str):
         float_dtype = getattr(torch, float_dtype)
-    with params_on_meta():
+    with params_on_meta(), _no_init():  # no random init of weights about to be replaced (it touched every page)
         model = AutoModelForCausalLM.from_config(config, dtype=float_dtype)
     _reshape_linears_(model, F.module_shapes(raw, path), path)
     for group in qblock.get("groups", []) if compressed else []:
