@@ -151,13 +151,13 @@ class CpuInt4A8Kernel(_Avx512Kernel):
 
     def run_many(self, x: Tensor, layers: list, states: list) -> list[Tensor]:
         """x (M, K) against several layers reading it (q/k/v, gate/up) in one parallel region."""
-        groups = {state[1] for state in states}
         if x.shape[0] >= self.dense_rows:  # prefill: dequantize to bfloat16 once per call, dense GEMM
             return [F.linear(x.to(COMPUTE), self.dense_weight(layer, state)).to(x.dtype)
                     for layer, state in zip(layers, states)]
-        if len(groups) != 1:
-            return [self.run_many(x, [layer], [state])[0] for layer, state in zip(layers, states)]
-        return self.bind(layers, states)(x)
+        fn = self.bind(layers, states)
+        if fn is None:  # different group sizes: one call each
+            return [self.bind([layer], [state])(x)[0] for layer, state in zip(layers, states)]
+        return fn(x)
 
     def bind(self, layers: list, states: list):
         """fn(x (M, K)) -> [(M, N_j)] for these layers with the arguments resolved once, for the engine's
