@@ -191,3 +191,48 @@ def test_the_all_reduce_hook_sees_every_row_parallel_output():
     logits = engine.prefill(0, ids(5))
     engine.decode(torch.tensor([0]), logits.argmax(-1)[None])
     assert len(seen) == 2 * 2 * len(model.model.layers)
+
+
+@pytest.mark.parametrize("mode", ["fused", "torch", "static", "int8-kv"])
+def test_any_schedule_of_slots_gives_each_sequence_its_own_logits(mode):
+    """Sequences start, decode in arbitrary subsets and finish in any order (as the server's continuous
+    batching runs them); the engine keeps them in the lowest cache rows, moving one when another
+    finishes, and every step's logits equal that sequence run alone (scales move with an int8 cache). "static" is the bucketed
+    fixed-shape step that CUDA graphs capture, run eagerly."""
+    model = model_for("mistral", sliding_window=6)
+    settings = {"fused": {}, "torch": {"fused_step": False}, "static": {"static_steps": True},
+                "int8-kv": {"kv_dtype": "int8"}}[mode]
+    engine = Engine(model, slots=5, max_len=40, **settings)
+    assert engine.decode_ops == {"int8-kv": engine.decode_ops}.get(mode, mode)
+    gen = torch.Generator().manual_seed(0)
+    history: dict[int, list[int]] = {}  # slot -> tokens fed so far
+    alone: dict[int, Engine] = {}  # slot -> its sequence run alone, step by step
+    for step in range(60):
+        free = [s for s in range(5) if s not in history]
+        if free and (not history or torch.rand((), generator=gen) < 0.3):
+            slot = free[int(torch.randint(len(free), (), generator=gen))]
+            prompt = torch.randint(1, 300, (int(torch.randint(2, 8, (), generator=gen)),), generator=gen)
+            engine.prefill(slot, prompt)
+            history[slot] = prompt.tolist()
+            alone[slot] = Engine(model, slots=1, max_len=40, fused_step=False, kv_dtype=settings.get("kv_dtype", "auto"))
+            alone[slot].prefill(0, prompt)
+        done = [s for s, t in history.items() if len(t) >= 38 or torch.rand((), generator=gen) < 0.08]
+        for slot in done:
+            engine.release(slot)
+            del history[slot]
+        live = sorted(history)
+        if not live:
+            continue
+        chosen = [s for s in live if torch.rand((), generator=gen) < 0.7] or live[:1]
+        order = torch.randperm(len(chosen), generator=gen).tolist()
+        slots = torch.tensor([chosen[i] for i in order])
+        tokens = torch.randint(1, 300, (len(slots),), generator=gen)
+        got = engine.decode(slots, tokens)
+        for i, slot in enumerate(slots.tolist()):
+            history[slot].append(int(tokens[i]))
+            want = alone[slot].decode(torch.tensor([0]), tokens[i:i + 1])[0]
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+        held = sorted(int(engine.row_of[s]) for s in history)
+        assert held == list(range(len(history)))  # the sequences occupy rows 0..n-1
+    if mode == "static":
+        assert set(engine._graphs) <= {1, 2, 4, 5} and len(engine._graphs) >= 2

@@ -227,3 +227,6 @@ def test_bench_serve_prints_the_load_table(tiny_folder, capsys):
     assert code == 0 and [(r["server"], r["clients"]) for r in rows] == [
         ("continuous, 2 slots", 1), ("continuous, 2 slots", 2), ("one at a time", 1), ("one at a time", 2)]
     assert all(r["tok_s"] > 0 and r["ttft_p50"] > 0 for r in rows)
+    # each level against the engine's own decode at its batch (clients, at most the slots; 1 alone)
+    assert all(r["engine_tok_s"] > 0 and r["served_share"] == r["tok_s"] / r["engine_tok_s"] for r in rows)
+    assert rows[1]["engine_tok_s"] != rows[0]["engine_tok_s"] and rows[3]["engine_tok_s"] == rows[0]["engine_tok_s"]

@@ -33,6 +33,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "--concurrency, continuous batching vs one request at a time")
     p.add_argument("--concurrency", type=int_list, default=(1, 4, 16, 64), help="with --serve: concurrent clients")
     p.add_argument("--slots", type=int, default=16, help="with --serve: sequences batched together")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--json", action="store_true")
 
 
@@ -54,10 +55,17 @@ def run(args: argparse.Namespace) -> int:
     parallel = parallel_config().from_dict(settings_from_args(args, parallel_config()))
     if parallel.parallel and (args.baseline or args.serve or settings.get("engine") is False):
         raise SlimError("--baseline, --serve and --no-engine run in one process; drop --tp/--pp for them")
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        raise SlimError(f"device {args.device!r} must be cpu or cuda (--device)")
+    if args.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SlimError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
     model, tokenizer = load(args.model, tp=parallel.tp, pp=parallel.pp, split_head=parallel.split_head,
-                           micro_batches=parallel.micro_batches)
+                           micro_batches=parallel.micro_batches, device=args.device)
     if args.serve:
-        return _serve_load(args, model, tokenizer)
+        return _serve_load(args, model, tokenizer, settings)
     try:
         result = bench(model, **settings)
     finally:
@@ -79,15 +87,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_load(args: argparse.Namespace, model, tokenizer) -> int:
-    from slimlm.server.load_test_client import compare_batching
+def _serve_load(args: argparse.Namespace, model, tokenizer, settings: dict) -> int:
+    """The server under load, and the engine's own decode at the batch each load level runs (as many
+    sequences as clients, at most --slots): served tokens/s as a share of what the engine can do."""
+    from slimlm.api import bench
+    from slimlm.server.load_test_client import LENGTHS, compare_batching
 
     rows = compare_batching(model, tokenizer, list(args.concurrency), args.slots)
+    batches = sorted({min(c, args.slots) for c in args.concurrency} | {1})
+    engine = bench(model, **{**settings, "batch_sizes": tuple(batches), "prompt_tokens": 8,
+                             "new_tokens": max(LENGTHS)}).decode_tps
+    for r in rows:
+        batch = min(r["clients"], args.slots if r["server"].startswith("continuous") else 1)
+        r["engine_tok_s"] = engine[batch]
+        r["served_share"] = r["tok_s"] / engine[batch]
     if args.json:
         print_json(rows)
         return 0
     print_table([{"server": r["server"], "clients": str(r["clients"]), "tok/s": f"{r['tok_s']:.1f}",
+                  "engine tok/s": f"{r['engine_tok_s']:.1f}", "served / engine": f"{100 * r['served_share']:.0f}%",
                   "TTFT p50 ms": f"{1e3 * r['ttft_p50']:.0f}", "TTFT p99 ms": f"{1e3 * r['ttft_p99']:.0f}",
                   "ITL p50 ms": f"{1e3 * r['itl_p50']:.1f}", "ITL p99 ms": f"{1e3 * r['itl_p99']:.1f}"} for r in rows],
-                title=f"{args.model}: streaming load on loopback")
+                title=f"{args.model} on {args.device}: streaming load on loopback against the engine's own "
+                      "decode at the same batch")
     return 0

@@ -9,6 +9,11 @@ Every step runs the decoder's one layer loop (`decoder.forward`) with an op set 
 PyTorch ops for prefill, and for decode the CUDA graph of the static-shape ops, the fused C++ ops
 (CPU), or the PyTorch ops, whichever can run. The lengths of the slots live on the host, so the
 cache's bounds check never reads anything back from the device.
+
+A slot is a name; the cache row that holds it is the engine's business: the slots holding tokens
+occupy rows 0..n-1 (a new sequence takes the first free row; releasing one moves the sequence in the
+last occupied row into its row). So any set of active slots decodes on rows 0..n-1 of the cache: one
+bucketed CUDA graph, and slices rather than gathers of the cache elsewhere.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ class Engine:
     once: build a new Engine after replacing modules of the model or forcing other kernels."""
 
     def __init__(self, model: nn.Module, slots: int = 1, max_len: int | None = None, kv_dtype: str = "auto",
-                 fused_step: bool | None = None, cuda_graphs: bool | None = None,
+                 fused_step: bool | None = None, cuda_graphs: bool | None = None, static_steps: bool = False,
                  spec: decoder.DecoderSpec | None = None, reduce=None, first: bool = True, last: bool = True) -> None:
         """fused_step: decode with the fused C++ step on CPU (`fused.py`); cuda_graphs: replay decode
-        steps of slots 0..B-1 from CUDA graphs (`graphs.py`). None: whenever they can run.
+        steps from CUDA graphs, one per bucket of batch sizes (`graphs.py`). None: whenever they can run.
+        static_steps: run those bucketed fixed-shape steps without capturing them (any device; for tests).
         spec, reduce: for a shard of a model (tensor parallelism): the heads this process holds, and the
         function that sums the row-parallel outputs across processes (`DecoderPlan.reduce`).
         first, last: for a pipeline stage: whether it embeds the tokens (else `append`/`decode` take the
@@ -56,6 +62,9 @@ class Engine:
         self.cache = KVCache(spec.n_layers, slots, spec.n_kv_heads, self.max_len, spec.head_dim, float_dtype(model),
                              self.device, quantized=kv_dtype == "int8")
         self.lengths = torch.zeros(slots, dtype=torch.long)  # tokens held per slot, on the host
+        self.row_of = torch.arange(slots)  # slot -> cache row; slots holding tokens are in rows 0..n-1
+        self.slot_of = torch.arange(slots)  # cache row -> slot
+        self.holding = torch.zeros(slots, dtype=torch.bool)  # slots that own a row (from their first token)
         self.plan = decoder.build_plan(model, spec, first, last)
         if reduce is not None:
             self.plan.reduce = reduce
@@ -67,12 +76,15 @@ class Engine:
         if cuda_graphs and not can_graph:
             raise SlimError("CUDA graphs need a CUDA device, an unquantized KV cache and the whole model in one process")
         self.cuda_graphs = can_graph if cuda_graphs is None else cuda_graphs
-        self._graphs: dict[int, graphs.GraphedDecode] = {}
+        self.static_steps = self.cuda_graphs or static_steps
+        self.buckets = graphs.buckets(slots)
+        self._graphs: dict[int, graphs.StaticStep] = {}
 
     @property
     def decode_ops(self) -> str:
         """Which op set runs decode steps: 'cuda-graphs', 'fused' (the C++ CPU step) or 'torch'."""
-        return "cuda-graphs" if self.cuda_graphs else "fused" if self.fused is not None else "torch"
+        return ("cuda-graphs" if self.cuda_graphs else "static" if self.static_steps else
+                "fused" if self.fused is not None else "torch")
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -95,8 +107,10 @@ class Engine:
             raise SlimError("the prompt is empty; give at least one token")
         if start + n >= self.max_len:
             raise SlimError(f"the prompt has {start + n} tokens; this engine holds {self.max_len} per sequence")
+        self._take_first_free_row(slot)
+        row = int(self.row_of[slot])
         batch = decoder.Batch(ids, torch.arange(start, start + n, device=self.device)[None],
-                              torch.tensor([slot], device=self.device), contiguous=slot == 0,
+                              torch.tensor([row], device=self.device), contiguous=row == 0,
                               last_only=not all_logits, fresh=start == 0 and not read_back,
                               hidden=None if hidden is None else hidden.reshape(1, n, -1).to(self.device))
         logits = decoder.forward(self.plan, self.torch_ops, batch)
@@ -109,23 +123,51 @@ class Engine:
         slots = slots.cpu()
         b, tokens = len(slots), tokens.to(self.device)
         held = self.lengths[slots]  # (B,) each sequence's next position
+        for slot in slots[~self.holding[slots]].tolist():  # a sequence started by a decode step
+            self._take_first_free_row(slot)
         self.cache.check_room(int(held.max()) + 1)
-        contiguous = bool(torch.equal(slots, torch.arange(b)))
-        positions = held.to(self.device)
-        if self.cuda_graphs and contiguous:
-            if b not in self._graphs:
-                self._graphs[b] = graphs.GraphedDecode(self.plan, self.cache, b)
-            logits = self._graphs[b](tokens, positions)
+        rows = self.row_of[slots]
+        if self.static_steps and hidden is None:
+            occupied = int(self.holding.sum())  # rows 0..occupied-1
+            bucket = next(size for size in self.buckets if size >= occupied)
+            if bucket not in self._graphs:
+                self._graphs[bucket] = graphs.StaticStep(self.plan, self.cache, bucket, graph=self.cuda_graphs)
+            logits = self._graphs[bucket](rows, tokens, held)
         else:
+            contiguous = bool(torch.equal(rows, torch.arange(b)))
+            positions = held.to(self.device)
             ops = self.fused if self.fused is not None else self.torch_ops
-            batch = decoder.Batch(tokens[:, None], positions[:, None], slots.to(self.device), contiguous,
+            batch = decoder.Batch(tokens[:, None], positions[:, None], rows.to(self.device), contiguous,
                                   hidden=None if hidden is None else hidden.reshape(b, 1, -1).to(self.device))
             logits = decoder.forward(self.plan, ops, batch)
-        self.lengths[slots] += 1
+        self.lengths[slots] = held + 1
         return logits
 
     def release(self, slot: int) -> None:
+        """Free `slot`; the sequence in the last occupied row moves into its row (rows stay 0..n-1)."""
+        if self.holding[slot]:
+            last = int(self.holding.sum()) - 1
+            row = int(self.row_of[slot])
+            if row != last:
+                other = int(self.slot_of[last])
+                self.cache.move(last, row, int(self.lengths[other]))
+                self._swap_rows(slot, other)
         self.lengths[slot] = 0
+        self.holding[slot] = False
+
+    def _take_first_free_row(self, slot: int) -> None:
+        """Give the empty `slot` the first free row (rows of the slots holding tokens are 0..n-1)."""
+        if self.holding[slot]:
+            return
+        free = int(self.holding.sum())
+        if int(self.row_of[slot]) != free:
+            self._swap_rows(slot, int(self.slot_of[free]))
+        self.holding[slot] = True
+
+    def _swap_rows(self, a: int, b: int) -> None:
+        ra, rb = int(self.row_of[a]), int(self.row_of[b])
+        self.row_of[a], self.row_of[b] = rb, ra
+        self.slot_of[ra], self.slot_of[rb] = b, a
 
 
 def engine_for(model: nn.Module, slots: int = 1, max_len: int | None = None, kv_dtype: str = "auto", **settings):

@@ -1,11 +1,15 @@
 """CUDA-graph decode for the engine: on a GPU a small model's decode step is bound by kernel launches
 (~25 per layer from Python; the H200 ran a 1.1B bf16 model at 50 tokens/s at batch 1 that way), so
-the step for slots 0..B-1 is captured once as a CUDA graph and replayed.
+decode steps are captured once as CUDA graphs and replayed.
 
 A graph needs fixed shapes and no host synchronisation, so `StaticOps` (the decoder's static-shape
 op set) attends over the whole cache (max_len keys) with a mask built on the device from each row's
-position, and writes the new keys and values with device-side indices. It is plain PyTorch and runs
-on any device: the tests check it against the dynamic step on CPU; capturing needs CUDA.
+position, and writes the new keys and values with device-side indices. One `StaticStep` per bucket of
+batch sizes (1, 2, 4, ..., slots) runs cache rows 0..B-1 and any subset of them, so the server's
+continuous batching, whose active set changes every step, replays graphs too: the engine keeps the
+sequences it holds in the lowest cache rows (`Engine.release` moves the last one into a freed row).
+It is plain PyTorch and runs on any device: the tests check it against the dynamic step on CPU;
+capturing needs CUDA.
 """
 
 from __future__ import annotations
@@ -54,36 +58,64 @@ class StaticOps(TorchOps):
 
 
 def static_decode(plan: DecoderPlan, ops: StaticOps, tokens: Tensor, positions: Tensor) -> Tensor:
-    """One token per slot for slots 0..B-1: tokens, positions (B,) on the model's device; logits (B, V)."""
+    """One token per row for cache rows 0..B-1: tokens, positions (B,) on the model's device; logits (B, V)."""
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     return forward(plan, ops, Batch(tokens[:, None], positions[:, None], rows, contiguous=True))
 
 
-class GraphedDecode:
-    """Replays a captured `static_decode` for a fixed batch of slots 0..B-1 (CUDA only)."""
+def buckets(slots: int) -> list[int]:
+    """Batch sizes with a static step of their own: powers of two below `slots`, and `slots`."""
+    sizes, b = [], 1
+    while b < slots:
+        sizes.append(b)
+        b *= 2
+    return sizes + [slots]
 
-    def __init__(self, plan: DecoderPlan, cache: KVCache, batch: int) -> None:
+
+class StaticStep:
+    """The decode step of cache rows 0..B-1 (B a bucket from `buckets`) for any subset of them: the rows
+    that do not decode this step feed token 0 at the scratch position max_len - 1, whose key no sequence
+    reads before writing it itself (a sequence reaches that position only by decoding its last token).
+    graph: capture it once as a CUDA graph and replay it (CUDA only); else run it eagerly, the same ops
+    (how the tests check the captured step's logic on CPU)."""
+
+    def __init__(self, plan: DecoderPlan, cache: KVCache, bucket: int, graph: bool) -> None:
         device = cache.k[0].device
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
-        ops = StaticOps(plan.spec, cache)
-        args = (plan, ops, self.tokens, self.positions)
-        # Warm up on a side stream (kernels choose and repack their state), then capture. The warm-up
-        # writes keys at the last position of each slot: beyond every sequence held now, so never read
-        # before a real step writes it.
-        self.positions.fill_(cache.max_len - 1)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                static_decode(*args)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = static_decode(*args)
+        self.bucket, self.scratch = bucket, cache.max_len - 1
+        self.tokens = torch.zeros(bucket, dtype=torch.long, device=device)
+        self.positions = torch.full((bucket,), self.scratch, dtype=torch.long, device=device)
+        self.args = (plan, StaticOps(plan.spec, cache), self.tokens, self.positions)
+        self.graph = None
+        if graph:
+            # Warm up on a side stream (kernels choose and repack their state), then capture; the
+            # warm-up writes only scratch positions.
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    static_decode(*self.args)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = static_decode(*self.args)
 
-    def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        self.graph.replay()
-        return self.logits.clone()
+    def __call__(self, rows: Tensor, tokens: Tensor, held: Tensor) -> Tensor:
+        """Logits (b, V) of rows (b,) (host) feeding tokens (b,) at positions held (b,) (host)."""
+        device, b = self.tokens.device, len(rows)
+        positions = torch.full((self.bucket,), self.scratch, dtype=torch.long)
+        positions[rows] = held
+        host = [positions, rows] + ([tokens.long()] if tokens.device.type == "cpu" else [])
+        packed = torch.cat(host)
+        if device.type == "cuda":  # pinned and asynchronous: the step never waits for the host
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        rows_on = packed[self.bucket:self.bucket + b]
+        tokens = packed[self.bucket + b:] if len(host) == 3 else tokens
+        self.positions.copy_(packed[:self.bucket])
+        self.tokens.zero_()
+        self.tokens.index_copy_(0, rows_on, tokens)
+        if self.graph is None:
+            logits = static_decode(*self.args)
+        else:
+            self.graph.replay()
+            logits = self.logits
+        return logits.index_select(0, rows_on)

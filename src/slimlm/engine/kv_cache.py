@@ -64,6 +64,13 @@ class KVCache:
             else:
                 store[layer].transpose(1, 2)[b, positions] = x.to(self.dtype)
 
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` tokens of slot row `src` into row `dst` (the engine keeps its sequences in
+        the lowest rows; one copy per finished sequence)."""
+        stores = self.k + self.v + (self.k_scale + self.v_scale if self.quantized else [])
+        for t in stores:
+            t[dst, :, :length] = t[src, :, :length]
+
     def static_index(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Indices (slot, head, position) for `write_static` of slots 0..B-1 at positions (B,), built on
         the device: nothing syncs with the host, so a step using them can be captured in a CUDA graph."""
