@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from slimlm.core.errors import SlimError
+from slimlm.core.memory import hugepage_empty
 
 
 def first_line(e: BaseException) -> str:
@@ -103,7 +104,7 @@ class SafetensorsReader:
 
     def read(self, name: str) -> torch.Tensor:
         file, entry = self._entry(name)
-        out = torch.empty(list(entry["shape"]), dtype=_ST_DTYPES[entry["dtype"]])
+        out = hugepage_empty(list(entry["shape"]), _ST_DTYPES[entry["dtype"]])
         return self._read_into(file, entry["data_offsets"][0], out)
 
     def read_slice(self, name: str, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
@@ -115,12 +116,12 @@ class SafetensorsReader:
         row_bytes = (entry["data_offsets"][1] - begin) // max(shape[0], 1)
         width = sum(b - a for a, b in ranges)
         if dim == 0:
-            out, at = torch.empty([width, *shape[1:]], dtype=dtype), 0
+            out, at = hugepage_empty([width, *shape[1:]], dtype), 0
             for a, b in ranges:  # a run of rows is contiguous in the file and in `out`
                 self._read_into(file, begin + a * row_bytes, out[at : at + b - a])
                 at += b - a
             return out
-        out = torch.empty([shape[0], width, *shape[2:]], dtype=dtype)
+        out = hugepage_empty([shape[0], width, *shape[2:]], dtype)
         rows = max(1, min(shape[0], _BLOCK_BYTES // max(row_bytes, 1)))
         block = torch.empty([rows, *shape[1:]], dtype=dtype)
         for r in range(0, shape[0], rows):
@@ -134,31 +135,18 @@ class SafetensorsReader:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint, memory-mapped."""
-    from safetensors.torch import load_file
-
-    files = safetensors_files(path)
+    """All tensors of a (possibly sharded) safetensors checkpoint, read into memory of their own in
+    huge pages where the OS offers them (`hugepage_empty`: a decode step streams them every token);
+    a tensor stored once for several names (tied) is one tensor under each."""
+    reader = SafetensorsReader(path)
     state: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    for name in files:
-        try:
-            state.update(load_file(path / name))
-            aliases.update(_read_aliases(path / name))
-        except Exception as e:  # SafetensorError / OSError: corrupt, truncated or missing shard
-            raise SlimError(f"weights file {path / name} is corrupt or missing ({first_line(e)}); re-save the model") from None
-    for alias, target in aliases.items():  # tied tensors were stored once; a target may sit in any shard
+    for name in sorted(reader.where):  # file order within each shard
+        state[name] = reader.read(name)
+    for alias, target in reader.aliases.items():  # tied tensors were stored once; a target may sit in any shard
         if target not in state:
             raise SlimError(f"weights in {path} name '{alias}' as a copy of missing '{target}'; the folder is corrupt")
         state.setdefault(alias, state[target])
     return state
-
-
-def _read_aliases(file: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(file, framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta.get("aliases", "{}"))
 
 
 def dedup_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,4 +1,16 @@
-"""Returning freed memory to the operating system between calibration blocks.
+"""Host memory: weights in huge pages, and returning freed memory to the operating system.
+
+Huge pages: a decode step streams every weight once, and with 4 KiB pages the CPU walks a page
+table entry per 4 KiB and its prefetchers stop at every page boundary. In 2 MiB transparent huge
+pages the same read runs faster (this 2-core VM: 55 against 42 GB/s summing 256 MB, alternating).
+Linux gives them to a private anonymous mapping advised with MADV_HUGEPAGE (the default "madvise"
+setting of /sys/kernel/mm/transparent_hugepage/enabled); torch's own allocator does not ask for
+them (unless THP_MEM_ALLOC_ENABLE is set before its first allocation, which rounds every large
+buffer up to 2 MiB). `hugepage_empty` maps one buffer per tensor, so nothing is rounded up beyond
+4 KiB and each tensor is freed on its own; elsewhere, for small tensors, or with SLIMLM_HUGEPAGES=0,
+it is `torch.empty`. Loading puts every weight there; so do the kernels' repacked copies.
+
+Freed memory between calibration blocks:
 
 glibc's malloc raises its mmap threshold after large buffers are freed, so later tensors come from
 the heap and freed blocks' float weights stay in the process's resident set: quantizing a model
@@ -11,7 +23,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
+import os
 import sys
+
+HUGE_PAGE = 2 << 20
 
 
 @functools.cache
@@ -30,6 +46,36 @@ def release_freed_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def hugepages_available() -> bool:
+    """Linux with the madvise call Python exposes; SLIMLM_HUGEPAGES=0 turns them off (for comparisons)."""
+    return (sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
+            and os.environ.get("SLIMLM_HUGEPAGES", "1") != "0")
+
+
+def hugepage_empty(shape, dtype):
+    """An uninitialised CPU tensor in memory advised for transparent huge pages where it is at least
+    one huge page and the OS offers them; else `torch.empty`. Its storage is its own mapping (freed
+    with the tensor)."""
+    import torch
+
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    nbytes = numel * dtype.itemsize
+    if nbytes < HUGE_PAGE or not hugepages_available():
+        return torch.empty(shape, dtype=dtype)
+    try:
+        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError):  # no such mapping or advice here: plain memory
+        return torch.empty(shape, dtype=dtype)
+    import warnings
+
+    with warnings.catch_warnings():  # frombuffer warns about non-writable buffers; this one is writable
+        warnings.simplefilter("ignore")
+        return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)
 
 
 def available_bytes() -> int | None:

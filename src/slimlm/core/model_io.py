@@ -4,8 +4,10 @@
 `from_pretrained` (safetensors or .bin, sharded or not; it builds on the meta device and assigns
 weights). A folder slimlm compressed carries a `quantization_config` block with
 `quant_method: "slimlm"`: the skeleton is built with parameters on the meta device, the listed
-layers are swapped for their compressed modules, and the mmap'd safetensors are assigned in place
-(`load_state_dict(assign=True)`), so no weight is ever materialised twice.
+layers are swapped for their compressed modules, and the checkpoint's tensors, read straight from
+the files into huge-page memory (`files.read_safetensors`), are assigned in place
+(`load_state_dict(assign=True)`), so no weight is ever materialised twice, and no page of the file
+is mapped into the process beside them.
 
 `save_model(...)` writes an ordinary HF folder (config.json, safetensors shards, tokenizer, plus
 any extra files such as the recipe and the report) into a temporary folder beside the target and

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slimlm.core.cpp_ext import load_cpp
+from slimlm.core.memory import hugepage_empty
 from slimlm.quant.kernels.base import KernelBase
 from slimlm.quant.kernels.cpu_int4 import COMPUTE
 from slimlm.quant.primitives import group_size_for
@@ -47,7 +48,9 @@ def repack_int4(layer) -> tuple[Tensor, Tensor, Tensor]:
     chunk 64 bytes with byte 4j+i = q[16t+j, 8c+i] | q[16t+j, 8c+4+i] << 4 (see the .cpp header)."""
     n, k = layer.out_features, layer.in_features
     q = layer.codes().view(n // 16, 16, k // 8, 2, 4)  # (tile, row, chunk, half, i)
-    qw = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous().view(n // 16, -1)
+    qw = hugepage_empty((n // 16, k // 8, 16, 4), torch.uint8)
+    qw.copy_((q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3))
+    qw = qw.view(n // 16, -1)
     g = layer.scale.shape[1]
     sc = layer.scale.to(torch.float16).view(n // 16, 16, g).transpose(1, 2).contiguous()
     zp = layer.zero_points().to(torch.uint8).view(n // 16, 16, g).transpose(1, 2).contiguous()
@@ -58,7 +61,9 @@ def repack_int8(layer) -> tuple[Tensor, Tensor, Tensor]:
     """qw uint8 (N/16, K·16) of unsigned codes in 16x4 chunks, per-row scale and zero point fp32 (N,)."""
     n, k = layer.out_features, layer.in_features
     codes = layer.qweight.view(torch.uint8) ^ 0x80  # int8 q - 128 -> unsigned q
-    qw = codes.view(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(n // 16, -1)
+    qw = hugepage_empty((n // 16, k // 4, 16, 4), torch.uint8)
+    qw.copy_(codes.view(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3))
+    qw = qw.view(n // 16, -1)
     return qw, layer.scale.float().reshape(n).contiguous(), layer.zero_points().float().reshape(n).contiguous()
 
 
