@@ -32,6 +32,8 @@ FAST_CASES = [
     ("cpu_int4_avx512", QuantScheme(bits=4, group_size=128, symmetric=True)),
     ("cpu_int8_avx512", QuantScheme(bits=8, group_size=None, symmetric=True)),
     ("cpu_int8_avx512", QuantScheme(bits=8, group_size=None, symmetric=False)),
+    ("cpu_int8_a16", QuantScheme(bits=8, group_size=None, symmetric=True)),
+    ("cpu_int8_a16", QuantScheme(bits=8, group_size=None, symmetric=False)),
 ] if AVX512 else [])
 INT8_ACTIVATION_CASES = [
     ("cpu_int4_a8", QuantScheme(bits=4, group_size=32, symmetric=False)),
@@ -206,11 +208,12 @@ def test_prefill_dequantization_is_the_reference_weight_rounded_once(k, group, s
 
 @pytest.mark.skipif(not AVX512, reason="needs a C++ compiler and an AVX-512 VNNI/BF16 CPU")
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_int8_prefill_dequantization_is_the_reference_weight_rounded_once(symmetric):
+@pytest.mark.parametrize("name", ["cpu_int8_avx512", "cpu_int8_a16"])
+def test_int8_prefill_dequantization_is_the_reference_weight_rounded_once(symmetric, name):
     from slimlm.quant.kernels import get_kernel
 
     layer = make_layer(48, 256, QuantScheme(bits=8, group_size=None, symmetric=symmetric))
-    kernel = get_kernel("cpu_int8_avx512")
+    kernel = get_kernel(name)
     dense = kernel.dense_weight(layer, kernel.prepare(layer, torch.float32))
     assert torch.equal(dense, layer.dequantize(torch.float32).bfloat16())
 
@@ -241,15 +244,52 @@ def test_int4_a8_is_exactly_int8_activations_times_the_codes(n, k, group, symmet
     assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+def int16_activation_oracle(layer, x):
+    """What cpu_int8_a16 computes, in float64: x rounded to int16 per 256 columns (scale amax/32767, round
+    half to even) times the exact dequantized weight."""
+    m, k = x.shape
+    pad = -k % 256
+    xb = torch.nn.functional.pad(x.double(), (0, pad)).reshape(m, -1, 256)
+    amax = xb.abs().amax(-1, keepdim=True)
+    xq = torch.where(amax > 0, torch.round(xb * (32767 / amax)), torch.zeros_like(xb)) * (amax / 32767)
+    return xq.reshape(m, -1)[:, :k] @ layer.dequantize(torch.float32).double().t() + (
+        layer.bias.double() if layer.bias is not None else 0)
+
+
 @pytest.mark.skipif(not AVX512, reason="needs a C++ compiler and an AVX-512 VNNI/BF16 CPU")
-def test_default_int4_kernel_holds_no_copy_of_the_weights():
-    """int4 weights are held once: the default decode kernel reads the layer's own buffers."""
-    layer = make_layer(64, 256, QuantScheme(bits=4, group_size=32))
+@pytest.mark.parametrize("n, k", [(48, 256), (40, 640), (17, 2048), (24, 160), (32, 96), (8, 5632)])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_int8_a16_is_exactly_int16_activations_times_the_codes(n, k, symmetric, m):
+    """The default int8 decode kernel against its own arithmetic in float64: only float32 rounding
+    differs. Shapes cover partial 256-column blocks (K = 160, 640, 96: an odd 32-column chunk at the
+    end), N not a multiple of 16, K = 5632 (the most products per int32 lane), more than 8 rows; and it
+    is far closer to the exact product than bfloat16 activations are."""
+    layer = make_layer(n, k, QuantScheme(bits=8, group_size=None, symmetric=symmetric))
+    x = torch.randn(m, k)
+    x[:, 0] = 30.0  # an outlier channel: every row's first block has a large scale
+    got = run_with(layer, "cpu_int8_a16", x)
+    want = int16_activation_oracle(layer, x)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    exact = x.double() @ layer.dequantize(torch.float32).double().t() + layer.bias.double()
+    bf16 = run_with(layer, "cpu_int8_avx512", x).double() if n % 16 == 0 else None
+    if bf16 is not None:
+        assert (got.double() - exact).abs().max() < (bf16 - exact).abs().max()
+
+
+@pytest.mark.skipif(not AVX512, reason="needs a C++ compiler and an AVX-512 VNNI/BF16 CPU")
+@pytest.mark.parametrize("scheme, name", [(QuantScheme(bits=4, group_size=32), "cpu_int4_a8"),
+                                          (QuantScheme(bits=8, group_size=None, symmetric=True), "cpu_int8_a16"),
+                                          (QuantScheme(bits=8, group_size=None, symmetric=False), "cpu_int8_a16")])
+def test_default_kernels_hold_no_copy_of_the_weights(scheme, name):
+    """int4 and int8 weights are held once: the default decode kernels read the layer's own buffers
+    (what they keep is per-row or nothing: no tensor the size of the weight)."""
+    layer = make_layer(64, 256, scheme)
     layer(torch.randn(1, 256))
     kernel, state = layer.kernel_state(torch.randn(1, 256))
-    assert kernel.name == "cpu_int4_a8"
+    assert kernel.name == name
     held = [t for t in (state if isinstance(state, tuple) else (state,)) if isinstance(t, torch.Tensor)]
-    assert not held
+    assert all(t.numel() <= layer.out_features for t in held)
 
 
 @pytest.mark.skipif(not AVX512, reason="needs a C++ compiler and an AVX-512 VNNI/BF16 CPU")
