@@ -307,3 +307,26 @@ def test_engine_binding_of_one_layer_equals_the_module(dtype, rows):
     assert torch.equal(bound(x), layer(x))
     float_layer = nn.Linear(8, 8)
     assert single(float_layer, torch.zeros(1, 8)) is float_layer
+
+
+@pytest.mark.skipif(not AVX512, reason="needs a C++ compiler and an AVX-512 VNNI/BF16 CPU")
+@pytest.mark.parametrize("scheme, name", [(QuantScheme(bits=4, group_size=32), "cpu_int4_a8"),
+                                          (QuantScheme(bits=8, group_size=None, symmetric=False), "cpu_int8_a16"),
+                                          (QuantScheme(bits=8, group_size=None), "cpu_int8_avx512")])
+def test_prefill_dequantizes_a_chunk_of_rows_at_a_time(monkeypatch, scheme, name):
+    """Prefill's dense GEMM dequantizes DENSE_CHUNK weight rows at a time (a few MB of temporaries, not the
+    whole bf16 weight): with chunks of 32 rows and a partial last one, it equals the GEMM on the whole
+    dequantized weight."""
+    import slimlm.quant.kernels.cpu_avx512 as avx
+
+    layer = make_layer(80, 256, scheme)
+    x = torch.randn(130, 256)
+    from slimlm.quant.kernels import get_kernel
+
+    kernel = get_kernel(name)
+    state = kernel.prepare(layer, torch.float32)
+    whole = torch.nn.functional.linear(x.bfloat16(), kernel.dense_weight(layer, state)).float()
+    monkeypatch.setattr(avx, "DENSE_CHUNK", 32)
+    chunked = kernel.dense_matmul(x, layer, state)
+    torch.testing.assert_close(chunked, whole, rtol=1e-2, atol=1e-2 * float(whole.abs().max()))
+    assert torch.equal(run_with(layer, name, x), chunked + layer.bias)

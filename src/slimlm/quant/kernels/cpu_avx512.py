@@ -42,6 +42,7 @@ NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
 FUNCTIONS = ("q8a8_mm", "q4bf16_mm_many", "q8bf16_mm", "q4_dequant_bf16", "q8_dequant_bf16", "q4p_a8_mm_many",
              "q8p_a16_mm_many")
 DENSE_ROWS = 128  # the kernel beats dequantize + bf16 GEMM up to ~64-128 rows (benchmarks/kernels.py)
+DENSE_CHUNK = 1024  # weight rows dequantized at a time for prefill's GEMM
 
 
 def extension():
@@ -102,17 +103,28 @@ class _Avx512Kernel(KernelBase):
 
     def dense_weight(self, layer, state) -> Tensor:
         """The weight (N, K) in bfloat16 for prefill's dense GEMM (int4: in C++ from the portable codes)."""
+        return self.dense_weight_rows(layer, state, 0, layer.out_features)
+
+    def dense_weight_rows(self, layer, state, a: int, b: int) -> Tensor:
+        """Rows a..b-1 of `dense_weight`."""
         packed, dense = state
         if self.bits == 8:
             _, scale, zero = packed  # fp32 (N,) each
-            return extension().q8_dequant_bf16(layer.qweight, scale, zero)
-        zero = layer.zero if layer.zero is not None else torch.empty(0, dtype=torch.uint8)
-        return extension().q4_dequant_bf16(layer.qweight, layer.scale, zero, dense)
+            return extension().q8_dequant_bf16(layer.qweight[a:b], scale[a:b], zero[a:b])
+        zero = layer.zero[a:b] if layer.zero is not None else torch.empty(0, dtype=torch.uint8)
+        return extension().q4_dequant_bf16(layer.qweight[a:b], layer.scale[a:b], zero, dense)
+
+    def dense_matmul(self, x: Tensor, layer, state) -> Tensor:
+        """Prefill: x (M, K) @ W^T with W dequantized to bfloat16 `DENSE_CHUNK` rows at a time, so the
+        temporaries are a few MB rather than the whole bf16 weight (23 MB for a 1.1B model's MLP)."""
+        xin, n = x.to(COMPUTE), layer.out_features
+        ys = [F.linear(xin, self.dense_weight_rows(layer, state, a, min(n, a + DENSE_CHUNK))) for a in range(0, n, DENSE_CHUNK)]
+        return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)).to(x.dtype)
 
     def run(self, x: Tensor, layer, state) -> Tensor:
         packed = state[0]
         if x.shape[0] >= self.dense_rows:  # prefill: dequantize to bfloat16 once per call, dense GEMM
-            return F.linear(x.to(COMPUTE), self.dense_weight(layer, state)).to(x.dtype)
+            return self.dense_matmul(x, layer, state)
         ext = extension()
         if self.activations == "bf16" and self.bits == 8:
             y = ext.q8bf16_mm(x.to(COMPUTE).contiguous(), *packed, x.dtype == COMPUTE)
@@ -163,8 +175,7 @@ class CpuInt4A8Kernel(_Avx512Kernel):
     def run_many(self, x: Tensor, layers: list, states: list) -> list[Tensor]:
         """x (M, K) against several layers reading it (q/k/v, gate/up) in one parallel region."""
         if x.shape[0] >= self.dense_rows:  # prefill: dequantize to bfloat16 once per call, dense GEMM
-            return [F.linear(x.to(COMPUTE), self.dense_weight(layer, state)).to(x.dtype)
-                    for layer, state in zip(layers, states)]
+            return [self.dense_matmul(x, layer, state) for layer, state in zip(layers, states)]
         fn = self.bind(layers, states)
         if fn is None:  # different group sizes: one call each
             return [self.bind([layer], [state])(x)[0] for layer, state in zip(layers, states)]
@@ -220,17 +231,16 @@ class CpuInt8A16Kernel(_Avx512Kernel):
         shift = (scale * (128 - zero)).contiguous() if layer.zero is not None else torch.empty(0)
         return scale, shift, zero
 
-    def dense_weight(self, layer, state) -> Tensor:
+    def dense_weight_rows(self, layer, state, a: int, b: int) -> Tensor:
         scale, _, zero = state
-        return extension().q8_dequant_bf16(layer.qweight, scale, zero)
+        return extension().q8_dequant_bf16(layer.qweight[a:b], scale[a:b], zero[a:b])
 
     def run(self, x: Tensor, layer, state) -> Tensor:
         return self.run_many(x, [layer], [state])[0]
 
     def run_many(self, x: Tensor, layers: list, states: list) -> list[Tensor]:
         if x.shape[0] >= self.dense_rows:  # prefill: dequantize to bfloat16 once per call, dense GEMM
-            return [F.linear(x.to(COMPUTE), self.dense_weight(layer, state)).to(x.dtype)
-                    for layer, state in zip(layers, states)]
+            return [self.dense_matmul(x, layer, state) for layer, state in zip(layers, states)]
         return self.bind(layers, states)(x)
 
     def bind(self, layers: list, states: list):
