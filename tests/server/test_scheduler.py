@@ -151,3 +151,30 @@ def test_a_bug_outside_the_per_request_guards_fails_the_requests_in_flight_not_t
         assert run(sched, Request(PROMPTS[0], greedy(3)))[1] == "length"
     finally:
         sched.close()
+
+
+def test_int8_kv_cache_in_serving_gives_each_request_its_output_alone(model):
+    """`slimlm serve --kv-dtype int8`: the scheduler's engine stores keys and values as int8, and
+    requests decoded together get what the engine with the same cache gives each alone."""
+    from slimlm.engine.generate import generate_ids
+
+    sched = Scheduler(model, slots=3, max_len=64, kv_dtype="int8")
+    try:
+        assert sched.engine.cache.quantized and sched.engine.cache.k[0].dtype == torch.int8
+        requests = [Request(p, greedy()) for p in PROMPTS]  # 5 requests on 3 slots: slots are reused
+        for r in requests:
+            sched.submit(r)
+        got = [drain(r)[0] for r in requests]
+    finally:
+        sched.close()
+    for prompt, tokens in zip(PROMPTS, got):
+        alone = generate_ids(model, torch.tensor([prompt]), greedy(), engine=True, kv_dtype="int8")[0].tolist()
+        assert tokens == alone
+
+
+def test_kv_dtype_is_checked_before_anything_loads():
+    from slimlm.server.config import ServeConfig
+
+    assert ServeConfig(kv_dtype="int8").scheduler_settings()["kv_dtype"] == "int8"
+    with pytest.raises(SlimError, match="kv_dtype 'fp8' must be auto or int8"):
+        ServeConfig(kv_dtype="fp8")

@@ -26,6 +26,8 @@ class ServeConfig(Config):
     shutdown_grace: float = field(5.0, "seconds running requests may take to finish after SIGTERM/SIGINT before "
                                        "they are failed")
     dtype: str | None = field(None, "float32, bfloat16 or float16 (default: as stored)")
+    kv_dtype: str = field("auto", "KV cache storage: auto (the model's float dtype) or int8 (a float16 scale per "
+                                  "token and head: about half of bfloat16, so about twice the sequences fit)")
     device: str = field("cpu", "cpu or cuda")
     tp: int = field(1, "tensor-parallel processes per model (each holds a slice of every layer)")
     pp: int = field(1, "pipeline-parallel processes per model (each holds a run of layers)")
@@ -48,6 +50,7 @@ class ServeConfig(Config):
               and self.shutdown_grace >= 0, f"shutdown_grace {self.shutdown_grace!r} must be a number of seconds >= 0 "
                                             "(--shutdown-grace)")
         check(self.device.split(":")[0] in ("cpu", "cuda"), f"device {self.device!r} must be cpu or cuda (--device)")
+        check(self.kv_dtype in ("auto", "int8"), f"kv_dtype {self.kv_dtype!r} must be auto or int8 (--kv-dtype)")
         check(self.tp == 1 or self.pp == 1, "--tp and --pp together are not supported yet; choose one")
         self.http_settings()  # the API key and limits, checked now
 
@@ -58,4 +61,4 @@ class ServeConfig(Config):
 
     def scheduler_settings(self) -> dict:
         return dict(slots=self.slots, max_len=self.max_len, max_queue=self.max_queue, dtype=self.dtype,
-                    device=self.device, tp=self.tp, pp=self.pp, replicas=self.replicas)
+                    device=self.device, tp=self.tp, pp=self.pp, replicas=self.replicas, kv_dtype=self.kv_dtype)

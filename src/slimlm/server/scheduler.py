@@ -85,13 +85,14 @@ def check_settings(slots: int, max_len: int | None, max_queue: int, prefill_chun
 
 class Scheduler:
     def __init__(self, model: nn.Module, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
-                 prefill_chunk: int = 256, metrics: Any = None, name: str = "model") -> None:
+                 prefill_chunk: int = 256, metrics: Any = None, name: str = "model", kv_dtype: str = "auto") -> None:
+        """kv_dtype: 'int8' stores the KV cache as int8 with a float16 scale per token and head (`KVCache`)."""
         check_settings(slots, max_len, max_queue, prefill_chunk)
         if not Engine.supports(model):
             from slimlm.engine.decoder import decoder_spec
 
             raise SlimError(f"serving runs on slimlm's engine, which cannot run this model: {decoder_spec(model)[1]}")
-        self.engine = engine_for(model, slots=slots, max_len=max_len)
+        self.engine = engine_for(model, slots=slots, max_len=max_len, kv_dtype=kv_dtype)
         self.model, self.max_len = model, self.engine.max_len
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.slots, self.max_queue, self.prefill_chunk = slots, max_queue, prefill_chunk
