@@ -87,3 +87,41 @@ def test_unknown_routes_and_methods_answer_in_openai_shape_and_head_health_works
     assert code == 405 and body["error"]["code"] == "method_not_allowed"
     code, body = call(url, "/health", method="HEAD")
     assert code == 200 and body == b""
+
+
+@pytest.mark.parametrize("which", ["demo", "tiny"])
+def test_streamed_text_is_the_whole_decode(which):
+    """The server decodes a short window per token (incremental detokenization); the deltas, plus what
+    an unfinished character held back, add up to decoding all the tokens at once, for any tokens
+    (multi-byte characters split across tokens, special tokens, spaces)."""
+    import random
+
+    import slimlm
+    from slimlm.server.generation import Detokenizer
+    from slimlm.testing.tiny import tiny_tokenizer
+
+    tok = slimlm.load("demo")[1] if which == "demo" else tiny_tokenizer()
+    rng = random.Random(0)
+    texts = ["héllo wörld — ünïcödé ✓ 日本語", "  two  spaces\nnewline\ttab", "def f(x):\n    return x ** 2"]
+    for trial in range(60):
+        if trial < len(texts) * 2:
+            ids = tok(texts[trial % len(texts)])["input_ids"]
+        else:
+            ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 40))]
+        detok = Detokenizer(tok)
+        out = "".join(detok.add(t) for t in ids) + detok.rest()
+        assert out == tok.decode(ids, skip_special_tokens=True), ids
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_a_token_chunk_from_the_template_is_the_models_chunk(kind):
+    """Stream chunks of tokens come from a template rendered once per choice: the same JSON as the
+    pydantic models give, for any text (quotes, backslashes, control and non-ASCII characters)."""
+    from slimlm.server.generation import Reply
+
+    reply = Reply(kind, "m")
+    for index in (0, 2):
+        for text in ["", "plain", 'quo"te \\ back', "\n\t\x00\x1f", "héllo ✓ 日本 \u2028", "slimlm-text-8f3a1c"]:
+            fast, slow = reply.text_event(index, text), reply.event(reply.choice(index, text, None, chunk=True))
+            assert fast.startswith("data: ") and fast.endswith("\n\n")
+            assert json.loads(fast[6:]) == json.loads(slow[6:])

@@ -90,10 +90,18 @@ def run(args: argparse.Namespace) -> int:
 def _serve_load(args: argparse.Namespace, model, tokenizer, settings: dict) -> int:
     """The server under load, and the engine's own decode at the batch each load level runs (as many
     sequences as clients, at most --slots): served tokens/s as a share of what the engine can do."""
+    import torch
+
     from slimlm.api import bench
+    from slimlm.commands.serve import serving_threads
     from slimlm.server.load_test_client import LENGTHS, compare_batching
 
-    rows = compare_batching(model, tokenizer, list(args.concurrency), args.slots)
+    every = torch.get_num_threads()
+    serving_threads(args.threads, args.device)  # the server as `slimlm serve` runs it
+    try:
+        rows = compare_batching(model, tokenizer, list(args.concurrency), args.slots)
+    finally:
+        torch.set_num_threads(every)  # the engine's own figures with every thread
     batches = sorted({min(c, args.slots) for c in args.concurrency} | {1})
     engine = bench(model, **{**settings, "batch_sizes": tuple(batches), "prompt_tokens": 8,
                              "new_tokens": max(LENGTHS)}).decode_tps

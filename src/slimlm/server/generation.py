@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import threading
 import time
 import uuid
+import weakref
 from typing import AsyncIterator, Literal
 
 from slimlm.core.errors import SlimError
@@ -25,8 +28,41 @@ from slimlm.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoic
 from slimlm.server.scheduler import QueueFull, Request, ShuttingDown
 from slimlm.server.state import ServedModel, ServerState
 
+_MARK = "slimlm-text-8f3a1c"  # stands for the text in a chunk's template (`Reply.text_event`)
+
 # finish reasons of the scheduler that end a request with an error: (HTTP status, OpenAI error type)
 FAILURES = {"error": (500, "server_error"), "timeout": (504, "timeout_error"), "shutdown": (503, "server_error")}
+
+
+class _Mailbox:
+    """Events bound for one event loop from other threads, handed over in batches: the first event
+    after a hand-over schedules one callback (a wake-up of the loop, a system call), and every event
+    put before it runs goes with it. A decode step of 16 streams then wakes the loop once, not 16
+    times."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.lock, self.items, self.scheduled = loop, threading.Lock(), [], False
+
+    def put(self, queue: asyncio.Queue, event: tuple) -> None:
+        with self.lock:
+            self.items.append((queue, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop has closed: nobody is listening any more
+            pass
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, event in items:  # in the order they were put
+            queue.put_nowait(event)
+
+
+_MAILBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = weakref.WeakKeyDictionary()
+_MAILBOXES_LOCK = threading.Lock()
 
 
 class EventStream:
@@ -35,12 +71,11 @@ class EventStream:
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
+        with _MAILBOXES_LOCK:
+            self.mailbox = _MAILBOXES.get(self.loop) or _MAILBOXES.setdefault(self.loop, _Mailbox(self.loop))
 
     def put(self, event: tuple) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the event loop has closed: nobody is listening any more
-            pass
+        self.mailbox.put(self.queue, event)
 
     async def get(self) -> tuple:
         return await self.queue.get()
@@ -89,10 +124,40 @@ def cancel_unfinished(requests: list[Request]) -> None:
             r.cancel()
 
 
+class Detokenizer:
+    """Text of a growing list of token ids, a delta per token, by decoding a short window rather than the
+    whole list each time (the incremental scheme of vLLM's detokenizer): the window's text after its
+    first token(s), which give the following tokens their spacing, is what the new token added. A
+    token that ends in a half-decoded character adds nothing until the character completes."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+        self.read_text = ""  # decode(ids[prefix:read])
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        new = self._decode(self.ids[self.prefix:])
+        if len(new) <= len(self.read_text) or new.endswith("\ufffd"):
+            return ""
+        delta = new[len(self.read_text):]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.read_text = self._decode(self.ids[self.prefix:self.read])
+        return delta
+
+    def rest(self) -> str:
+        """What the tokens held back (an incomplete character at the end) decode to."""
+        if self.read == len(self.ids):
+            return ""
+        return self._decode(self.ids[self.prefix:])[len(self.read_text):]
+
+
 async def pieces(tokenizer, r: Request, stop: list[str]) -> AsyncIterator[tuple[str, int | None, object]]:
     """Yield (text delta, token, logprob) as tokens arrive, then ('', None, finish_reason). Ends at a
     stop string (cut before it); raises APIError if the request failed, timed out or was shut down."""
-    text, ids, emitted = "", [], 0
+    text, detok, longest = "", Detokenizer(tokenizer), max((len(s) for s in stop), default=0)
     while True:
         event = await r.events.get()
         if event[0] == "done":
@@ -100,24 +165,26 @@ async def pieces(tokenizer, r: Request, stop: list[str]) -> AsyncIterator[tuple[
             if reason in FAILURES:
                 status, kind = FAILURES[reason]
                 raise APIError(status, message or reason, kind=kind, code=reason)
-            if emitted < len(text):  # a held-back character that never completed
-                yield text[emitted:], None, None
+            rest = detok.rest()  # a held-back character that never completed
+            if rest:
+                yield rest, None, None
             yield "", None, "length" if reason == "length" else "stop"
             return
         _, token, logprob = event
         if token in r.params.stop_ids:
             continue
-        ids.append(token)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        hit = min((text.find(s) for s in stop if s in text), default=-1)
-        if hit >= 0:
-            r.cancel()
-            if hit > emitted:
-                yield text[emitted:hit], token, logprob
-            yield "", None, "stop"
-            return
-        safe = len(text) - (1 if text.endswith("\ufffd") else 0)  # hold back a half-decoded character
-        delta, emitted = text[emitted:safe], max(emitted, safe)
+        delta = detok.add(token)
+        if delta and stop:
+            start = max(0, len(text) - longest + 1)  # a stop string may begin in earlier text
+            text += delta
+            hit = min((at for at in (text.find(s, start) for s in stop) if at >= 0), default=-1)
+            if hit >= 0:
+                r.cancel()
+                emitted = len(text) - len(delta)
+                if hit > emitted:
+                    yield text[emitted:hit], token, logprob
+                yield "", None, "stop"
+                return
         yield delta, token, logprob
 
 
@@ -159,6 +226,7 @@ class Reply:
     model: str
     id: str = ""
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    templates: dict = dataclasses.field(default_factory=dict, repr=False)  # choice index -> (head, tail)
 
     def __post_init__(self) -> None:
         self.id = self.id or f"{'cmpl' if self.kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
@@ -190,6 +258,17 @@ class Reply:
         chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
         return f"data: {chunk.model_dump_json()}\n\n"
 
+    def text_event(self, index: int, text: str) -> str:
+        """`event(choice(index, text, None, chunk=True))`, the chunk of every token, from a template the
+        models render once per choice: only the text changes, written by json.dumps (the same JSON
+        value; pydantic per token cost more than the model's step on small models)."""
+        if index not in self.templates:
+            rendered = self.event(self.choice(index, _MARK, None, chunk=True))
+            head, _, tail = rendered.partition(json.dumps(_MARK))
+            self.templates[index] = (head, tail)
+        head, tail = self.templates[index]
+        return head + json.dumps(text, ensure_ascii=False) + tail
+
 
 async def stream(reply: Reply, tokenizer, requests: list[Request], stop: list[str]) -> AsyncIterator[str]:
     """Server-sent events of every choice in turn, then [DONE]; a failure ends the stream with an
@@ -199,7 +278,10 @@ async def stream(reply: Reply, tokenizer, requests: list[Request], stop: list[st
             if reply.kind == "chat":
                 yield reply.event(reply.choice(i, "", None, chunk=True, opening=True))
             async for delta, token, extra in pieces(tokenizer, r, stop):  # one chunk per token, then the finish
-                yield reply.event(reply.choice(i, delta, extra if token is None else None, chunk=True))
+                if token is None and extra is not None:
+                    yield reply.event(reply.choice(i, delta, extra, chunk=True))
+                else:
+                    yield reply.text_event(i, delta)
         yield "data: [DONE]\n\n"
     except APIError as e:
         yield f"data: {e.body().model_dump_json()}\n\n"

@@ -281,18 +281,30 @@ class Scheduler:
             for r in batch:
                 self._decode([r])
             return
+        picks = [None] * len(batch)
+        greedy = [i for i, r in enumerate(batch) if r.params.temperature <= 0]
+        if greedy:  # every greedy row's argmax in one op and one read-back, not one per request
+            try:
+                rows = logits[greedy].float()
+                picks_greedy = rows.masked_fill(rows.isnan(), float("-inf")).argmax(-1).tolist()
+                for i, token in zip(greedy, picks_greedy):
+                    picks[i] = token
+            except Exception:  # noqa: BLE001 - each request samples (and fails) on its own below
+                pass
         for i, r in enumerate(batch):
-            self._emit(r, logits[i:i + 1])
+            self._emit(r, logits[i:i + 1], picks[i])
 
     def _fail(self, r: Request, stage: str, e: Exception) -> None:
         logger.error("request %s failed in %s", r.id or "?", stage, exc_info=e)
         self._drop(r, "error", f"generation failed: {type(e).__name__}: {e}")
 
-    def _emit(self, r: Request, logits: torch.Tensor) -> None:
-        """Sample r's next token from logits (1, V), stream it, and finish r if it is done."""
+    def _emit(self, r: Request, logits: torch.Tensor, token: int | None = None) -> None:
+        """Sample r's next token from logits (1, V) (unless the batch picked it: `token`), stream it, and
+        finish r if it is done."""
         p = r.params
         try:
-            token = int(sample_next(logits, p.temperature, p.top_k, p.top_p, r.generator)[0])
+            if token is None:
+                token = int(sample_next(logits, p.temperature, p.top_k, p.top_p, r.generator)[0])
             logprob = None
             if p.logprobs:
                 lp = logits[0].float().log_softmax(-1)  # (V,)
