@@ -225,15 +225,22 @@ def bench(model: nn.Module, **settings: Any):
 
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             on_text: Callable[[str], None] | None = None) -> str:
-    """Continue `prompt`; greedy unless temperature > 0. `on_text` streams the pieces."""
+             on_text: Callable[[str], None] | None = None, draft=None, num_speculative: int = 4,
+             spec_stats=None) -> str:
+    """Continue `prompt`; greedy unless temperature > 0. `on_text` streams the pieces. draft: speculative
+    decoding with 'ngram' (prompt lookup) or a draft model (or its folder) of the same tokenizer, proposing
+    `num_speculative` tokens per step (same greedy output; same distribution when sampling); its
+    acceptance statistics fill `spec_stats` (`slimlm.engine.speculative.SpecStats`) when given."""
     from slimlm.engine.generate import generate_text
     from slimlm.engine.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
     if params.max_new_tokens < 1:
         raise SlimError(f"max_new_tokens {max_new_tokens} must be at least 1")
-    return generate_text(model, tokenizer, prompt, params, on_text)
+    if draft is None:
+        return generate_text(model, tokenizer, prompt, params, on_text)
+    return generate_text(model, tokenizer, prompt, params, on_text, draft=draft, num_speculative=num_speculative,
+                         spec_stats=spec_stats)
 
 
 def distill(student: nn.Module, teacher: nn.Module | None, tokenizer, data: str = "demo", eval_data: str | None = None,

@@ -227,3 +227,17 @@ def test_finetune_with_lora_merges_the_adapters(tiny_folder, tmp_path, capsys, m
         deltas.pop(match[0])  # one adapter per layer
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "l", "--json")
     assert code == 0 and json.loads(out)["architecture"] == "LlamaForCausalLM"
+
+
+def test_generate_with_a_draft_prints_the_same_text_and_the_acceptance(tiny_folder, capsys):
+    """`slimlm generate --draft ngram|FOLDER --num-speculative K`: greedy text unchanged; the acceptance
+    and tokens per target step go to stderr; impossible settings are one-line errors."""
+    folder = tiny_folder("llama")
+    prompt = "one two three one two three one two"
+    code, plain, _ = run_cli(capsys, "generate", folder, prompt, "-n", 12)
+    for draft in ("ngram", folder):  # the model itself as its own draft: every token accepted
+        code, out, err = run_cli(capsys, "generate", folder, prompt, "-n", 12, "--draft", draft, "--num-speculative", 3)
+        assert code == 0 and out == plain and "speculative decoding:" in err
+    assert "100% of" in err
+    code, _, err = run_cli(capsys, "generate", folder, prompt, "--draft", "ngram", "--num-speculative", 0)
+    assert code == 2 and "--num-speculative 0 must be at least 1" in err

@@ -143,6 +143,17 @@ class Engine:
         self.lengths[slots] = held + 1
         return logits
 
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the first `length` tokens of `slot` and forget the rest (speculative decoding's rejected
+        draft tokens); later tokens overwrite theirs in the cache."""
+        held = int(self.lengths[slot])
+        if not 0 <= length <= held:
+            raise SlimError(f"cannot keep {length} tokens of a sequence of {held}")
+        if length == 0:
+            self.release(slot)
+        else:
+            self.lengths[slot] = length
+
     def release(self, slot: int) -> None:
         """Free `slot`; the sequence in the last occupied row moves into its row (rows stay 0..n-1)."""
         if self.holding[slot]:

@@ -80,16 +80,26 @@ def _steps_on_model(model: nn.Module, ids: Tensor):
 @torch.no_grad()
 def generate_ids(
     model: nn.Module, ids: Tensor, params: SamplingParams, on_tokens: Callable[[Tensor], None] | None = None,
-    engine: bool | None = None, kv_dtype: str = "auto",
+    engine: bool | None = None, kv_dtype: str = "auto", draft=None, num_speculative: int = 4, spec_stats=None,
 ) -> Tensor:
     """Generate up to max_new_tokens for prompt ids (B, T); returns new tokens (B, n).
 
     Stops when every sequence has produced a stop id (tokens after a stop are repeats of it).
     `on_tokens` receives each step's tokens (B,) as they are produced, for streaming.
     engine: run on slimlm's engine (None: whenever it supports the model); kv_dtype 'int8'
-    quantizes its KV cache.
+    quantizes its KV cache. draft: speculative decoding (`speculative.py`) with 'ngram' (prompt
+    lookup), a draft model or its folder proposing `num_speculative` tokens per target step; its
+    statistics go into `spec_stats` (a `SpecStats`) when given.
     """
     from slimlm.engine.engine import Engine
+
+    if draft is not None:
+        from slimlm.engine import speculative
+
+        tokens, stats = speculative.generate(model, ids, params, draft, num_speculative, on_tokens)
+        if spec_stats is not None:
+            spec_stats.__dict__.update(stats.__dict__)
+        return tokens
 
     device = next(model.parameters()).device
     ids = ids.to(device)
@@ -127,7 +137,8 @@ def stop_ids_for(tokenizer, model: nn.Module) -> tuple[int, ...]:
 
 
 def generate_text(
-    model: nn.Module, tokenizer, prompt: str, params: SamplingParams, on_text: Callable[[str], None] | None = None
+    model: nn.Module, tokenizer, prompt: str, params: SamplingParams, on_text: Callable[[str], None] | None = None,
+    **speculative,
 ) -> str:
     """Generate a continuation of `prompt`; `on_text` receives decoded pieces as they stream."""
     enc = tokenizer(prompt, return_tensors="pt")
@@ -148,7 +159,7 @@ def generate_text(
             on_text(text[len(emitted):])
             emitted = text
 
-    generate_ids(model, ids, params, stream)
+    generate_ids(model, ids, params, stream, **speculative)
     text = tokenizer.decode(produced, skip_special_tokens=True)
     if on_text and len(text) > len(emitted):
         on_text(text[len(emitted):])

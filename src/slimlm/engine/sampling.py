@@ -65,6 +65,26 @@ def sample_next(
     greedy = scores.argmax(-1)  # (B,)
     if temperature <= 0:
         return greedy
+    probs, finite = _sampling_probs(scores, temperature, top_k, top_p)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    sampled = torch.multinomial(probs, 1, generator=generator)[:, 0].to(greedy.device)
+    return torch.where(finite[:, 0], sampled, greedy)
+
+
+def sampling_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """The distribution (B, V) `sample_next` draws from (temperature > 0; a row without a finite
+    maximum puts all its mass on its argmax, which `sample_next` returns for it). Speculative decoding
+    compares the target's and the draft's."""
+    scores = logits.float()
+    scores = scores.masked_fill(scores.isnan(), float("-inf"))
+    probs, finite = _sampling_probs(scores, temperature, top_k, top_p)
+    point = torch.nn.functional.one_hot(scores.argmax(-1), scores.shape[-1]).to(probs.dtype)
+    return torch.where(finite, probs, point)
+
+
+def _sampling_probs(scores: Tensor, temperature: float, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
+    """(probs (B, V), finite (B, 1)): scores (B, V) without NaN -> the tempered, truncated softmax."""
     top = scores.max(-1, keepdim=True).values  # (B, 1)
     finite = torch.isfinite(top)
     f32 = torch.finfo(torch.float32)
@@ -80,8 +100,4 @@ def sample_next(
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p (never the first)
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
-    probs = scores.softmax(-1)  # well defined: every row keeps a 0 score (its maximum)
-    if generator is not None and generator.device != probs.device:
-        probs = probs.to(generator.device)
-    sampled = torch.multinomial(probs, 1, generator=generator)[:, 0].to(greedy.device)
-    return torch.where(finite[:, 0], sampled, greedy)
+    return scores.softmax(-1), finite  # well defined: every row keeps a 0 score (its maximum)

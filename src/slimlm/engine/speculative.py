@@ -1,0 +1,200 @@
+"""Speculative decoding (Leviathan, Kalman & Matias, "Fast Inference from Transformers via Speculative
+Decoding", arXiv 2211.17192; Chen et al., arXiv 2302.01318): a draft proposes k tokens, the target
+scores all of them in one forward over k + 1 positions, and the longest run it agrees with is kept,
+plus one token of the target's own. A decode step reads every weight once whatever the number of
+positions, so each accepted token saves a step.
+
+- Greedy: a draft token is kept while it equals the target's argmax at its position, so the output is
+  exactly plain greedy decoding.
+- Sampling: draft token d, drawn from the draft's distribution q, is kept with probability
+  min(1, p(d) / q(d)), p being the target's distribution (`sampling_probs`: the same temperature,
+  top-k and top-p as plain sampling); at the first rejection the token is drawn from
+  norm(max(0, p - q)); when all k are kept, one more is drawn from p. Every token is then distributed
+  exactly as the target's own sampling would give it (the paper's theorem; `accept` is tested
+  against p statistically).
+
+Drafts: `NgramDraft` (prompt lookup: the tokens that followed the latest earlier occurrence of the
+last n tokens; no model; its q is a point mass, so a token is kept with probability p(d)) and
+`ModelDraft` (a small model with the same tokenizer on its own engine, e.g. a `slimlm distill`
+student with fewer blocks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from slimlm.core.errors import SlimError
+from slimlm.engine.sampling import SamplingParams, sample_next, sampling_probs
+
+
+@dataclasses.dataclass
+class SpecStats:
+    target_steps: int = 0  # target forwards after the prompt (verifications and plain steps)
+    proposed: int = 0
+    accepted: int = 0
+    emitted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.emitted / self.target_steps if self.target_steps else 0.0
+
+
+def accept(target_logits: Tensor, proposal: list[int], draft_probs: Tensor | None, params: SamplingParams,
+           generator: torch.Generator | None = None) -> tuple[list[int], int]:
+    """(tokens to emit, how many of the proposal were kept): the kept proposal tokens and one token of
+    the target's. target_logits (k+1, V) score the positions after each of [last, d_1..d_k];
+    draft_probs (k, V) the draft's distributions (None: the proposal was deterministic)."""
+    k = len(proposal)
+    if params.temperature <= 0:
+        picks = target_logits.float().masked_fill(target_logits.float().isnan(), float("-inf")).argmax(-1).tolist()
+        kept = 0
+        while kept < k and proposal[kept] == picks[kept]:
+            kept += 1
+        return proposal[:kept] + [picks[kept]], kept
+    p = sampling_probs(target_logits, params.temperature, params.top_k, params.top_p)  # (k+1, V)
+    u = torch.rand(k, generator=generator).tolist()
+    for i, d in enumerate(proposal):
+        q_d = float(draft_probs[i, d]) if draft_probs is not None else 1.0
+        if q_d > 0 and u[i] * q_d < float(p[i, d]):  # u < p/q
+            continue
+        q = draft_probs[i] if draft_probs is not None else torch.nn.functional.one_hot(
+            torch.tensor(d), p.shape[-1]).to(p.dtype)
+        residual = (p[i] - q).clamp(min=0)
+        if float(residual.sum()) <= 0:  # p <= q everywhere, which only rounding allows: p itself
+            residual = p[i]
+        return proposal[:i] + [int(torch.multinomial(residual / residual.sum(), 1, generator=generator))], i
+    return proposal + [int(torch.multinomial(p[k], 1, generator=generator))], k
+
+
+class NgramDraft:
+    """Prompt-lookup drafting: the k tokens that followed the latest earlier occurrence of the last n
+    tokens of the sequence (n from `max_n` down to `min_n`); none when there is no such occurrence."""
+
+    def __init__(self, max_n: int = 3, min_n: int = 1) -> None:
+        if not 1 <= min_n <= max_n:
+            raise SlimError(f"n-gram draft: need 1 <= min_n <= max_n (got {min_n}, {max_n})")
+        self.max_n, self.min_n = max_n, min_n
+
+    def propose(self, sequence: list[int], k: int, params: SamplingParams, generator=None) -> tuple[list[int], None]:
+        for n in range(min(self.max_n, len(sequence) - 1), self.min_n - 1, -1):
+            tail = sequence[-n:]
+            for start in range(len(sequence) - n - 1, -1, -1):  # latest match first, not the tail itself
+                if sequence[start:start + n] == tail:
+                    return sequence[start + n:start + n + k], None
+        return [], None
+
+    def rollback(self, length: int) -> None:
+        pass
+
+
+class ModelDraft:
+    """A small causal LM with the target's vocabulary proposing k tokens on its own engine (greedy for a
+    greedy target, else sampled with the target's settings, its distributions returned)."""
+
+    def __init__(self, model: nn.Module, max_len: int) -> None:
+        from slimlm.engine.engine import Engine
+
+        if not Engine.supports(model):
+            raise SlimError("the draft model must run on slimlm's engine (a Llama-family model)")
+        self.engine = Engine(model, slots=1, max_len=max_len)
+        self.held = 0  # tokens of the sequence in the draft's cache
+
+    def propose(self, sequence: list[int], k: int, params: SamplingParams, generator=None) -> tuple[list[int], Tensor | None]:
+        if self.held >= len(sequence):  # keep at least the last token to feed
+            self.rollback(len(sequence) - 1)
+        logits = self.engine.append(0, torch.tensor(sequence[self.held:]), read_back=self.held > 0)
+        self.held = len(sequence)
+        tokens, probs = [], []
+        for i in range(k):
+            row = logits[None]
+            if params.temperature > 0:
+                q = sampling_probs(row, params.temperature, params.top_k, params.top_p)[0]
+                token = int(torch.multinomial(q, 1, generator=generator))
+                probs.append(q)
+            else:
+                token = int(sample_next(row))
+            tokens.append(token)
+            if i + 1 < k:
+                logits = self.engine.decode(torch.tensor([0]), torch.tensor([token]))[0]
+                self.held += 1
+        return tokens, (torch.stack(probs) if probs else None)
+
+    def rollback(self, length: int) -> None:
+        self.held = min(self.held, length)
+        self.engine.truncate(0, self.held)
+
+
+def make_draft(draft, max_len: int):
+    """'ngram' (prompt lookup), a loaded model, or a model folder -> a draft."""
+    if isinstance(draft, (NgramDraft, ModelDraft)):
+        return draft
+    if isinstance(draft, nn.Module):
+        return ModelDraft(draft, max_len)
+    if draft == "ngram":
+        return NgramDraft()
+    from slimlm.core.model_io import load_model
+
+    return ModelDraft(load_model(draft)[0], max_len)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, ids: Tensor, params: SamplingParams, draft, k: int = 4,
+             on_tokens: Callable[[Tensor], None] | None = None) -> tuple[Tensor, SpecStats]:
+    """Tokens (1, n) continuing the prompt ids (1, T) with speculative decoding, and its statistics.
+    The same tokens as `generate_ids` when greedy; the same distribution when sampling."""
+    from slimlm.engine.engine import Engine
+
+    if ids.shape[0] != 1:
+        raise SlimError("speculative decoding runs one sequence at a time; give one prompt")
+    if not isinstance(k, int) or k < 1:
+        raise SlimError(f"num_speculative {k!r} must be at least 1")
+    total = ids.shape[1] + params.max_new_tokens + k + 2
+    engine = Engine(model, slots=1, max_len=total)
+    draft = make_draft(draft, total)
+    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    stats = SpecStats()
+    prompt = ids[0].tolist()
+    logits = engine.prefill(0, ids[0])
+    out: list[int] = []
+
+    def emit(tokens: list[int]) -> bool:
+        """Append tokens up to a stop token or the limit; True when generation is over."""
+        for token in tokens:
+            out.append(token)
+            stats.emitted += 1
+            if on_tokens:
+                on_tokens(torch.tensor([token]))
+            if token in params.stop_ids or len(out) >= params.max_new_tokens:
+                return True
+        return False
+
+    if params.max_new_tokens < 1 or emit([int(sample_next(logits[None], params.temperature, params.top_k, params.top_p,
+                                                          generator)[0])]):
+        return torch.tensor([out], dtype=torch.long), stats
+    while True:
+        budget = min(k, params.max_new_tokens - len(out))
+        proposal, q = draft.propose(prompt + out, budget, params, generator)
+        proposal = proposal[:budget]
+        start = int(engine.lengths[0])
+        stats.target_steps += 1
+        if not proposal:  # nothing to verify: a plain step
+            logits = engine.decode(torch.tensor([0]), torch.tensor([out[-1]]))
+            done = emit([int(sample_next(logits, params.temperature, params.top_k, params.top_p, generator)[0])])
+        else:
+            scored = engine.append(0, torch.tensor([out[-1]] + proposal), all_logits=True, read_back=True)
+            tokens, kept = accept(scored, proposal, q[:len(proposal)] if q is not None else None, params, generator)
+            stats.proposed += len(proposal)
+            stats.accepted += kept
+            engine.truncate(0, start + 1 + kept)  # the last token and the kept ones stay cached
+            draft.rollback(len(prompt) + len(out) + kept)
+            done = emit(tokens)
+        if done:
+            return torch.tensor([out], dtype=torch.long), stats
