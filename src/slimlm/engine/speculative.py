@@ -133,8 +133,9 @@ class ModelDraft:
 
 
 def make_draft(draft, max_len: int):
-    """'ngram' (prompt lookup), a loaded model, or a model folder -> a draft."""
-    if isinstance(draft, (NgramDraft, ModelDraft)):
+    """'ngram' (prompt lookup), a loaded model, a model folder, or anything with `propose` and
+    `rollback` (as `NgramDraft`) -> a draft."""
+    if hasattr(draft, "propose") and hasattr(draft, "rollback"):
         return draft
     if isinstance(draft, nn.Module):
         return ModelDraft(draft, max_len)
