@@ -82,14 +82,16 @@ class EventStream:
 
 
 def start(state: ServerState, served: ServedModel, prompt: list[int], params: SamplingParams, n: int,
-          request_id: str) -> list[Request]:
-    """Submit one request per choice (choice i samples with seed + i); 429 when the queue is full."""
+          request_id: str, constraint=None) -> list[Request]:
+    """Submit one request per choice (choice i samples with seed + i); 429 when the queue is full.
+    constraint: makes each choice's structured-output state (`structured.constraint_factory`)."""
     requests = []
     try:
         for i in range(n):
             seed = None if params.seed is None else params.seed + i
             r = Request(prompt=prompt, params=dataclasses.replace(params, seed=seed),
-                        timeout=state.settings.request_timeout, id=request_id, events=EventStream())
+                        timeout=state.settings.request_timeout, id=request_id, events=EventStream(),
+                        constraint=constraint() if constraint is not None else None)
             requests.append(served.scheduler.submit(r))
     except QueueFull:
         raise APIError(429, "the server is busy (request queue full); retry shortly", kind="rate_limit_error",

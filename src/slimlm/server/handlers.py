@@ -12,6 +12,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request as HTTPRequest
 
+from slimlm.core.errors import SlimError
 from slimlm.engine.sampling import SamplingParams
 from slimlm.server import generation
 from slimlm.server.errors import APIError, from_validation
@@ -82,6 +83,24 @@ def sampling_params(state: ServerState, served: ServedModel, body: GenerationReq
                           stop_ids=(eos,) if eos is not None else (), logprobs=logprobs)
 
 
+async def constraint(served: ServedModel, body: GenerationRequest):
+    """The per-choice structured-output state maker of the request's response_format, or None."""
+    if not body.response_format:
+        return None
+    from slimlm.server.structured import constraint_factory, grammar_for
+
+    try:
+        grammar = grammar_for(body.response_format)
+        if grammar is None:
+            return None
+        if served.model is None:
+            raise SlimError("response_format is not supported with --replicas yet; serve one replica")
+        vocab = served.model.get_input_embeddings().num_embeddings
+        return await asyncio.to_thread(constraint_factory, grammar, served.tokenizer, vocab)
+    except SlimError as e:
+        raise APIError(400, str(e), param="response_format") from None
+
+
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
     """The tokenizer's chat template, or a plain 'role: content' transcript when it has none."""
     if getattr(tokenizer, "chat_template", None):
@@ -115,7 +134,7 @@ async def completions(http: HTTPRequest):
             raise APIError(400, "max_tokens 0 needs echo: true", param="max_tokens")
         logprobs = logprobs_block(tok, prompt, scores) if want_logprobs else None
         return reply.response([reply.choice(0, head, "length", logprobs)], len(prompt), 0)
-    requests = generation.start(state, served, prompt, params, body.n, reply.id)
+    requests = generation.start(state, served, prompt, params, body.n, reply.id, await constraint(served, body))
     if body.stream:
         return _event_stream(state, http, reply, tok, requests, body.stop)
     choices = await generation.collect_all(state, http, tok, requests, body.stop)
@@ -147,7 +166,7 @@ async def chat(http: HTTPRequest):
     if params.max_new_tokens == 0:
         raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
     reply = generation.Reply("chat", served.name)
-    requests = generation.start(state, served, prompt, params, body.n, reply.id)
+    requests = generation.start(state, served, prompt, params, body.n, reply.id, await constraint(served, body))
     if body.stream:
         return _event_stream(state, http, reply, served.tokenizer, requests, body.stop)
     choices = await generation.collect_all(state, http, served.tokenizer, requests, body.stop)

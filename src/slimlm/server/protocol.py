@@ -28,6 +28,9 @@ class GenerationRequest(BaseModel):
     n: int = Field(1, ge=1, le=8, description="choices to generate")
     stop: str | list[str] = Field([], description="a string or up to 4 strings that end the text (not included)")
     stream: bool = False
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+                          '{"name": ..., "schema": {...}}}: the output is then JSON (valid against the schema)')
 
     @model_validator(mode="before")
     @classmethod

@@ -60,6 +60,7 @@ class Request:
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     submitted: float = dataclasses.field(default_factory=time.monotonic)
     finish_reason: str | None = None  # set when the "done" event is sent
+    constraint: Any = None  # structured output: masks the logits, consumes each token (`structured.Constraint`)
     # scheduler state
     slot: int | None = None
     fed: int = 0  # prompt tokens prefilled so far
@@ -282,7 +283,7 @@ class Scheduler:
                 self._decode([r])
             return
         picks = [None] * len(batch)
-        greedy = [i for i, r in enumerate(batch) if r.params.temperature <= 0]
+        greedy = [i for i, r in enumerate(batch) if r.params.temperature <= 0 and r.constraint is None]
         if greedy:  # every greedy row's argmax in one op and one read-back, not one per request
             try:
                 rows = logits[greedy].float()
@@ -303,8 +304,12 @@ class Scheduler:
         finish r if it is done."""
         p = r.params
         try:
+            if r.constraint is not None:
+                logits = r.constraint.mask(logits)
             if token is None:
                 token = int(sample_next(logits, p.temperature, p.top_k, p.top_p, r.generator)[0])
+            if r.constraint is not None and token not in p.stop_ids:
+                r.constraint.advance(token)
             logprob = None
             if p.logprobs:
                 lp = logits[0].float().log_softmax(-1)  # (V,)
@@ -319,7 +324,7 @@ class Scheduler:
             self.metrics.observe_token(r, now, self.name)
         r.last_token_at = now
         r.events.put(("token", token, logprob))
-        if token in p.stop_ids:
+        if token in p.stop_ids or (r.constraint is not None and r.constraint.done):
             self._drop(r, "stop")
         elif len(r.generated) >= p.max_new_tokens:
             self._drop(r, "length")
