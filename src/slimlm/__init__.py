@@ -20,7 +20,7 @@ Step configs for `quantize`, `prune` and `apply`: CastConfig, RTNConfig, GPTQCon
 SmoothQuantConfig, MagnitudeConfig, RandomConfig, TaylorConfig, WandaConfig, SparseGPTConfig,
 HeadsConfig, ChannelsConfig, BlocksConfig, RecoverConfig (recipes only: brief distillation from the
 original after the steps before it). Settings of `distill`/`finetune`: TrainConfig; of `bench`:
-BenchSettings; of `generate` and the server: SamplingParams; of `load` across processes (tp, pp):
+BenchSettings; of `generate` and the server: SamplingParams (and SpecStats, speculative decoding's counts); of `load` across processes (tp, pp):
 ParallelConfig; of `export`: ExportConfig.
 """
 
@@ -42,6 +42,7 @@ _CONFIGS = {
 }
 _OTHER = {"SlimError": "slimlm.core.errors", "TrainConfig": "slimlm.distillation.trainer",
           "BenchSettings": "slimlm.eval.speed", "SamplingParams": "slimlm.engine.sampling",
+          "SpecStats": "slimlm.engine.speculative",
           "ParallelConfig": "slimlm.parallel.group", "ExportConfig": "slimlm.exporters.config"}
 _LAZY = {**_VERBS, **_CONFIGS, **_OTHER}
 

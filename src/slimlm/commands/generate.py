@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     speculative = {}
     if args.draft is not None:
+        from slimlm import SpecStats
         from slimlm.core.errors import SlimError
-        from slimlm.engine.speculative import SpecStats
 
         if parallel.parallel:
             raise SlimError("--draft runs in one process; drop --tp/--pp")
