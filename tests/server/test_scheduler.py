@@ -178,3 +178,45 @@ def test_kv_dtype_is_checked_before_anything_loads():
     assert ServeConfig(kv_dtype="int8").scheduler_settings()["kv_dtype"] == "int8"
     with pytest.raises(SlimError, match="kv_dtype 'fp8' must be auto or int8"):
         ServeConfig(kv_dtype="fp8")
+
+
+def test_a_prompt_prefix_held_by_a_running_request_is_copied_not_recomputed(model):
+    """Prefix reuse: B shares A's 40-token prefix while A runs, so B's prefill starts after it (the
+    copied keys and values counted in stats), and B's output is its output alone; a prefix shorter
+    than MIN_SHARED is computed as usual."""
+    from slimlm.server.scheduler import MIN_SHARED
+
+    shared = [int(t) for t in torch.randint(1, 300, (40,), generator=torch.Generator().manual_seed(0))]
+    a, b, c = shared + [7, 8], shared + [9, 10, 11], shared[:MIN_SHARED - 2] + [12, 13]
+    alone = Scheduler(model, slots=1, max_len=128)
+    try:
+        want_b, want_c = run(alone, Request(b, greedy(8)))[0], run(alone, Request(c, greedy(8)))[0]
+    finally:
+        alone.close()
+    sched = Scheduler(model, slots=3, max_len=128, prefill_chunk=512)
+    try:
+        first = Request(a, greedy(60))
+        sched.submit(first)
+        while not first.generated:  # A's prompt is in the cache
+            time.sleep(0.005)
+        got_b = run(sched, Request(b, greedy(8)))[0]
+        assert sched.stats()["shared_prefix_tokens"] == 40
+        got_c = run(sched, Request(c, greedy(8)))[0]
+        assert sched.stats()["shared_prefix_tokens"] == 40  # too short a prefix: not shared
+        drain(first)
+    finally:
+        sched.close()
+    assert got_b == want_b and got_c == want_c
+
+
+def test_copy_prefix_equals_prefilling_the_prefix(model):
+    from slimlm.engine.engine import Engine
+
+    engine, alone = Engine(model, slots=3, max_len=64), Engine(model, slots=1, max_len=64)
+    engine.prefill(2, torch.tensor([1, 2, 3, 4, 5, 6]))
+    engine.prefill(0, torch.tensor([9, 9]))
+    engine.copy_prefix(2, 1, 4)  # slot 1 starts with 1 2 3 4
+    got = engine.append(1, torch.tensor([7, 8]), read_back=True)
+    torch.testing.assert_close(got, alone.prefill(0, torch.tensor([1, 2, 3, 4, 7, 8])), rtol=1e-5, atol=1e-5)
+    with pytest.raises(SlimError, match="cannot share"):
+        engine.copy_prefix(2, 1, 7)

@@ -143,6 +143,16 @@ class Engine:
         self.lengths[slots] = held + 1
         return logits
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Start slot `dst` with the first `n` tokens slot `src` holds: their keys and values are copied,
+        not computed again (a prompt prefix shared by requests, such as a system prompt)."""
+        if src == dst or not 0 < n <= int(self.lengths[src]):
+            raise SlimError(f"cannot share {n} tokens of a sequence of {int(self.lengths[src])}")
+        self.release(dst)  # may move another sequence's row; rows are read below
+        self._take_first_free_row(dst)
+        self.cache.move(int(self.row_of[src]), int(self.row_of[dst]), n)
+        self.lengths[dst] = n
+
     def truncate(self, slot: int, length: int) -> None:
         """Keep the first `length` tokens of `slot` and forget the rest (speculative decoding's rejected
         draft tokens); later tokens overwrite theirs in the cache."""

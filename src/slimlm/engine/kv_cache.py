@@ -66,7 +66,7 @@ class KVCache:
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` tokens of slot row `src` into row `dst` (the engine keeps its sequences in
-        the lowest rows; one copy per finished sequence)."""
+        the lowest rows, one copy per finished sequence; a shared prompt prefix is copied, not recomputed)."""
         stores = self.k + self.v + (self.k_scale + self.v_scale if self.quantized else [])
         for t in stores:
             t[dst, :, :length] = t[src, :, :length]

@@ -16,6 +16,8 @@ class Metrics:
         self.running = Gauge("slimlm_running_requests", "requests in the running batch", ["model"], registry=r)
         self.kv_used = Gauge("slimlm_kv_cache_tokens", "tokens held in the KV cache", ["model"], registry=r)
         self.kv_capacity = Gauge("slimlm_kv_cache_capacity_tokens", "KV cache size in tokens", ["model"], registry=r)
+        self.shared = Gauge("slimlm_shared_prefix_tokens", "prompt tokens copied from another request's KV cache "
+                            "instead of computed (shared prefixes), since start", ["model"], registry=r)
         self.batch = Histogram("slimlm_decode_batch_size", "sequences per decode step", ["model"], registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.ttft = Histogram("slimlm_time_to_first_token_seconds", "time to first token", ["model"], registry=r,
@@ -42,6 +44,8 @@ class Metrics:
         self.running.labels(model).set(stats["running"])
         self.kv_used.labels(model).set(stats["kv_tokens"])
         self.kv_capacity.labels(model).set(stats["kv_capacity"])
+        if "shared_prefix_tokens" in stats:
+            self.shared.labels(model).set(stats["shared_prefix_tokens"])
 
     def observe_token(self, request, now: float, model: str = "model") -> None:
         self.tokens.labels(model).inc()

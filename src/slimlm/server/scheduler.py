@@ -40,6 +40,7 @@ from slimlm.engine.engine import Engine, engine_for
 from slimlm.engine.sampling import SamplingParams, sample_next
 
 logger = logging.getLogger(__name__)
+MIN_SHARED = 16  # prompt tokens a request must share with a running one for their keys and values to be copied
 
 
 class QueueFull(Exception):
@@ -97,6 +98,7 @@ class Scheduler:
         self.model, self.max_len = model, self.engine.max_len
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.slots, self.max_queue, self.prefill_chunk = slots, max_queue, prefill_chunk
+        self.shared_tokens = 0  # prompt tokens copied from another request's cache instead of computed
         self.metrics, self.name = metrics, name
         self.waiting: list[Request] = []
         self.running: dict[int, Request] = {}
@@ -147,7 +149,8 @@ class Scheduler:
     def stats(self) -> dict[str, int]:
         with self.lock:
             return {"waiting": len(self.waiting), "running": len(self.running),
-                    "kv_tokens": int(self.engine.lengths.sum()), "kv_capacity": self.slots * self.max_len}
+                    "kv_tokens": int(self.engine.lengths.sum()), "kv_capacity": self.slots * self.max_len,
+                    "shared_prefix_tokens": self.shared_tokens}
 
     def shutdown(self, grace: float = 0.0) -> None:
         """Take no more work; fail waiting requests now and running ones still going after `grace` s."""
@@ -243,8 +246,9 @@ class Scheduler:
             while free and self.waiting:
                 r = self.waiting.pop(0)
                 r.slot = free.pop(0)
-                self.running[r.slot] = r
+                self.running[r.slot] = r  # before anything can fail: a failed iteration fails what runs
                 self.engine.release(r.slot)
+                self._share_prefix(r)
             active = list(self.running.values())
         budget = self.prefill_chunk
         for r in active:  # chunked prefill, oldest first
@@ -267,6 +271,31 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.observe_batch(len(decoding), self.stats(), self.name)
         return bool(active)
+
+    def _share_prefix(self, r: Request) -> None:
+        """Prefix reuse: when a running request has already prefilled a prefix of r's prompt (a shared
+        system prompt, few-shot examples, a conversation's history) of at least `MIN_SHARED` tokens, its
+        keys and values are copied into r's slot and r's prefill starts after them. The copy is what r
+        would compute itself (causal attention: a prefix's keys depend on the prefix alone)."""
+        best, n = None, 0
+        for other in self.running.values():
+            if other is r:
+                continue
+            m, limit = 0, min(other.fed, len(r.prompt) - 1)  # keep one prompt token to prefill: its logits
+            while m < limit and other.prompt[m] == r.prompt[m]:
+                m += 1
+            if m > n:
+                best, n = other, m
+        if best is None or n < MIN_SHARED:
+            return
+        try:
+            self.engine.copy_prefix(best.slot, r.slot, n)
+        except Exception:  # noqa: BLE001 - r prefills its whole prompt instead
+            logger.exception("could not share a prefix; prefilling the whole prompt")
+            self.engine.release(r.slot)
+            return
+        r.fed = n
+        self.shared_tokens += n
 
     def _decode(self, batch: list[Request]) -> None:
         """One decode step for `batch`; if it fails, each sequence again alone (only failures fail)."""
