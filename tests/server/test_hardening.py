@@ -303,3 +303,47 @@ def test_clients_that_leave_are_cancelled_within_a_second_under_load(parts):
     assert len(departed) == 8 and all(f[1] == "cancelled" for f in departed.values()), departed
     lags = [departed[p][2] - t for p, t in left.items()]
     assert max(lags) < 1.0 and all(f[3] < 240 for f in departed.values()), (lags, departed)
+
+
+def test_many_streams_sharing_a_system_prompt_some_leaving_get_their_solo_outputs_and_leave_nothing(parts):
+    """Issue 17's load test without speculation: 48 streaming clients at once on 8 slots, all starting
+    with one 40-token "system prompt" (so prefixes are copied between running requests), a quarter
+    hanging up early. Every completed answer equals its solo greedy output, prefixes were shared, and
+    afterwards nothing runs, nothing waits and the KV cache is empty."""
+    system = [int(t) % 300 + 1 for t in range(7, 7 + 40 * 13, 13)]
+    prompts = [system + [10 + i, 20 + i % 5] for i in range(48)]
+    app, sched, metrics = serve(parts, ServeSettings(max_tokens_limit=300), slots=8)
+    try:
+        import torch
+
+        from slimlm.engine.generate import generate_ids
+        from slimlm.engine.sampling import SamplingParams
+
+        eos = parts[1].eos_token_id
+        params = SamplingParams(max_new_tokens=24, stop_ids=(eos,) if eos is not None else ())
+        solo = {tuple(p): parts[1].decode(generate_ids(parts[0], torch.tensor([p]), params, engine=True)[0].tolist(),
+                                          skip_special_tokens=True) for p in prompts}
+        with BackgroundServer(app) as url:
+            got = {}
+
+            def client(i):
+                p = prompts[i]
+                if i % 4 == 3:
+                    leave_early(url, p, stream=True, after=0.02)
+                else:
+                    got[tuple(p)] = text_of(stream_events(url, {"prompt": p, "max_tokens": 24, "temperature": 0}))
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(48)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and (sched.stats()["running"] or sched.stats()["waiting"]):
+                time.sleep(0.05)
+            stats = sched.stats()
+    finally:
+        sched.close()
+    assert len(got) == 36 and all(text == solo[p] for p, text in got.items())
+    assert stats["shared_prefix_tokens"] >= 40 * 10  # most requests copied the system prompt
+    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_tokens"] == 0
