@@ -220,3 +220,39 @@ def test_copy_prefix_equals_prefilling_the_prefix(model):
     torch.testing.assert_close(got, alone.prefill(0, torch.tensor([1, 2, 3, 4, 7, 8])), rtol=1e-5, atol=1e-5)
     with pytest.raises(SlimError, match="cannot share"):
         engine.copy_prefix(2, 1, 7)
+
+
+def test_speculation_with_prompt_lookup_when_one_sequence_decodes(model):
+    """`slimlm serve --draft ngram`: a lone decoding sequence takes speculative steps (prompt lookup,
+    verified in one forward); its output equals plain decoding, greedy; counts reach stats (/metrics)."""
+    prompt = [5, 6, 7, 8, 5, 6, 7, 9, 5, 6, 7, 8, 5, 6]
+    plain = Scheduler(model, slots=2, max_len=96)
+    spec = Scheduler(model, slots=2, max_len=96, draft="ngram", num_speculative=3)
+    try:
+        want = run(plain, Request(prompt, greedy(40)))[0]
+        got = run(spec, Request(prompt, greedy(40)))[0]
+        stats = spec.stats()
+        together = [Request(p, greedy(12)) for p in (prompt, PROMPTS[1])]  # two decode: plain batched steps
+        for r in together:
+            spec.submit(r)
+        assert [drain(r)[0] for r in together] == [want[:12], run(plain, Request(PROMPTS[1], greedy(12)))[0]]
+    finally:
+        plain.close()
+        spec.close()
+    assert got == want
+    assert stats["spec_steps"] > 0 and 0 <= stats["spec_accepted"] <= stats["spec_proposed"]
+    assert stats["spec_emitted"] >= stats["spec_steps"]
+    with pytest.raises(SlimError, match="draft"):
+        Scheduler(model, slots=1, draft="some/folder")
+
+
+def test_metrics_report_speculation_and_shared_prefixes():
+    pytest.importorskip("prometheus_client")
+    from slimlm.server.metrics import Metrics
+
+    m = Metrics()
+    m.observe_batch(1, {"waiting": 0, "running": 1, "kv_tokens": 9, "kv_capacity": 64, "shared_prefix_tokens": 40,
+                        "spec_steps": 4, "spec_proposed": 12, "spec_accepted": 9, "spec_emitted": 13}, "m")
+    text = m.render()
+    assert 'slimlm_spec_acceptance_rate{model="m"} 0.75' in text and 'slimlm_spec_tokens_per_step{model="m"} 3.25' in text
+    assert 'slimlm_shared_prefix_tokens{model="m"} 40.0' in text

@@ -26,6 +26,8 @@ class ServeConfig(Config):
     shutdown_grace: float = field(5.0, "seconds running requests may take to finish after SIGTERM/SIGINT before "
                                        "they are failed")
     dtype: str | None = field(None, "float32, bfloat16 or float16 (default: as stored)")
+    draft: str | None = field(None, "speculative decoding when one sequence decodes: 'ngram' (prompt lookup)")
+    num_speculative: int = field(4, "with --draft: tokens proposed per step")
     kv_dtype: str = field("auto", "KV cache storage: auto (the model's float dtype) or int8 (a float16 scale per "
                                   "token and head: about half of bfloat16, so about twice the sequences fit)")
     device: str = field("cpu", "cpu or cuda")
@@ -51,6 +53,9 @@ class ServeConfig(Config):
                                             "(--shutdown-grace)")
         check(self.device.split(":")[0] in ("cpu", "cuda"), f"device {self.device!r} must be cpu or cuda (--device)")
         check(self.kv_dtype in ("auto", "int8"), f"kv_dtype {self.kv_dtype!r} must be auto or int8 (--kv-dtype)")
+        check(self.draft in (None, "ngram"), f"draft {self.draft!r}: the server supports 'ngram' (prompt lookup) (--draft)")
+        check(whole(self.num_speculative) and self.num_speculative >= 1,
+              f"num_speculative {self.num_speculative!r} must be at least 1 (--num-speculative)")
         check(self.tp == 1 or self.pp == 1, "--tp and --pp together are not supported yet; choose one")
         self.http_settings()  # the API key and limits, checked now
 
@@ -61,4 +66,5 @@ class ServeConfig(Config):
 
     def scheduler_settings(self) -> dict:
         return dict(slots=self.slots, max_len=self.max_len, max_queue=self.max_queue, dtype=self.dtype,
-                    device=self.device, tp=self.tp, pp=self.pp, replicas=self.replicas, kv_dtype=self.kv_dtype)
+                    device=self.device, tp=self.tp, pp=self.pp, replicas=self.replicas, kv_dtype=self.kv_dtype,
+                    draft=self.draft, num_speculative=self.num_speculative)

@@ -46,6 +46,26 @@ class Metrics:
         self.kv_capacity.labels(model).set(stats["kv_capacity"])
         if "shared_prefix_tokens" in stats:
             self.shared.labels(model).set(stats["shared_prefix_tokens"])
+        if stats.get("spec_steps"):
+            self.observe_spec(stats, model)
+
+    def observe_spec(self, stats: dict, model: str) -> None:
+        if not hasattr(self, "spec_proposed"):
+            from prometheus_client import Gauge
+
+            r = self.registry
+            self.spec_proposed = Gauge("slimlm_spec_proposed_tokens", "draft tokens proposed (speculative decoding)",
+                                       ["model"], registry=r)
+            self.spec_accepted = Gauge("slimlm_spec_accepted_tokens", "draft tokens the model kept", ["model"],
+                                       registry=r)
+            self.spec_rate = Gauge("slimlm_spec_acceptance_rate", "accepted / proposed draft tokens", ["model"],
+                                   registry=r)
+            self.spec_per_step = Gauge("slimlm_spec_tokens_per_step", "tokens emitted per speculative step",
+                                       ["model"], registry=r)
+        self.spec_proposed.labels(model).set(stats["spec_proposed"])
+        self.spec_accepted.labels(model).set(stats["spec_accepted"])
+        self.spec_rate.labels(model).set(stats["spec_accepted"] / max(stats["spec_proposed"], 1))
+        self.spec_per_step.labels(model).set(stats["spec_emitted"] / max(stats["spec_steps"], 1))
 
     def observe_token(self, request, now: float, model: str = "model") -> None:
         self.tokens.labels(model).inc()

@@ -49,7 +49,8 @@ class ReplicaSet:
 
     def __init__(self, path: str, count: int, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
                  dtype: str | None = None, device: str = "cpu", metrics: Any = None, name: str = "model",
-                 threads: int | None = None, tp: int = 1, pp: int = 1, kv_dtype: str = "auto") -> None:
+                 threads: int | None = None, tp: int = 1, pp: int = 1, kv_dtype: str = "auto",
+                 draft: str | None = None, num_speculative: int = 4) -> None:
         import multiprocessing
 
         import torch
@@ -70,7 +71,8 @@ class ReplicaSet:
             process = context.Process(target=replica_main, daemon=tp * pp == 1, name=f"slimlm-replica-{i}",
                                       args=(child, path, dict(slots=slots, max_len=max_len, max_queue=max_queue,
                                                               dtype=dtype, device=device, name=name, tp=tp, pp=pp,
-                                                              kv_dtype=kv_dtype),
+                                                              kv_dtype=kv_dtype, draft=draft,
+                                                              num_speculative=num_speculative),
                                             threads))
             process.start()
             child.close()
@@ -296,7 +298,8 @@ def serve_replica(conn, path: str, settings: dict, threads: int) -> None:
         else:
             model, _ = load_model(path, dtype=settings["dtype"], device=settings["device"])
         scheduler = Scheduler(model, slots=settings["slots"], max_len=settings["max_len"],
-                              max_queue=settings["max_queue"], name=settings["name"], kv_dtype=settings["kv_dtype"])
+                              max_queue=settings["max_queue"], name=settings["name"], kv_dtype=settings["kv_dtype"],
+                              draft=settings["draft"], num_speculative=settings["num_speculative"])
     except Exception as e:  # noqa: BLE001 - reported to the front end, which refuses to start
         conn.send(("failed", f"{type(e).__name__}: {e}".splitlines()[0]))
         return

@@ -87,8 +87,16 @@ def check_settings(slots: int, max_len: int | None, max_queue: int, prefill_chun
 
 class Scheduler:
     def __init__(self, model: nn.Module, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
-                 prefill_chunk: int = 256, metrics: Any = None, name: str = "model", kv_dtype: str = "auto") -> None:
-        """kv_dtype: 'int8' stores the KV cache as int8 with a float16 scale per token and head (`KVCache`)."""
+                 prefill_chunk: int = 256, metrics: Any = None, name: str = "model", kv_dtype: str = "auto",
+                 draft: str | None = None, num_speculative: int = 4) -> None:
+        """kv_dtype: 'int8' stores the KV cache as int8 with a float16 scale per token and head (`KVCache`).
+        draft 'ngram': speculative decoding with prompt lookup (`engine.speculative`) whenever a single
+        sequence decodes (at low load a step is spent on one sequence; in a batch it decodes as usual),
+        proposing `num_speculative` tokens per step."""
+        if draft not in (None, "ngram"):
+            raise SlimError(f"the server's draft {draft!r} is not supported; use 'ngram' (prompt lookup)")
+        if not isinstance(num_speculative, int) or isinstance(num_speculative, bool) or num_speculative < 1:
+            raise SlimError(f"num_speculative {num_speculative!r} must be at least 1")
         check_settings(slots, max_len, max_queue, prefill_chunk)
         if not Engine.supports(model):
             from slimlm.engine.decoder import decoder_spec
@@ -99,6 +107,10 @@ class Scheduler:
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.slots, self.max_queue, self.prefill_chunk = slots, max_queue, prefill_chunk
         self.shared_tokens = 0  # prompt tokens copied from another request's cache instead of computed
+        from slimlm.engine.speculative import NgramDraft
+
+        self.draft, self.num_speculative = (NgramDraft() if draft else None), num_speculative
+        self.spec = {"steps": 0, "proposed": 0, "accepted": 0, "emitted": 0}  # speculative steps' counts
         self.metrics, self.name = metrics, name
         self.waiting: list[Request] = []
         self.running: dict[int, Request] = {}
@@ -150,7 +162,7 @@ class Scheduler:
         with self.lock:
             return {"waiting": len(self.waiting), "running": len(self.running),
                     "kv_tokens": int(self.engine.lengths.sum()), "kv_capacity": self.slots * self.max_len,
-                    "shared_prefix_tokens": self.shared_tokens}
+                    "shared_prefix_tokens": self.shared_tokens, **{f"spec_{k}": v for k, v in self.spec.items()}}
 
     def shutdown(self, grace: float = 0.0) -> None:
         """Take no more work; fail waiting requests now and running ones still going after `grace` s."""
@@ -297,8 +309,42 @@ class Scheduler:
         r.fed = n
         self.shared_tokens += n
 
+    def _speculate(self, r: Request) -> bool:
+        """One speculative step for r, the only sequence decoding: prompt lookup proposes, one forward
+        verifies, the kept tokens and the target's own are emitted (`engine.speculative.accept`). False
+        when there is nothing to propose (a plain step follows)."""
+        from slimlm.engine.speculative import accept
+
+        p = r.params
+        budget = min(self.num_speculative, p.max_new_tokens - len(r.generated),
+                     self.max_len - 2 - int(self.engine.lengths[r.slot]))
+        proposal = self.draft.propose(r.prompt + r.generated, budget, p)[0][:budget] if budget > 0 else []
+        if not proposal:
+            return False
+        start = int(self.engine.lengths[r.slot])
+        scored = self.engine.append(r.slot, torch.tensor([r.generated[-1]] + proposal), all_logits=True, read_back=True)
+        tokens, kept = accept(scored, proposal, None, p, r.generator)
+        self.engine.truncate(r.slot, start + 1 + kept)
+        self.spec["steps"] += 1
+        self.spec["proposed"] += len(proposal)
+        self.spec["accepted"] += kept
+        for i, token in enumerate(tokens):
+            if r.finish_reason is not None:
+                break
+            self.spec["emitted"] += 1
+            self._emit(r, scored[i:i + 1], token)
+        return True
+
     def _decode(self, batch: list[Request]) -> None:
         """One decode step for `batch`; if it fails, each sequence again alone (only failures fail)."""
+        if (self.draft is not None and len(batch) == 1 and batch[0].constraint is None
+                and not batch[0].params.logprobs):
+            try:
+                if self._speculate(batch[0]):
+                    return
+            except Exception as e:  # noqa: BLE001 - fail this request only
+                self._fail(batch[0], "decode", e)
+                return
         slots = torch.tensor([r.slot for r in batch])
         tokens = torch.tensor([r.generated[-1] for r in batch])
         try:

@@ -45,7 +45,8 @@ def model_paths(source: str) -> dict[str, str]:
 
 def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
                 dtype: str | None = None, device: str = "cpu", tp: int = 1, pp: int = 1,
-                replicas: int = 1, kv_dtype: str = "auto") -> dict[str, ServedModel]:
+                replicas: int = 1, kv_dtype: str = "auto", draft: str | None = None,
+                num_speculative: int = 4) -> dict[str, ServedModel]:
     """Load every model of `source` with its scheduler: in this process; spread over tp x pp processes
     (tensor / pipeline parallel, rank 0 here); or as `replicas` worker processes behind this front end."""
     from slimlm.core.model_io import causal_lm_config, load_model, load_tokenizer, read_config_json, resolve_model_path
@@ -62,7 +63,8 @@ def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | No
             # the config handed over, so the tokenizer never reads a guarded config.json itself
             tokenizer = load_tokenizer(folder, causal_lm_config(folder, read_config_json(folder)))
             scheduler = ReplicaSet(path, replicas, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
-                                   device=device, metrics=metrics, name=name, tp=tp, pp=pp, kv_dtype=kv_dtype)
+                                   device=device, metrics=metrics, name=name, tp=tp, pp=pp, kv_dtype=kv_dtype,
+                                   draft=draft, num_speculative=num_speculative)
             served[name] = ServedModel(name, None, tokenizer, scheduler)
             continue
         if tp > 1 or pp > 1:
@@ -73,7 +75,7 @@ def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | No
         else:
             model, tokenizer = load_model(path, dtype=dtype, device=device)
         scheduler = Scheduler(model, slots=slots, max_len=max_len, max_queue=max_queue, metrics=metrics, name=name,
-                              kv_dtype=kv_dtype)
+                              kv_dtype=kv_dtype, draft=draft, num_speculative=num_speculative)
         served[name] = ServedModel(name, model, tokenizer, scheduler)
     return served
 
