@@ -230,3 +230,27 @@ def test_bench_serve_prints_the_load_table(tiny_folder, capsys):
     # each level against the engine's own decode at its batch (clients, at most the slots; 1 alone)
     assert all(r["engine_tok_s"] > 0 and r["served_share"] == r["tok_s"] / r["engine_tok_s"] for r in rows)
     assert rows[1]["engine_tok_s"] != rows[0]["engine_tok_s"] and rows[3]["engine_tok_s"] == rows[0]["engine_tok_s"]
+
+
+def test_a_batch_of_prompts_answers_each_as_alone(server):
+    """OpenAI's batched completions: a list of texts or of token-id lists; choices p·n .. p·n + n - 1
+    answer prompt p, each as the prompt alone would be (greedy), and scoring (echo + logprobs, the way
+    lm-eval's local-completions asks) gives each prompt's own log-probabilities."""
+    url, models = server
+    c, name = client(url), next(iter(models))
+    texts = ["Once upon", "The quick brown fox", "def add(a, b):"]
+    batch = c.completions.create(model=name, prompt=texts, max_tokens=8, temperature=0, n=2)
+    assert [ch.index for ch in batch.choices] == list(range(6))
+    for p, text in enumerate(texts):
+        alone = c.completions.create(model=name, prompt=text, max_tokens=8, temperature=0).choices[0].text
+        assert batch.choices[2 * p].text == batch.choices[2 * p + 1].text == alone
+    ids = [[5, 6, 7, 8], [9, 10, 11]]
+    scored = c.completions.create(model=name, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    for p, prompt in enumerate(ids):
+        alone = c.completions.create(model=name, prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1)
+        assert scored.choices[p].logprobs.token_logprobs == alone.choices[0].logprobs.token_logprobs
+    assert scored.usage.prompt_tokens == 7
+    code, reply, _ = post(url, "/v1/completions", {"model": name, "prompt": texts, "stream": True})
+    assert code == 400 and "stream one prompt" in reply["error"]["message"]
+    code, reply, _ = post(url, "/v1/completions", {"model": name, "prompt": [[1, 2], []]})
+    assert code == 400

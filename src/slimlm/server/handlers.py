@@ -117,15 +117,31 @@ async def score(served: ServedModel, prompt: list[int], top_n: int) -> list:
 
 
 async def completions(http: HTTPRequest):
-    """Continue a prompt (text or token ids); with echo + logprobs and max_tokens 0, score it."""
+    """Continue a prompt (text or token ids) or a batch of them (OpenAI's list of strings or of token-id
+    lists: choices p·n .. p·n + n - 1 answer prompt p, as evaluation harnesses expect); with echo +
+    logprobs and max_tokens 0, score them."""
     state = server_state(http)
     body = await read_body(http, CompletionRequest, state.settings.max_request_bytes)
     served = state.model(body.model)
+    reply = generation.Reply("completion", served.name)
+    if not body.batched:
+        return await complete_one(http, state, served, body, body.prompt, reply)
+    if body.stream:
+        raise APIError(400, "stream one prompt at a time (a batch of prompts cannot be streamed)", param="stream")
+    parts = await asyncio.gather(*(complete_one(http, state, served, body, p, reply, k * body.n)
+                                   for k, p in enumerate(body.prompt)))
+    choices = [c for part in parts for c in part.choices]
+    usage = [(part.usage.prompt_tokens, part.usage.completion_tokens) for part in parts]
+    return reply.response(choices, sum(u[0] for u in usage), sum(u[1] for u in usage))
+
+
+async def complete_one(http: HTTPRequest, state: ServerState, served: ServedModel, body: CompletionRequest,
+                       prompt_spec: str | list[int], reply, first: int = 0):
+    """One prompt's response (its choices numbered from `first`), or its stream."""
     tok = served.tokenizer
-    prompt = await prompt_ids(served, body.prompt)
+    prompt = await prompt_ids(served, prompt_spec)
     want_logprobs = body.logprobs is not None
     params = sampling_params(state, served, body, prompt, max(body.logprobs or 0, 1) if want_logprobs else 0)
-    reply = generation.Reply("completion", served.name)
     scored = body.echo and want_logprobs and not (body.stream and params.max_new_tokens)  # streams carry no logprobs
     scores = await score(served, prompt, body.logprobs or 0) if scored else None
     head = tok.decode(prompt) if body.echo else ""
@@ -133,7 +149,8 @@ async def completions(http: HTTPRequest):
         if not body.echo:
             raise APIError(400, "max_tokens 0 needs echo: true", param="max_tokens")
         logprobs = logprobs_block(tok, prompt, scores) if want_logprobs else None
-        return reply.response([reply.choice(0, head, "length", logprobs)], len(prompt), 0)
+        return reply.response([reply.choice(first + i, head, "length", logprobs) for i in range(body.n)],
+                              len(prompt), 0)
     requests = generation.start(state, served, prompt, params, body.n, reply.id, await constraint(served, body))
     if body.stream:
         return _event_stream(state, http, reply, tok, requests, body.stop)
@@ -144,7 +161,7 @@ async def completions(http: HTTPRequest):
         if want_logprobs:
             logprobs = logprobs_block(tok, (prompt if body.echo else []) + c.tokens,
                                       (scores if body.echo else []) + c.logprobs)
-        out.append(reply.choice(i, head + c.text, c.finish, logprobs))
+        out.append(reply.choice(first + i, head + c.text, c.finish, logprobs))
     return reply.response(out, len(prompt), sum(len(c.tokens) for c in choices))
 
 

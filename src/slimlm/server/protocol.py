@@ -53,18 +53,28 @@ class GenerationRequest(BaseModel):
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions."""
 
-    prompt: str | list[int] = Field(description="text, or a list of token ids")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="text, a list of token ids, or a batch of either (a list of texts or of token-id lists)")
     logprobs: int | None = Field(None, ge=0, le=20, description="report the top N alternatives of each token")
     echo: bool = Field(False, description="prepend the prompt (with logprobs: score it, as evaluation harnesses do)")
 
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, prompt: Any) -> Any:
-        ok = isinstance(prompt, str) or (isinstance(prompt, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt))
-        if not ok:
-            raise ValueError("must be a string or a list of token ids (integers)")
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        batch = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, str) or (ids(p) and p) for p in prompt)
+        if not (isinstance(prompt, str) or ids(prompt) or batch):
+            raise ValueError("must be a string, a list of token ids (integers), or a non-empty list of either")
+        if batch and len(prompt) > 64:
+            raise ValueError("a batch holds at most 64 prompts")
         return prompt
+
+    @property
+    def batched(self) -> bool:
+        """A list of prompts (texts or token-id lists) rather than one."""
+        return isinstance(self.prompt, list) and bool(self.prompt) and not isinstance(self.prompt[0], int)
 
 
 class ChatMessage(BaseModel):
