@@ -205,6 +205,16 @@ def _calibration_samples(model: nn.Module, method: str, config: Any, tokenizer, 
     return my_share(windows, config.batch_size)  # under torch.distributed, this process's share
 
 
+def eval_tasks(model: nn.Module, tokenizer, tasks: list[str], include_path: str | None = None, limit: int | None = None,
+               num_fewshot: int | None = None) -> dict:
+    """Task accuracy through the lm-evaluation-harness on the loaded (compressed) model: {task: {metric:
+    value}} and the samples (`pip install 'slimlm[eval]'`; `eval/tasks.py`). The same numbers as `lm-eval
+    --model local-completions` against `slimlm serve`."""
+    from slimlm.eval.tasks import run_tasks
+
+    return run_tasks(model, tokenizer, tasks, include_path, limit, num_fewshot)
+
+
 def evaluate(model: nn.Module, tokenizer, data: str | os.PathLike = "demo", reference: nn.Module | None = None,
              max_length: int | None = None, stride: int | None = None, max_tokens: int | None = None,
              on_progress: Callable[[int, int], None] | None = None):
