@@ -1,0 +1,81 @@
+"""Decode speed with the weights in huge pages against ordinary memory and against the memory-mapped
+safetensors slimlm loaded before, in one process, alternating.
+
+    python benchmarks/hugepages.py FOLDER [--rounds 12 --tokens 32]
+
+The folder is loaded three times: through the old path (safetensors' memory map), with
+SLIMLM_HUGEPAGES=0 (the same plain reads into ordinary memory) and as `slimlm.load` does by default
+(memory advised MADV_HUGEPAGE). Each round decodes `--tokens` tokens after a 128-token prompt on each
+engine in turn (the order flips every round); medians and per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import slimlm
+import slimlm.core.model_io as model_io
+from slimlm.engine.engine import Engine
+
+
+def mapped_state(path):
+    """The old loading path: every tensor a view into safetensors' memory map of the file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = load_file(path / "model.safetensors")
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for alias, target in aliases.items():
+        state.setdefault(alias, state[target])
+    return state
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folder")
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    models = {}
+    reader = model_io.read_safetensors
+    model_io.read_safetensors = mapped_state
+    models["mmap"] = slimlm.load(args.folder)[0]
+    model_io.read_safetensors = reader
+    for label, flag in (("ordinary", "0"), ("huge pages", "1")):
+        os.environ["SLIMLM_HUGEPAGES"] = flag
+        models[label] = slimlm.load(args.folder)[0]
+    engines = {k: Engine(m, slots=1, max_len=128 + args.tokens + 8) for k, m in models.items()}
+    vocab = next(iter(models.values())).config.vocab_size
+    prompt = torch.randint(0, vocab, (128,), generator=torch.Generator().manual_seed(0))
+
+    def tok_s(engine: Engine, n: int) -> float:
+        token = engine.prefill(0, prompt).argmax()[None]
+        t = time.perf_counter()
+        for _ in range(n):
+            token = engine.decode(torch.tensor([0]), token).argmax(-1)
+        return n / (time.perf_counter() - t)
+
+    for e in engines.values():
+        tok_s(e, 4)
+    res: dict[str, list[float]] = {k: [] for k in engines}
+    for r in range(args.rounds):
+        for k in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
+            res[k].append(tok_s(engines[k], args.tokens))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in res.items()), flush=True)
+    print("median tok/s: " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in res.items()))
+    for a, b in (("mmap", "huge pages"), ("ordinary", "huge pages")):
+        ratios = [y / x for x, y in zip(res[a], res[b])]
+        print(f"{b} / {a}: median {statistics.median(ratios):.3f} (rounds {min(ratios):.2f}-{max(ratios):.2f})")
+
+
+if __name__ == "__main__":
+    main()
