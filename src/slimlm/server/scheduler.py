@@ -38,6 +38,7 @@ from torch import nn
 from slimlm.core.errors import SlimError
 from slimlm.engine.engine import Engine, engine_for
 from slimlm.engine.sampling import SamplingParams, sample_next
+from slimlm.engine.speculative import NgramDraft, accept
 
 logger = logging.getLogger(__name__)
 MIN_SHARED = 16  # prompt tokens a request must share with a running one for their keys and values to be copied
@@ -107,8 +108,6 @@ class Scheduler:
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.slots, self.max_queue, self.prefill_chunk = slots, max_queue, prefill_chunk
         self.shared_tokens = 0  # prompt tokens copied from another request's cache instead of computed
-        from slimlm.engine.speculative import NgramDraft
-
         self.draft, self.num_speculative = (NgramDraft() if draft else None), num_speculative
         self.spec = {"steps": 0, "proposed": 0, "accepted": 0, "emitted": 0}  # speculative steps' counts
         self.metrics, self.name = metrics, name
@@ -313,8 +312,6 @@ class Scheduler:
         """One speculative step for r, the only sequence decoding: prompt lookup proposes, one forward
         verifies, the kept tokens and the target's own are emitted (`engine.speculative.accept`). False
         when there is nothing to propose (a plain step follows)."""
-        from slimlm.engine.speculative import accept
-
         p = r.params
         budget = min(self.num_speculative, p.max_new_tokens - len(r.generated),
                      self.max_len - 2 - int(self.engine.lengths[r.slot]))

@@ -31,6 +31,19 @@ namespace {
 constexpr int QB = 32;  // activation quantization block
 constexpr int PF = 8192;  // software prefetch distance in bytes; 8192 was best in a sweep on EPYC
 
+// x (M, K) contiguous fp32 or bf16 as fp32 rows: x's own data, or bf16 widened into `buf` (exactly: a bf16
+// value is the high half of its fp32; no tensor allocated through the dispatcher)
+const float* float_rows(const torch::Tensor& x, std::vector<float>& buf) {
+  if (x.scalar_type() != torch::kBFloat16) return x.data_ptr<float>();
+  buf.resize((size_t)x.numel());
+  const uint16_t* xb = (const uint16_t*)x.data_ptr<at::BFloat16>();
+  for (size_t i = 0; i < buf.size(); ++i) {
+    const uint32_t u = (uint32_t)xb[i] << 16;
+    std::memcpy(&buf[i], &u, 4);
+  }
+  return buf.data();
+}
+
 // x (M, K) fp32 -> xq int8 (M, K), dx (M, K/32), dsum (M, K/32) = dx * sum(xq of block)
 void quant_act(const float* x, int M, int K, int8_t* xq, float* dx, float* dsum) {
   const int nb = K / QB;
@@ -566,19 +579,8 @@ std::vector<torch::Tensor> q4p_a8_mm_many(torch::Tensor x, std::vector<torch::Te
   }
   // x in chunks of 8 rows (the accumulators fill the registers); each prepared once
   std::vector<Q4PAct> parts;
-  std::vector<float> xf;  // bf16 rows widened to fp32 here (no tensor allocated through the dispatcher)
-  const float* x32 = nullptr;
-  if (x.scalar_type() == torch::kBFloat16) {
-    xf.resize((size_t)M * K);
-    const uint16_t* xb = (const uint16_t*)x.data_ptr<at::BFloat16>();
-    for (size_t i = 0; i < xf.size(); ++i) {
-      const uint32_t u = (uint32_t)xb[i] << 16;
-      std::memcpy(&xf[i], &u, 4);
-    }
-    x32 = xf.data();
-  } else {
-    x32 = x.data_ptr<float>();
-  }
+  std::vector<float> xf;
+  const float* x32 = float_rows(x, xf);
   for (int m0 = 0; m0 < M; m0 += 8)
     parts.push_back(q4p_prepare(x32 + (size_t)m0 * K, std::min(8, M - m0), K, group));
   constexpr int64_t BLOCK = 16;  // rows per work item
@@ -735,19 +737,8 @@ std::vector<torch::Tensor> q8p_a16_mm_many(torch::Tensor x, std::vector<torch::T
     out.push_back(torch::empty({M, N}, x.options().dtype(out_bf16 ? torch::kBFloat16 : torch::kFloat32)));
     first.push_back(first.back() + N);
   }
-  std::vector<float> xf;  // bf16 rows widened to fp32 here
-  const float* x32 = nullptr;
-  if (x.scalar_type() == torch::kBFloat16) {
-    xf.resize((size_t)M * K);
-    const uint16_t* xb = (const uint16_t*)x.data_ptr<at::BFloat16>();
-    for (size_t i = 0; i < xf.size(); ++i) {
-      const uint32_t u = (uint32_t)xb[i] << 16;
-      std::memcpy(&xf[i], &u, 4);
-    }
-    x32 = xf.data();
-  } else {
-    x32 = x.data_ptr<float>();
-  }
+  std::vector<float> xf;
+  const float* x32 = float_rows(x, xf);
   std::vector<Q8PAct> parts;  // x in chunks of 8 rows (the accumulators fill the registers)
   for (int m0 = 0; m0 < M; m0 += 8) parts.push_back(q8p_prepare(x32 + (size_t)m0 * K, std::min(8, M - m0), K));
   constexpr int64_t BLOCK = 16;  // rows per work item
