@@ -115,10 +115,12 @@ def test_kv_quantization_round_trip():
     x = torch.randn(2, 3, 5, 16)
     codes, scale = quantize_heads(x)
     assert codes.dtype == torch.int8 and ((codes.float() * scale.float() - x).abs() <= scale.float() / 2 + 1e-6).all()
-    cache = KVCache(1, 2, 3, 8, 16, torch.float32, quantized=True)
-    cache.write(0, torch.tensor([1]), torch.arange(5)[None], x[:1], x[:1])
-    k, v = cache.read(0, torch.tensor([1]), 5, contiguous_rows=False)
+    cache = KVCache(1, 3, 4, 3, 16, 8, torch.float32, quantized=True)  # 3 blocks of 4 tokens
+    table = torch.tensor([[2, 1]])  # positions 0-3 in block 2, 4-7 in block 1
+    cache.write(0, table, torch.arange(5)[None], x[:1], x[:1])
+    k, v = cache.read(0, table, 5)
     assert (k - x[:1]).abs().max() <= scale.float().max() / 2 + 1e-6
+    assert cache.k[0][1, :, 1:].abs().sum() == 0 and cache.k[0][2].abs().sum() > 0
 
 
 def test_quantized_models_run_on_the_engine():
@@ -177,7 +179,7 @@ def test_the_cache_checks_its_bounds_on_the_host(fused):
     with pytest.raises(SlimError, match="longer than the KV cache"):
         engine.decode(torch.tensor([1]), logits.argmax(-1)[None])
     assert int(engine.lengths[1]) == 8  # the refused step changed nothing
-    with pytest.raises(SlimError, match="at least one slot"):
+    with pytest.raises(SlimError, match="slots must be an integer >= 1"):
         Engine(model_for("llama"), slots=0)
 
 
@@ -193,29 +195,43 @@ def test_the_all_reduce_hook_sees_every_row_parallel_output():
     assert len(seen) == 2 * 2 * len(model.model.layers)
 
 
+@pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("mode", ["fused", "torch", "static", "int8-kv"])
-def test_any_schedule_of_slots_gives_each_sequence_its_own_logits(mode):
+def test_any_schedule_of_slots_gives_each_sequence_its_own_logits(mode, paged):
     """Sequences start, decode in arbitrary subsets and finish in any order (as the server's continuous
-    batching runs them); the engine keeps them in the lowest cache rows, moving one when another
-    finishes, and every step's logits equal that sequence run alone (scales move with an int8 cache). "static" is the bucketed
-    fixed-shape step that CUDA graphs capture, run eagerly."""
+    batching does), and every step's logits equal that sequence run alone on the contiguous layout (one
+    block of max_len tokens per sequence). paged: blocks of 4 tokens with prefix caching, and prompts
+    that often start with an earlier sequence's tokens start from its cached blocks. "static" is the
+    bucketed fixed-shape step that CUDA graphs capture, run eagerly."""
     model = model_for("mistral", sliding_window=6)
     settings = {"fused": {}, "torch": {"fused_step": False}, "static": {"static_steps": True},
                 "int8-kv": {"kv_dtype": "int8"}}[mode]
-    engine = Engine(model, slots=5, max_len=40, **settings)
+    layout = {"block_size": 4, "prefix_caching": True} if paged else {"block_size": 40}
+    engine = Engine(model, slots=5, max_len=40, **settings, **layout)
     assert engine.decode_ops == {"int8-kv": engine.decode_ops}.get(mode, mode)
     gen = torch.Generator().manual_seed(0)
     history: dict[int, list[int]] = {}  # slot -> tokens fed so far
     alone: dict[int, Engine] = {}  # slot -> its sequence run alone, step by step
+    earlier: list[list[int]] = []  # every sequence's tokens, for prompts that share a prefix
+    reused = 0
+    tol = 2e-3 if mode == "int8-kv" else 1e-4  # int8: a last-bit difference between batched and alone can flip a code
     for step in range(60):
         free = [s for s in range(5) if s not in history]
         if free and (not history or torch.rand((), generator=gen) < 0.3):
             slot = free[int(torch.randint(len(free), (), generator=gen))]
             prompt = torch.randint(1, 300, (int(torch.randint(2, 8, (), generator=gen)),), generator=gen)
-            engine.prefill(slot, prompt)
+            if earlier and torch.rand((), generator=gen) < 0.5:
+                source = earlier[int(torch.randint(len(earlier), (), generator=gen))]
+                cut = int(torch.randint(1, len(source) + 1, (), generator=gen))
+                prompt = torch.cat([torch.tensor(source[:cut]), prompt])[:30]
+            n = engine.reuse_prefix(slot, prompt.tolist())
+            reused += n
+            got = engine.append(slot, prompt[n:], read_back=n > 0)
             history[slot] = prompt.tolist()
-            alone[slot] = Engine(model, slots=1, max_len=40, fused_step=False, kv_dtype=settings.get("kv_dtype", "auto"))
-            alone[slot].prefill(0, prompt)
+            earlier.append(history[slot])
+            alone[slot] = Engine(model, slots=1, max_len=40, fused_step=False, kv_dtype=settings.get("kv_dtype", "auto"),
+                                 block_size=40)
+            torch.testing.assert_close(got, alone[slot].prefill(0, prompt), rtol=tol, atol=tol)
         done = [s for s, t in history.items() if len(t) >= 38 or torch.rand((), generator=gen) < 0.08]
         for slot in done:
             engine.release(slot)
@@ -231,8 +247,106 @@ def test_any_schedule_of_slots_gives_each_sequence_its_own_logits(mode):
         for i, slot in enumerate(slots.tolist()):
             history[slot].append(int(tokens[i]))
             want = alone[slot].decode(torch.tensor([0]), tokens[i:i + 1])[0]
-            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got[i], want, rtol=tol, atol=tol)
         held = sorted(int(engine.row_of[s]) for s in history)
         assert held == list(range(len(history)))  # the sequences occupy rows 0..n-1
+    assert (reused > 0) == paged
+    for slot in list(history):
+        engine.release(slot)
+    assert engine.pool.available() == engine.cache.blocks - 1 and not any(engine.pool.refs)  # no block leaks
     if mode == "static":
         assert set(engine._graphs) <= {1, 2, 4, 5} and len(engine._graphs) >= 2
+
+
+def greedy(engine, slot, prompt, steps, reuse=True):
+    """Greedy tokens and logits from `prompt` on `slot` (starting from cached blocks when `reuse`)."""
+    n = engine.reuse_prefix(slot, prompt.tolist()) if reuse else 0
+    logits = engine.append(slot, prompt[n:], read_back=n > 0)
+    out, seen = [], [logits]
+    for _ in range(steps):
+        out.append(int(logits.argmax()))
+        logits = engine.decode(torch.tensor([slot]), torch.tensor(out[-1:]))[0]
+        seen.append(logits)
+    return out, torch.stack(seen)
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_prefix_caching_reuses_blocks_and_changes_no_output(kv_dtype):
+    """A request whose prompt starts with a finished one's tokens (prompt and generated) starts from its
+    cached blocks: same greedy tokens and logits as without the cache; a different first token shares
+    nothing (digests chain the whole prefix). An int8 cache is not bit-equal: a prompt prefilled at once
+    attends to its own keys unquantized, the cached tokens were computed against quantized ones."""
+    model = model_for("llama")
+    cached = Engine(model, slots=2, max_len=64, block_size=4, prefix_caching=True, kv_dtype=kv_dtype)
+    plain = Engine(model, slots=2, max_len=64, block_size=4, kv_dtype=kv_dtype)
+    system = ids(13, seed=3)
+    first, _ = greedy(cached, 0, system, 6)
+    cached.release(0)
+    follow_up = torch.cat([system, torch.tensor(first), ids(5, seed=4)])  # a chat's next turn
+    got, got_logits = greedy(cached, 1, follow_up, 8)
+    want, want_logits = greedy(plain, 1, follow_up, 8, reuse=False)
+    assert cached.cached_tokens == 16 and got == want  # 19 tokens were cached: 4 whole blocks
+    tol = 2e-2 if kv_dtype == "int8" else 1e-4
+    torch.testing.assert_close(got_logits, want_logits, rtol=tol, atol=tol)
+    other = follow_up.clone()
+    other[0] = (other[0] + 1) % 300
+    assert cached.reuse_prefix(0, other.tolist()) == 0
+    assert cached.reuse_prefix(0, system[:4].tolist()) == 0  # the last prompt token is always computed
+    assert cached.reuse_prefix(0, system[:5].tolist()) == 4
+
+
+def test_prefix_cache_evicts_least_recently_used_blocks_last_block_first():
+    model = model_for("llama")
+    engine = Engine(model, slots=1, max_len=64, block_size=4, kv_tokens=24, prefix_caching=True)  # 6 blocks
+    a, b = ids(9, seed=1), ids(9, seed=2)
+    engine.prefill(0, a)  # blocks for 0-3, 4-7 cached, 8 in a third
+    engine.release(0)
+    engine.prefill(0, b)  # takes the 3 free blocks
+    engine.release(0)
+    assert engine.pool.available() == 6 and len(engine.pool.idle) == 4
+    assert engine.reuse_prefix(0, a.tolist()) == 8  # a's blocks are the most recently used now
+    engine.append(0, a[8:], read_back=True)
+    engine.release(0)
+    engine.prefill(0, ids(13, seed=5))  # needs 4 blocks: 2 free, then b's blocks, its last block first
+    assert engine.pool.evicted == 2
+    engine.release(0)
+    assert engine.reuse_prefix(0, b.tolist()) == 0 and engine.reuse_prefix(0, a.tolist()) == 8
+
+
+def test_truncating_into_a_shared_block_copies_it():
+    """Speculative decoding's rollback inside a block another sequence holds writes into a copy."""
+    model = model_for("llama")
+    engine = Engine(model, slots=2, max_len=64, block_size=4, prefix_caching=True)
+    oracle = Engine(model, slots=1, max_len=64, block_size=64)
+    prompt = ids(9, seed=7)
+    engine.prefill(0, prompt)
+    assert engine.reuse_prefix(1, prompt.tolist()) == 8  # slot 1 holds slot 0's first two blocks
+    engine.truncate(1, 6)  # back into the second (shared) block
+    assert engine.blocks[1][0] == engine.blocks[0][0] and engine.blocks[1][1] != engine.blocks[0][1]
+    got = engine.append(1, ids(3, seed=8), read_back=True)
+    want = oracle.append(0, torch.cat([prompt[:6], ids(3, seed=8)]))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(engine.decode(torch.tensor([0]), torch.tensor([5]))[0],
+                               oracle.prefill(0, torch.cat([prompt, torch.tensor([5])])), rtol=1e-4, atol=1e-4)
+
+
+def test_a_full_cache_refuses_whole_steps_and_memory_follows_the_tokens():
+    """kv_tokens bounds the tokens held in all, not per sequence: 64 tokens hold eight sequences of 8
+    (two blocks each), where a contiguous cache of the same size holds one sequence of max_len 64."""
+    from slimlm.engine.kv_cache import CacheFull
+
+    model = model_for("llama")
+    engine = Engine(model, slots=10, max_len=64, block_size=4, kv_tokens=64)
+    for slot in range(8):
+        engine.prefill(slot, ids(7, seed=slot))  # 7 tokens: two blocks each
+    assert engine.pool.available() == 0 and engine.capacity == 64
+    with pytest.raises(CacheFull, match="full"):
+        engine.prefill(8, ids(3))
+    lengths, tables = engine.lengths.clone(), engine.tables.clone()
+    engine.decode(torch.arange(8), torch.arange(8))  # position 7: inside the second block
+    with pytest.raises(CacheFull):
+        engine.decode(torch.arange(8), torch.arange(8))  # position 8 needs a third block each
+    assert torch.equal(engine.lengths, lengths + torch.tensor([1] * 8 + [0, 0]))  # the refused step changed nothing
+    assert torch.equal(engine.tables, tables)
+    engine.release(3)
+    engine.decode(torch.tensor([0, 1]), torch.tensor([1, 2]))  # two freed blocks: two sequences grow

@@ -111,26 +111,32 @@ def test_add_rms_norm_and_silu_mul_match_pytorch(dtype):
 
 @pytest.mark.parametrize("rotary, window", [(16, 0), (8, 0), (16, 5)])
 def test_rope_attend_matches_pytorch(rotary, window):
-    """Two rows at different positions in slots 2 and 0 of a 3-slot cache, GQA 4/2, partial rotary."""
-    b, h, hkv, d, length = 2, 4, 2, 16, 12
+    """Two rows at different positions of a paged cache (6 blocks of 4 tokens, tables in any block
+    order), GQA 4/2, partial rotary, against rotate / write / gather / attend in PyTorch."""
+    b, h, hkv, d, bs = 2, 4, 2, 16, 4
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, n * d, generator=gen) for n in (h, hkv, hkv))
     cos, sin = torch.randn(b, rotary, generator=gen), torch.randn(b, rotary, generator=gen)
-    kc, vc = torch.randn(3, hkv, length, d, generator=gen), torch.randn(3, hkv, length, d, generator=gen)
-    rows, pos = torch.tensor([2, 0]), torch.tensor([7, 3])
-    # PyTorch: rotate, write, read back, attend
+    kc, vc = torch.randn(6, hkv, bs, d, generator=gen), torch.randn(6, hkv, bs, d, generator=gen)
+    tables, pos = torch.tensor([[4, 1, 5], [2, 3, 0]]), torch.tensor([9, 6])
     qr = apply_rope(q.view(b, h, 1, d), cos[:, None], sin[:, None])
     kr = apply_rope(k.view(b, hkv, 1, d), cos[:, None], sin[:, None])
     kc2, vc2 = kc.clone(), vc.clone()
     for i in range(b):
-        kc2[rows[i], :, pos[i]] = kr[i, :, 0]
-        vc2[rows[i], :, pos[i]] = v.view(b, hkv, d)[i]
+        block, offset = tables[i, pos[i] // bs], pos[i] % bs
+        kc2[block, :, offset] = kr[i, :, 0]
+        vc2[block, :, offset] = v.view(b, hkv, d)[i]
+    length = 3 * bs
+    keys = kc2[tables].transpose(1, 2).reshape(b, hkv, length, d)  # each row's positions in order
+    values = vc2[tables].transpose(1, 2).reshape(b, hkv, length, d)
     mask = attention_mask(pos[:, None], length, window or None)
-    want = decode_attention(qr, kc2[rows], vc2[rows], mask, 0.25).reshape(b, h * d)
-    got = OPS.rope_attend(q.clone(), k.clone(), v, cos, sin, kc, vc, rows, pos, window, 0.25)
+    want = decode_attention(qr, keys, values, mask, 0.25).reshape(b, h * d)
+    got = OPS.rope_attend(q.clone(), k.clone(), v, cos, sin, kc, vc, tables, pos, window, 0.25)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kc, kc2)
     torch.testing.assert_close(vc, vc2)
+    with pytest.raises(RuntimeError, match="beyond"):
+        OPS.rope_attend(q.clone(), k.clone(), v, cos, sin, kc, vc, tables, torch.tensor([12, 0]), window, 0.25)
 
 
 @pytest.mark.parametrize("family, overrides", [("llama", {}), ("mistral", {"sliding_window": 4}), ("phi3", {}),
@@ -141,7 +147,8 @@ def test_static_decode_for_cuda_graphs_equals_the_dynamic_step(family, overrides
     from slimlm.engine.graphs import StaticOps, static_decode
 
     model = model_for(family, **overrides)
-    dynamic, static = (Engine(model, slots=2, max_len=40, fused_step=False) for _ in range(2))
+    dynamic = Engine(model, slots=2, max_len=40, fused_step=False)
+    static = Engine(model, slots=2, max_len=40, fused_step=False, block_size=4)  # tables of 10 blocks
     prompts = [ids(5, seed=1), ids(9, seed=2)]
     for e in (dynamic, static):
         for i, p in enumerate(prompts):
@@ -149,7 +156,9 @@ def test_static_decode_for_cuda_graphs_equals_the_dynamic_step(family, overrides
     tokens = torch.tensor([3, 7])
     for _ in range(8):
         want = dynamic.decode(torch.arange(2), tokens)
-        got = static_decode(static.plan, StaticOps(static.spec, static.cache), tokens, static.lengths.clone())
+        static._reserve({0: int(static.lengths[0]) + 1, 1: int(static.lengths[1]) + 1})
+        got = static_decode(static.plan, StaticOps(static.spec, static.cache), tokens, static.lengths.clone(),
+                            static.tables)
         static.lengths += 1
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         tokens = want.argmax(-1)

@@ -231,15 +231,14 @@ def build_plan(model: nn.Module, spec: DecoderSpec, first: bool = True, last: bo
 
 @dataclasses.dataclass
 class Batch:
-    """Tokens ids (B, T) at positions (B, T) of cache slots `rows` (B,), all on the model's device.
-    contiguous: rows are 0..B-1 (the cache is read by slicing); last_only: logits of each row's last
-    token only; fresh: one prompt from position 0 that may attend to its own keys directly; hidden:
-    the tokens' hidden states (B, T, C) from the previous pipeline stage (instead of embedding ids)."""
+    """Tokens ids (B, T) at positions (B, T) of the sequences whose KV-cache block tables are `tables`
+    (B, max_blocks), all on the model's device. last_only: logits of each row's last token only; fresh:
+    one prompt from position 0 that may attend to its own keys directly; hidden: the tokens' hidden
+    states (B, T, C) from the previous pipeline stage (instead of embedding ids)."""
 
     ids: Tensor
     positions: Tensor
-    rows: Tensor
-    contiguous: bool
+    tables: Tensor
     last_only: bool = True
     fresh: bool = False
     hidden: Tensor | None = None

@@ -112,7 +112,7 @@ class FusedOps:
 
     def attend(self, index: int, layer: LayerPlan, q: Tensor, k: Tensor, v: Tensor, ctx) -> Tensor:
         cos, sin, batch = ctx
-        return self.kernels.rope_attend(q, k, v, cos, sin, self.cache.k[index], self.cache.v[index], batch.rows,
+        return self.kernels.rope_attend(q, k, v, cos, sin, self.cache.k[index], self.cache.v[index], batch.tables,
                                         batch.positions[:, 0], layer.window or 0, self.spec.scaling)  # (B, H·D)
 
     def mlp(self, layer: LayerPlan, x: Tensor) -> Tensor:

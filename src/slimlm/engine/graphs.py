@@ -3,8 +3,10 @@
 decode steps are captured once as CUDA graphs and replayed.
 
 A graph needs fixed shapes and no host synchronisation, so `StaticOps` (the decoder's static-shape
-op set) attends over the whole cache (max_len keys) with a mask built on the device from each row's
-position, and writes the new keys and values with device-side indices. One `StaticStep` per bucket of
+op set) attends over each row's whole block table (max_len keys, gathered from the paged cache) with a
+mask built on the device from each row's position, and writes the new keys and values with
+device-side indices. Block tables, positions and tokens are copied into the graph's input buffers
+before each replay. One `StaticStep` per bucket of
 batch sizes (1, 2, 4, ..., slots) runs cache rows 0..B-1 and any subset of them, so the server's
 continuous batching, whose active set changes every step, replays graphs too: the engine keeps the
 sequences it holds in the lowest cache rows (`Engine.release` moves the last one into a freed row).
@@ -30,7 +32,7 @@ class StaticContext:
     cos: Tensor  # (B, 1, R)
     sin: Tensor
     index: tuple[Tensor, Tensor, Tensor]  # where each slot's new key goes (`KVCache.static_index`)
-    masks: dict  # sliding window -> mask (B, 1, 1, max_len)
+    masks: dict  # sliding window -> mask (B, 1, 1, L), L = max_blocks * block_size
 
 
 class StaticOps(TorchOps):
@@ -39,28 +41,28 @@ class StaticOps(TorchOps):
     def begin(self, plan: DecoderPlan, batch: Batch) -> tuple[Tensor, StaticContext]:
         h = plan.embed(batch.ids) if plan.embed is not None else batch.hidden  # (B, 1, C)
         cos, sin = plan.rotary(h, batch.positions)  # (B, 1, R)
-        return h, StaticContext(batch, cos, sin, self.cache.static_index(batch.positions[:, 0]), {})
+        return h, StaticContext(batch, cos, sin, self.cache.static_index(batch.tables, batch.positions[:, 0]), {})
 
     def attend(self, index: int, layer: LayerPlan, q: Tensor, k: Tensor, v: Tensor, ctx: StaticContext) -> Tensor:
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)  # (B, H, 1, D)
         self.cache.write_static(index, ctx.index, k, v)
         if layer.window not in ctx.masks:
             at = ctx.batch.positions  # (B, 1)
-            keys = torch.arange(self.cache.max_len, device=at.device)[None, :]  # (1, L)
+            keys = torch.arange(self.cache.max_blocks * self.cache.block_size, device=at.device)[None, :]  # (1, L)
             mask = keys <= at
             if layer.window is not None:
                 mask &= keys > at - layer.window
             ctx.masks[layer.window] = mask[:, None, None]  # (B, 1, 1, L)
-        b = q.shape[0]
-        out = decode_attention(q, self.cache.k[index][:b], self.cache.v[index][:b], ctx.masks[layer.window],
-                               self.spec.scaling)
+        b, length = q.shape[0], self.cache.max_blocks * self.cache.block_size
+        keys, values = self.cache.read(index, ctx.batch.tables, length)  # (B, Hkv, L, D)
+        out = decode_attention(q, keys, values, ctx.masks[layer.window], self.spec.scaling)
         return out.transpose(1, 2).reshape(b, 1, -1)  # (B, 1, H·D)
 
 
-def static_decode(plan: DecoderPlan, ops: StaticOps, tokens: Tensor, positions: Tensor) -> Tensor:
-    """One token per row for cache rows 0..B-1: tokens, positions (B,) on the model's device; logits (B, V)."""
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    return forward(plan, ops, Batch(tokens[:, None], positions[:, None], rows, contiguous=True))
+def static_decode(plan: DecoderPlan, ops: StaticOps, tokens: Tensor, positions: Tensor, tables: Tensor) -> Tensor:
+    """One token per row for rows with block tables (B, max_blocks): tokens, positions (B,) on the
+    model's device; logits (B, V)."""
+    return forward(plan, ops, Batch(tokens[:, None], positions[:, None], tables))
 
 
 def buckets(slots: int) -> list[int]:
@@ -75,7 +77,8 @@ def buckets(slots: int) -> list[int]:
 class StaticStep:
     """The decode step of cache rows 0..B-1 (B a bucket from `buckets`) for any subset of them: the rows
     that do not decode this step feed token 0 at the scratch position max_len - 1, whose key no sequence
-    reads before writing it itself (a sequence reaches that position only by decoding its last token).
+    reads before writing it itself (a sequence reaches that position only by decoding its last token;
+    a row whose table has no block there writes into the null block, which is only read masked).
     graph: capture it once as a CUDA graph and replay it (CUDA only); else run it eagerly, the same ops
     (how the tests check the captured step's logic on CPU)."""
 
@@ -84,7 +87,8 @@ class StaticStep:
         self.bucket, self.scratch = bucket, cache.max_len - 1
         self.tokens = torch.zeros(bucket, dtype=torch.long, device=device)
         self.positions = torch.full((bucket,), self.scratch, dtype=torch.long, device=device)
-        self.args = (plan, StaticOps(plan.spec, cache), self.tokens, self.positions)
+        self.tables = torch.zeros(bucket, cache.max_blocks, dtype=torch.long, device=device)  # null blocks
+        self.args = (plan, StaticOps(plan.spec, cache), self.tokens, self.positions, self.tables)
         self.graph = None
         if graph:
             # Warm up on a side stream (kernels choose and repack their state), then capture; the
@@ -99,18 +103,20 @@ class StaticStep:
             with torch.cuda.graph(self.graph):
                 self.logits = static_decode(*self.args)
 
-    def __call__(self, rows: Tensor, tokens: Tensor, held: Tensor) -> Tensor:
-        """Logits (b, V) of rows (b,) (host) feeding tokens (b,) at positions held (b,) (host)."""
-        device, b = self.tokens.device, len(rows)
+    def __call__(self, rows: Tensor, tokens: Tensor, held: Tensor, tables: Tensor) -> Tensor:
+        """Logits (b, V) of rows (b,) (host) feeding tokens (b,) at positions held (b,) (host); tables
+        (bucket, max_blocks) (host): the block tables of rows 0..bucket-1."""
+        device, b, n = self.tokens.device, len(rows), self.tables.numel()
         positions = torch.full((self.bucket,), self.scratch, dtype=torch.long)
         positions[rows] = held
-        host = [positions, rows] + ([tokens.long()] if tokens.device.type == "cpu" else [])
+        host = [positions, tables.reshape(-1), rows] + ([tokens.long()] if tokens.device.type == "cpu" else [])
         packed = torch.cat(host)
         if device.type == "cuda":  # pinned and asynchronous: the step never waits for the host
             packed = packed.pin_memory().to(device, non_blocking=True)
-        rows_on = packed[self.bucket:self.bucket + b]
-        tokens = packed[self.bucket + b:] if len(host) == 3 else tokens
+        rows_on = packed[self.bucket + n:self.bucket + n + b]
+        tokens = packed[self.bucket + n + b:] if len(host) == 4 else tokens
         self.positions.copy_(packed[:self.bucket])
+        self.tables.copy_(packed[self.bucket:self.bucket + n].view_as(self.tables))
         self.tokens.zero_()
         self.tokens.index_copy_(0, rows_on, tokens)
         if self.graph is None:

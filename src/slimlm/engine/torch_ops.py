@@ -91,12 +91,12 @@ class TorchOps:
     def attend(self, index: int, layer: LayerPlan, q: Tensor, k: Tensor, v: Tensor, ctx: StepContext) -> Tensor:
         batch, gqa = ctx.batch, self.spec.n_kv_heads != self.spec.n_heads
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        self.cache.write(index, batch.rows, batch.positions, k, v)
+        self.cache.write(index, batch.tables, batch.positions, k, v)
         window, scale = layer.window, self.spec.scaling
         if batch.fresh and (window is None or window >= ctx.length):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            keys, values = self.cache.read(index, batch.rows, ctx.length, batch.contiguous)
+            keys, values = self.cache.read(index, batch.tables, ctx.length)
             if window not in ctx.masks:
                 ctx.masks[window] = attention_mask(batch.positions, ctx.length, window)
             if batch.ids.shape[1] == 1:

@@ -5,10 +5,11 @@
 //   add_rms_norm(h, delta, w, eps)   h += delta (in place, if delta is given); returns
 //                                    w * to_dtype(h * rsqrt(mean(h^2) + eps))     (HF's RMSNorm)
 //   silu_mul(gate, up)               silu(gate) * up (ATen's ops, called from C++)
-//   rope_attend(q, k, v, cos, sin, kc, vc, rows, pos, window, scale)
+//   rope_attend(q, k, v, cos, sin, kc, vc, tables, pos, window, scale)
 //       q (B, H*D), k/v (B, Hkv*D): rotate the first R dims of q and k (half-split, as Llama), write
-//       k, v into the cache kc/vc (S, Hkv, L, D) at slot rows[b], position pos[b], then attend (q and k
-//       are rotated in place):
+//       k, v into the paged cache kc/vc (blocks, Hkv, block_size, D) at position pos[b] of the sequence
+//       whose block table is tables[b] (position p: block tables[b][p / block_size], offset p % block_size),
+//       then attend (q and k are rotated in place):
 //       each query head sees keys j <= pos[b] (and j > pos[b] - window), float32 softmax.
 //       Returns (B, H*D).
 #include <torch/extension.h>
@@ -100,19 +101,22 @@ inline void rope(T* x, const T* cs, const T* sn, int r) {
 }
 
 template <typename T>
-void rope_attend_impl(T* q, T* k, const T* v, const T* cs, const T* sn, int r, T* kc, T* vc, const int64_t* rows,
-                      const int64_t* pos, int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t D, int64_t window,
-                      float scale, T* out) {
+void rope_attend_impl(T* q, T* k, const T* v, const T* cs, const T* sn, int r, T* kc, T* vc, const int64_t* tables,
+                      int64_t nt, const int64_t* pos, int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D,
+                      int64_t window, float scale, T* out) {
   const int64_t G = H / Hkv;
+  // offset of position p's vector of kv head h in the cache of the sequence with block table t
+  auto at = [&](const int64_t* t, int64_t h, int64_t p) { return ((t[p / S] * Hkv + h) * S + p % S) * D; };
   at::parallel_for(0, B * Hkv, 1, [&](int64_t a, int64_t e) {
     std::vector<float> scores, kt, acc(G * D), qf(G * D), row(D);
     for (int64_t task = a; task < e; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
+      const int64_t* table = tables + b * nt;
       // this task owns kv head h of row b and its G query heads: rotate them, write k and v to the cache
       T* kh = k + (b * Hkv + h) * D;
       rope(kh, cs + b * r, sn + b * r, r);
-      T* kdst = kc + ((rows[b] * Hkv + h) * L + pos[b]) * D;
-      T* vdst = vc + ((rows[b] * Hkv + h) * L + pos[b]) * D;
+      T* kdst = kc + at(table, h, pos[b]);
+      T* vdst = vc + at(table, h, pos[b]);
       const T* vh = v + (b * Hkv + h) * D;
       for (int64_t i = 0; i < D; ++i) { kdst[i] = kh[i]; vdst[i] = vh[i]; }
       for (int64_t g = 0; g < G; ++g) rope(q + (b * H + h * G + g) * D, cs + b * r, sn + b * r, r);
@@ -120,11 +124,11 @@ void rope_attend_impl(T* q, T* k, const T* v, const T* cs, const T* sn, int r, T
       const int64_t n = last - first + 1;
       scores.assign(G * n, 0.f);
       kt.resize(D * n);
-      const T* kbase = kc + ((rows[b] * Hkv + h) * L + first) * D;
-      const T* vbase = vc + ((rows[b] * Hkv + h) * L + first) * D;
       to_float(q + (b * H + h * G) * D, qf.data(), G * D);  // the G query heads sharing kv head h
-      for (int64_t j = 0; j < n; ++j)  // keys transposed to (D, n) in float: the score loops run along keys
-        for (int64_t i = 0; i < D; ++i) kt[i * n + j] = f(kbase[j * D + i]);
+      for (int64_t j = 0; j < n; ++j) {  // keys transposed to (D, n) in float: the score loops run along keys
+        const T* kj = kc + at(table, h, first + j);
+        for (int64_t i = 0; i < D; ++i) kt[i * n + j] = f(kj[i]);
+      }
       for (int64_t g = 0; g < G; ++g) {
         float* sg = scores.data() + g * n;
         for (int64_t i = 0; i < D; ++i) {
@@ -149,7 +153,7 @@ void rope_attend_impl(T* q, T* k, const T* v, const T* cs, const T* sn, int r, T
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {
-        to_float(vbase + j * D, row.data(), D);
+        to_float(vc + at(table, h, first + j), row.data(), D);
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * n + j];
           float* ag = acc.data() + g * D;
@@ -192,23 +196,31 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
 }
 
 torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
-                          torch::Tensor kc, torch::Tensor vc, torch::Tensor rows, torch::Tensor pos, int64_t window,
+                          torch::Tensor kc, torch::Tensor vc, torch::Tensor tables, torch::Tensor pos, int64_t window,
                           double scale) {
-  const int64_t B = q.size(0), Hkv = kc.size(1), L = kc.size(2), D = kc.size(3);
+  const int64_t B = q.size(0), Hkv = kc.size(1), S = kc.size(2), D = kc.size(3);
   const int64_t H = q.size(1) / D;
   const int r = (int)cos.size(-1);
   TORCH_CHECK(r <= D && r % 2 == 0 && r <= 512, "rope_attend: rotary dims");
   TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == q.scalar_type(), "rope_attend: cache");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous(), "rope_attend: q and k must be contiguous (rotated in place)");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B, "rope_attend: one block table per row");
   v = v.contiguous();
   cos = cos.to(q.scalar_type()).contiguous(), sin = sin.to(q.scalar_type()).contiguous();
-  rows = rows.to(torch::kLong).contiguous(), pos = pos.to(torch::kLong).contiguous();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(pos.data_ptr<int64_t>()[b] < L && rows.data_ptr<int64_t>()[b] < kc.size(0), "rope_attend: beyond the cache");
+  tables = tables.to(torch::kLong).contiguous(), pos = pos.to(torch::kLong).contiguous();
+  const int64_t nt = tables.size(1);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t p = pos.data_ptr<int64_t>()[b];
+    TORCH_CHECK(p >= 0 && p < nt * S, "rope_attend: position beyond the block table");
+    for (int64_t i = 0; i <= p / S; ++i) {
+      const int64_t blk = tables.data_ptr<int64_t>()[b * nt + i];
+      TORCH_CHECK(blk >= 0 && blk < kc.size(0), "rope_attend: block beyond the cache");
+    }
+  }
   auto out = torch::empty({B, H * D}, q.options());
   DISPATCH(q, "rope_attend",
            rope_attend_impl<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), cos.data_ptr<T>(), sin.data_ptr<T>(),
-                               r, kc.data_ptr<T>(), vc.data_ptr<T>(), rows.data_ptr<int64_t>(), pos.data_ptr<int64_t>(),
-                               B, H, Hkv, L, D, window, (float)scale, out.data_ptr<T>()));
+                               r, kc.data_ptr<T>(), vc.data_ptr<T>(), tables.data_ptr<int64_t>(), nt,
+                               pos.data_ptr<int64_t>(), B, H, Hkv, S, D, window, (float)scale, out.data_ptr<T>()));
   return out;
 }
