@@ -180,33 +180,69 @@ def test_kv_dtype_is_checked_before_anything_loads():
         ServeConfig(kv_dtype="fp8")
 
 
-def test_a_prompt_prefix_held_by_a_running_request_is_copied_not_recomputed(model):
-    """Prefix reuse: B shares A's 40-token prefix while A runs, so B's prefill starts after it (the
-    copied keys and values counted in stats), and B's output is its output alone; a prefix shorter
-    than MIN_SHARED is computed as usual."""
-    from slimlm.server.scheduler import MIN_SHARED
-
+def test_prompt_prefixes_come_from_the_prefix_cache_and_outputs_do_not_change(model):
+    """Prefix caching: B shares A's 40-token prefix while A runs, so B starts from A's two whole blocks
+    of 16 (32 tokens, counted in stats); after A finishes, a follow-up turn (A's prompt, A's answer, a
+    new message) starts from A's cached blocks, answer included. Every output is its output alone, and
+    with prefix caching off nothing is reused."""
     shared = [int(t) for t in torch.randint(1, 300, (40,), generator=torch.Generator().manual_seed(0))]
-    a, b, c = shared + [7, 8], shared + [9, 10, 11], shared[:MIN_SHARED - 2] + [12, 13]
-    alone = Scheduler(model, slots=1, max_len=128)
+    a, b = shared + [7, 8], shared + [9, 10, 11]
+    alone = Scheduler(model, slots=1, max_len=160, prefix_caching=False)
     try:
-        want_b, want_c = run(alone, Request(b, greedy(8)))[0], run(alone, Request(c, greedy(8)))[0]
+        want_a, want_b = run(alone, Request(a, greedy(60)))[0], run(alone, Request(b, greedy(8)))[0]
+        turn = a + want_a + [12, 13]  # 104 tokens: six whole blocks cached
+        want_turn = run(alone, Request(turn, greedy(8)))[0]
+        assert alone.stats()["shared_prefix_tokens"] == 0
     finally:
         alone.close()
-    sched = Scheduler(model, slots=3, max_len=128, prefill_chunk=512)
+    sched = Scheduler(model, slots=3, max_len=160, prefill_chunk=512)
     try:
         first = Request(a, greedy(60))
         sched.submit(first)
         while not first.generated:  # A's prompt is in the cache
             time.sleep(0.005)
         got_b = run(sched, Request(b, greedy(8)))[0]
-        assert sched.stats()["shared_prefix_tokens"] == 40
-        got_c = run(sched, Request(c, greedy(8)))[0]
-        assert sched.stats()["shared_prefix_tokens"] == 40  # too short a prefix: not shared
-        drain(first)
+        assert sched.stats()["shared_prefix_tokens"] == 32
+        got_a = drain(first)[0]
+        got_turn = run(sched, Request(turn, greedy(8)))[0]
+        assert sched.stats()["shared_prefix_tokens"] == 32 + 96
+        stats = sched.stats()
+        assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_cached"] > 0 and stats["kv_tokens"] == 0
     finally:
         sched.close()
-    assert got_b == want_b and got_c == want_c
+    assert (got_a, got_b, got_turn) == (want_a, want_b, want_turn)
+
+
+def test_a_full_kv_cache_preempts_the_newest_requests_and_every_output_is_unchanged(model):
+    """64 tokens of cache for six requests of up to 38 tokens each: the newest are preempted (their
+    blocks freed, to resume by prefilling prompt + output so far) whenever the running ones need blocks;
+    greedy and seeded sampled outputs equal each request's output alone, and no block is left held."""
+    prompts = [[int(t) for t in torch.randint(1, 300, (n,), generator=torch.Generator().manual_seed(n))]
+               for n in (6, 9, 13, 7, 10, 8)]
+    params = [greedy(24) if i % 2 else SamplingParams(max_new_tokens=24, temperature=0.8, seed=i)
+              for i in range(len(prompts))]
+    alone = Scheduler(model, slots=1, max_len=64, prefix_caching=False)
+    try:
+        want = [run(alone, Request(p, q))[0] for p, q in zip(prompts, params)]
+    finally:
+        alone.close()
+    sched = Scheduler(model, slots=6, max_len=64, kv_tokens=64, block_size=4)
+    try:
+        requests = [Request(p, q) for p, q in zip(prompts, params)]
+        for r in requests:
+            sched.submit(r)
+        got = [drain(r)[0] for r in requests]
+        stats = sched.stats()
+    finally:
+        sched.close()
+    assert got == want
+    assert stats["preemptions"] > 0 and stats["kv_blocks_used"] == 0 and stats["kv_capacity"] == 64
+    small = Scheduler(model, slots=2, max_len=128, kv_tokens=64)
+    try:
+        with pytest.raises(SlimError, match="KV cache holds 64 tokens in all.*--kv-tokens"):
+            small.submit(Request(prompts[0], greedy(60)))
+    finally:
+        small.close()
 
 
 def test_copy_prefix_equals_prefilling_the_prefix(model):

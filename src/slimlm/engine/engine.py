@@ -339,5 +339,6 @@ def engine_for(model: nn.Module, slots: int = 1, max_len: int | None = None, kv_
     pipeline parallel: `model.slimlm_parallel`), one that every process runs its part of."""
     group = getattr(model, "slimlm_parallel", None)
     if group is not None:
-        return group.engine(slots, max_len, kv_dtype)
+        paging = {k: settings[k] for k in ("block_size", "kv_tokens", "prefix_caching") if k in settings}
+        return group.engine(slots, max_len, kv_dtype, **paging)
     return Engine(model, slots, max_len, kv_dtype, **settings)

@@ -1,7 +1,8 @@
 """Running a distributed engine from one process: rank 0 drives, the other ranks follow.
 
 Rank 0 (where the user's command, the generation loop or the server's scheduler runs) holds a
-`RemoteEngine` with the `Engine` API (prefill, append, decode, release, lengths, max_len). Every call
+`RemoteEngine` with the `Engine` API (prefill, append, decode, release, reuse_prefix, truncate and
+what the scheduler reads: lengths, max_len, the cache's blocks). Every call
 is broadcast to the other ranks as a small int64 command (an op code, the engine's id, a few
 integers, then the token ids), and every rank runs it on its own part of the model, meeting in the
 collectives inside the step (tensor parallelism) or passing activations on (pipeline parallelism).
@@ -18,8 +19,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-CREATE, APPEND, DECODE, RELEASE, DROP, STOP = range(6)
-HEADER = 6  # op, engine id, then up to 4 integers
+CREATE, APPEND, DECODE, RELEASE, DROP, STOP, REUSE, TRUNCATE = range(8)
+HEADER = 9  # op, engine id, up to 6 integers, the payload's length
 
 
 class Channel:
@@ -56,7 +57,8 @@ class Channel:
         return op, engine, ints, payload
 
 
-EngineFactory = Callable[[int, int, str], object]  # (slots, max_len, kv_dtype) -> an engine on this rank's part
+# (slots, max_len, kv_dtype, block_size=, kv_tokens=, prefix_caching=) -> an engine on this rank's part
+EngineFactory = Callable[..., object]
 KV_CODES = {"auto": 0, "int8": 1}
 
 
@@ -66,10 +68,13 @@ class RemoteEngine:
     _ids = itertools.count(1)
 
     def __init__(self, channel: Channel, factory: EngineFactory, slots: int = 1, max_len: int | None = None,
-                 kv_dtype: str = "auto") -> None:
+                 kv_dtype: str = "auto", block_size: int = 16, kv_tokens: int | None = None,
+                 prefix_caching: bool = False) -> None:
         self.channel, self.id = channel, next(self._ids)
-        channel.send(CREATE, self.id, (slots, max_len or 0, KV_CODES[kv_dtype]))
-        self.local = factory(slots, max_len, kv_dtype)
+        paging = dict(block_size=block_size, kv_tokens=kv_tokens, prefix_caching=prefix_caching)
+        self.local = factory(slots, max_len, kv_dtype, **paging)  # first: bad settings fail here, not on the ranks
+        channel.send(CREATE, self.id, (slots, max_len or 0, KV_CODES[kv_dtype], block_size, kv_tokens or 0,
+                                       int(prefix_caching)))
 
     # the Engine API, forwarded
     @property
@@ -84,6 +89,13 @@ class RemoteEngine:
     def decode_ops(self) -> str:
         return self.local.decode_ops
 
+    def __getattr__(self, name: str):
+        """What the scheduler reads of the cache (capacity, block_size, pool, blocks_for, cached_tokens):
+        rank 0's engine holds the same books as every rank's."""
+        if name in ("capacity", "block_size", "pool", "blocks_for", "cached_tokens", "free_tokens"):
+            return getattr(self.local, name)
+        raise AttributeError(name)
+
     def prefill(self, slot: int, ids: Tensor) -> Tensor:
         self.release(slot)
         return self.append(slot, ids)
@@ -95,6 +107,14 @@ class RemoteEngine:
     def decode(self, slots: Tensor, tokens: Tensor) -> Tensor:
         self.channel.send(DECODE, self.id, (), torch.cat([slots.reshape(-1).cpu(), tokens.reshape(-1).cpu()]))
         return self.local.decode(slots, tokens)
+
+    def reuse_prefix(self, slot: int, ids: list[int]) -> int:
+        self.channel.send(REUSE, self.id, (slot,), torch.tensor(ids, dtype=torch.long))
+        return self.local.reuse_prefix(slot, ids)
+
+    def truncate(self, slot: int, length: int) -> None:
+        self.channel.send(TRUNCATE, self.id, (slot, length))
+        self.local.truncate(slot, length)
 
     def release(self, slot: int) -> None:
         self.channel.send(RELEASE, self.id, (slot,))
@@ -123,7 +143,8 @@ def follow(channel: Channel, factory: EngineFactory) -> None:
 def _run(op: int, engine_id: int, ints: list[int], payload: Tensor | None, engines: dict, factory: EngineFactory,
          codes: dict) -> None:
     if op == CREATE:
-        engines[engine_id] = factory(ints[0], ints[1] or None, codes[ints[2]])
+        engines[engine_id] = factory(ints[0], ints[1] or None, codes[ints[2]], block_size=ints[3],
+                                     kv_tokens=ints[4] or None, prefix_caching=bool(ints[5]))
     elif op == DROP:
         engines.pop(engine_id, None)
     elif op == APPEND:
@@ -133,6 +154,10 @@ def _run(op: int, engine_id: int, ints: list[int], payload: Tensor | None, engin
         engines[engine_id].decode(payload[:half], payload[half:])
     elif op == RELEASE:
         engines[engine_id].release(ints[0])
+    elif op == REUSE:
+        engines[engine_id].reuse_prefix(ints[0], payload.tolist() if payload is not None else [])
+    elif op == TRUNCATE:
+        engines[engine_id].truncate(ints[0], ints[1])
 
 
 def stop(channel: Channel) -> None:

@@ -27,10 +27,12 @@ class ParallelGroup:
         self.closed = False
         atexit.register(self.close)
 
-    def engine(self, slots: int = 1, max_len: int | None = None, kv_dtype: str = "auto") -> driver.RemoteEngine:
+    def engine(self, slots: int = 1, max_len: int | None = None, kv_dtype: str = "auto",
+               **paging) -> driver.RemoteEngine:
+        """paging: block_size, kv_tokens, prefix_caching (as `Engine`)."""
         if self.closed:
             raise SlimError("the parallel group is closed; load the model again")
-        return driver.RemoteEngine(self.channel, self.factory, slots, max_len, kv_dtype)
+        return driver.RemoteEngine(self.channel, self.factory, slots, max_len, kv_dtype, **paging)
 
     def close(self) -> None:
         """Stop the other ranks and leave the group (also at exit)."""
@@ -97,8 +99,8 @@ def tp_factory(path: str, config: ParallelConfig, rank: int, dtype, device: str)
     model, tokenizer, layout, spec = load_tp_shard(path, config.tp, rank, dtype, device, config.split_head, timer)
     model.slimlm_comm = timer
 
-    def factory(slots: int, max_len: int | None, kv_dtype: str):
-        return Engine(model, slots, max_len, kv_dtype, spec=spec, reduce=timer.all_reduce)
+    def factory(slots: int, max_len: int | None, kv_dtype: str, **paging):
+        return Engine(model, slots, max_len, kv_dtype, spec=spec, reduce=timer.all_reduce, **paging)
 
     return model, tokenizer, factory
 

@@ -194,8 +194,20 @@ class StageRunner:
     def decode_ops(self) -> str:
         return self.engine.decode_ops
 
+    def __getattr__(self, name: str):
+        """The cache's books (capacity, block_size, pool, blocks_for, ...): every stage keeps the same."""
+        if name in ("capacity", "block_size", "pool", "blocks_for", "cached_tokens", "free_tokens"):
+            return getattr(self.engine, name)
+        raise AttributeError(name)
+
     def release(self, slot: int) -> None:
         self.engine.release(slot)
+
+    def reuse_prefix(self, slot: int, ids: list[int]) -> int:
+        return self.engine.reuse_prefix(slot, ids)  # local on every stage: no activations involved
+
+    def truncate(self, slot: int, length: int) -> None:
+        self.engine.truncate(slot, length)
 
     def prefill(self, slot: int, ids: Tensor) -> Tensor:
         self.release(slot)
@@ -262,8 +274,8 @@ def pp_factory(path: str, config, rank: int, dtype, device: str):
     first, last = rank == 0, rank == stages - 1
     spec, _ = decoder_spec(model)
 
-    def factory(slots: int, max_len: int | None, kv_dtype: str):
-        engine = Engine(model, slots, max_len, kv_dtype, spec=spec, first=first, last=last)
+    def factory(slots: int, max_len: int | None, kv_dtype: str, **paging):
+        engine = Engine(model, slots, max_len, kv_dtype, spec=spec, first=first, last=last, **paging)
         return StageRunner(engine, rank, stages, model.config.hidden_size, model.config.vocab_size,
                            engine.cache.dtype, micro_batches=config.micro_batches or None)
 

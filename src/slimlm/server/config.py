@@ -30,6 +30,12 @@ class ServeConfig(Config):
     num_speculative: int = field(4, "with --draft: tokens proposed per step")
     kv_dtype: str = field("auto", "KV cache storage: auto (the model's float dtype) or int8 (a float16 scale per "
                                   "token and head: about half of bfloat16, so about twice the sequences fit)")
+    kv_tokens: int | None = field(None, "tokens the paged KV cache holds across all sequences (default: slots x "
+                                        "max_len); with more --slots than fit at full length, memory follows "
+                                        "the tokens held and the newest requests wait when it is full")
+    block_size: int = field(16, "tokens per KV cache block")
+    prefix_caching: bool = field(True, "reuse the KV cache blocks of prompt prefixes seen before (a shared system "
+                                       "prompt, few-shot examples, a chat's history); --no-prefix-caching turns it off")
     device: str = field("cpu", "cpu or cuda")
     tp: int = field(1, "tensor-parallel processes per model (each holds a slice of every layer)")
     pp: int = field(1, "pipeline-parallel processes per model (each holds a run of layers)")
@@ -41,9 +47,11 @@ class ServeConfig(Config):
             return isinstance(value, int) and not isinstance(value, bool)
 
         check(whole(self.port) and 1 <= self.port <= 65535, f"port {self.port!r} must be in 1..65535 (--port)")
-        for name in ("slots", "max_queue", "max_tokens", "max_request_bytes", "tp", "pp", "replicas"):
+        for name in ("slots", "max_queue", "max_tokens", "max_request_bytes", "tp", "pp", "replicas", "block_size"):
             value = getattr(self, name)
             check(whole(value) and value >= 1, f"{name} {value!r} must be at least 1 (--{name.replace('_', '-')})")
+        check(self.kv_tokens is None or (whole(self.kv_tokens) and self.kv_tokens >= 2),
+              f"kv_tokens {self.kv_tokens!r} must be at least 2 (--kv-tokens)")
         check(self.max_len is None or (whole(self.max_len) and self.max_len >= 2),
               f"max_len {self.max_len!r} must be at least 2: prompt + output tokens (--max-len)")
         check(isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0,
@@ -67,4 +75,5 @@ class ServeConfig(Config):
     def scheduler_settings(self) -> dict:
         return dict(slots=self.slots, max_len=self.max_len, max_queue=self.max_queue, dtype=self.dtype,
                     device=self.device, tp=self.tp, pp=self.pp, replicas=self.replicas, kv_dtype=self.kv_dtype,
-                    draft=self.draft, num_speculative=self.num_speculative)
+                    draft=self.draft, num_speculative=self.num_speculative, kv_tokens=self.kv_tokens,
+                    block_size=self.block_size, prefix_caching=self.prefix_caching)

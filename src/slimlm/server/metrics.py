@@ -16,8 +16,12 @@ class Metrics:
         self.running = Gauge("slimlm_running_requests", "requests in the running batch", ["model"], registry=r)
         self.kv_used = Gauge("slimlm_kv_cache_tokens", "tokens held in the KV cache", ["model"], registry=r)
         self.kv_capacity = Gauge("slimlm_kv_cache_capacity_tokens", "KV cache size in tokens", ["model"], registry=r)
-        self.shared = Gauge("slimlm_shared_prefix_tokens", "prompt tokens copied from another request's KV cache "
-                            "instead of computed (shared prefixes), since start", ["model"], registry=r)
+        self.shared = Gauge("slimlm_shared_prefix_tokens", "prompt tokens whose keys and values came from the prefix "
+                            "cache instead of being computed, since start", ["model"], registry=r)
+        self.kv_blocks = Gauge("slimlm_kv_cache_blocks", "KV cache blocks by state: held by a sequence, cached "
+                               "(idle, kept for prefix reuse), free", ["model", "state"], registry=r)
+        self.preemptions = Gauge("slimlm_preemptions", "requests preempted (to resume later) because the KV cache "
+                                 "was full, since start", ["model"], registry=r)
         self.batch = Histogram("slimlm_decode_batch_size", "sequences per decode step", ["model"], registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.ttft = Histogram("slimlm_time_to_first_token_seconds", "time to first token", ["model"], registry=r,
@@ -46,6 +50,12 @@ class Metrics:
         self.kv_capacity.labels(model).set(stats["kv_capacity"])
         if "shared_prefix_tokens" in stats:
             self.shared.labels(model).set(stats["shared_prefix_tokens"])
+        if "kv_blocks" in stats:
+            used, cached = stats["kv_blocks_used"], stats["kv_blocks_cached"]
+            self.kv_blocks.labels(model, "used").set(used)
+            self.kv_blocks.labels(model, "cached").set(cached)
+            self.kv_blocks.labels(model, "free").set(stats["kv_blocks"] - used - cached)
+            self.preemptions.labels(model).set(stats["preemptions"])
         if stats.get("spec_steps"):
             self.observe_spec(stats, model)
 

@@ -50,7 +50,8 @@ class ReplicaSet:
     def __init__(self, path: str, count: int, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
                  dtype: str | None = None, device: str = "cpu", metrics: Any = None, name: str = "model",
                  threads: int | None = None, tp: int = 1, pp: int = 1, kv_dtype: str = "auto",
-                 draft: str | None = None, num_speculative: int = 4) -> None:
+                 draft: str | None = None, num_speculative: int = 4, **cache) -> None:
+        """cache: the paged KV cache's settings (`Scheduler`: kv_tokens, block_size, prefix_caching)."""
         import multiprocessing
 
         import torch
@@ -72,7 +73,7 @@ class ReplicaSet:
                                       args=(child, path, dict(slots=slots, max_len=max_len, max_queue=max_queue,
                                                               dtype=dtype, device=device, name=name, tp=tp, pp=pp,
                                                               kv_dtype=kv_dtype, draft=draft,
-                                                              num_speculative=num_speculative),
+                                                              num_speculative=num_speculative, cache=cache),
                                             threads))
             process.start()
             child.close()
@@ -299,7 +300,8 @@ def serve_replica(conn, path: str, settings: dict, threads: int) -> None:
             model, _ = load_model(path, dtype=settings["dtype"], device=settings["device"])
         scheduler = Scheduler(model, slots=settings["slots"], max_len=settings["max_len"],
                               max_queue=settings["max_queue"], name=settings["name"], kv_dtype=settings["kv_dtype"],
-                              draft=settings["draft"], num_speculative=settings["num_speculative"])
+                              draft=settings["draft"], num_speculative=settings["num_speculative"],
+                              **settings.get("cache", {}))
     except Exception as e:  # noqa: BLE001 - reported to the front end, which refuses to start
         conn.send(("failed", f"{type(e).__name__}: {e}".splitlines()[0]))
         return

@@ -3,14 +3,20 @@ join and leave the running batch between decode steps.
 
 One scheduler thread owns the engine and runs the model; nothing else does. Each iteration it
   1. runs the calls handed to it (`call`: prompt scoring), so they never block the event loop,
-  2. drops cancelled or timed-out requests and frees their slots (and KV cache) at once,
-  3. admits waiting requests into free slots (the KV cache is preallocated, `slots` x `max_len`, so
-     admission can never run the process out of memory; a prompt that cannot fit is refused when
-     it is submitted, as are token ids outside the vocabulary),
+  2. drops cancelled or timed-out requests and frees their slots (and KV blocks) at once,
+  3. admits waiting requests into free slots while the paged KV cache has blocks for their prompts
+     (it is preallocated, `kv_tokens` in all, so admission never runs the process out of memory; a
+     prompt that cannot fit is refused when it is submitted, as are token ids outside the
+     vocabulary). With prefix caching a request starts from the cached blocks of the longest prefix
+     of its prompt that an earlier or running request computed (`Engine.reuse_prefix`),
   4. prefills at most `prefill_chunk` prompt tokens (chunked prefill: a long prompt is spread over
      several iterations so running streams keep getting tokens),
   5. runs one decode step for every request that is generating, samples each one's next token with
      its own `SamplingParams`, and streams it out.
+When the cache runs out of blocks mid-generation, the most recently admitted requests are preempted
+as vLLM does (by recomputation): their blocks are freed and they wait at the head of the queue, to
+resume by prefilling prompt and tokens so far (mostly from the prefix cache); their clients only see
+a pause.
 A failure is kept to the request that caused it: a failed prefill or sampling fails that request
 only, and a failed batched decode step is retried one sequence at a time, so only the sequences
 that fail alone are failed. The waiting queue is bounded: `submit` raises `QueueFull` (the server
@@ -37,11 +43,11 @@ from torch import nn
 
 from slimlm.core.errors import SlimError
 from slimlm.engine.engine import Engine, engine_for
+from slimlm.engine.kv_cache import DEFAULT_BLOCK_SIZE, CacheFull
 from slimlm.engine.sampling import SamplingParams, sample_next
 from slimlm.engine.speculative import NgramDraft, accept
 
 logger = logging.getLogger(__name__)
-MIN_SHARED = 16  # prompt tokens a request must share with a running one for their keys and values to be copied
 
 
 class QueueFull(Exception):
@@ -65,7 +71,9 @@ class Request:
     constraint: Any = None  # structured output: masks the logits, consumes each token (`structured.Constraint`)
     # scheduler state
     slot: int | None = None
-    fed: int = 0  # prompt tokens prefilled so far
+    feed: list[int] | None = None  # the tokens to prefill: the prompt, or after a preemption prompt + generated
+    fed: int = 0  # tokens of `feed` prefilled so far
+    admitted: int = 0  # admission order (the most recent is preempted first)
     generated: list[int] = dataclasses.field(default_factory=list)
     last_token_at: float | None = None
     generator: torch.Generator | None = None
@@ -89,8 +97,11 @@ def check_settings(slots: int, max_len: int | None, max_queue: int, prefill_chun
 class Scheduler:
     def __init__(self, model: nn.Module, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
                  prefill_chunk: int = 256, metrics: Any = None, name: str = "model", kv_dtype: str = "auto",
-                 draft: str | None = None, num_speculative: int = 4) -> None:
+                 draft: str | None = None, num_speculative: int = 4, kv_tokens: int | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True) -> None:
         """kv_dtype: 'int8' stores the KV cache as int8 with a float16 scale per token and head (`KVCache`).
+        kv_tokens, block_size: the paged cache's size in tokens (default: `slots` x `max_len`) and tokens
+        per block; prefix_caching: reuse cached blocks of prompt prefixes across requests.
         draft 'ngram': speculative decoding with prompt lookup (`engine.speculative`) whenever a single
         sequence decodes (at low load a step is spent on one sequence; in a batch it decodes as usual),
         proposing `num_speculative` tokens per step."""
@@ -103,11 +114,14 @@ class Scheduler:
             from slimlm.engine.decoder import decoder_spec
 
             raise SlimError(f"serving runs on slimlm's engine, which cannot run this model: {decoder_spec(model)[1]}")
-        self.engine = engine_for(model, slots=slots, max_len=max_len, kv_dtype=kv_dtype)
+        self.engine = engine_for(model, slots=slots, max_len=max_len, kv_dtype=kv_dtype, kv_tokens=kv_tokens,
+                                 block_size=block_size, prefix_caching=prefix_caching)
         self.model, self.max_len = model, self.engine.max_len
+        self.watermark = (self.engine.capacity // self.engine.block_size) // 100  # blocks kept free at admission
+        self.preempted = 0  # requests preempted for want of KV blocks
+        self._admissions = 0
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.slots, self.max_queue, self.prefill_chunk = slots, max_queue, prefill_chunk
-        self.shared_tokens = 0  # prompt tokens copied from another request's cache instead of computed
         self.draft, self.num_speculative = (NgramDraft() if draft else None), num_speculative
         self.spec = {"steps": 0, "proposed": 0, "accepted": 0, "emitted": 0}  # speculative steps' counts
         self.metrics, self.name = metrics, name
@@ -132,6 +146,10 @@ class Scheduler:
         if len(prompt) + max_new_tokens >= self.max_len:
             raise SlimError(f"this model's context is {self.max_len - 1} tokens; the prompt has {len(prompt)} and "
                             f"max_tokens is {max_new_tokens}: shorten the prompt or lower max_tokens")
+        if len(prompt) + max_new_tokens > self.engine.capacity:
+            raise SlimError(f"the KV cache holds {self.engine.capacity} tokens in all; the prompt has {len(prompt)} "
+                            f"and max_tokens is {max_new_tokens}: lower max_tokens or start the server with a "
+                            "larger --kv-tokens")
 
     def submit(self, request: Request) -> Request:
         self.check_prompt(request.prompt, request.params.max_new_tokens)
@@ -159,9 +177,13 @@ class Scheduler:
 
     def stats(self) -> dict[str, int]:
         with self.lock:
+            pool = self.engine.pool
             return {"waiting": len(self.waiting), "running": len(self.running),
-                    "kv_tokens": int(self.engine.lengths.sum()), "kv_capacity": self.slots * self.max_len,
-                    "shared_prefix_tokens": self.shared_tokens, **{f"spec_{k}": v for k, v in self.spec.items()}}
+                    "kv_tokens": int(self.engine.lengths.sum()), "kv_capacity": self.engine.capacity,
+                    "kv_blocks_used": pool.used(), "kv_blocks_cached": len(pool.idle),
+                    "kv_blocks": len(pool.refs) - 1, "preemptions": self.preempted,
+                    "shared_prefix_tokens": self.engine.cached_tokens,
+                    **{f"spec_{k}": v for k, v in self.spec.items()}}
 
     def shutdown(self, grace: float = 0.0) -> None:
         """Take no more work; fail waiting requests now and running ones still going after `grace` s."""
@@ -254,59 +276,81 @@ class Scheduler:
                 self._drop(r, "timeout", f"the request took longer than {r.timeout:g} s")
         with self.lock:
             free = [s for s in range(self.slots) if s not in self.running]
-            while free and self.waiting:
-                r = self.waiting.pop(0)
-                r.slot = free.pop(0)
-                self.running[r.slot] = r  # before anything can fail: a failed iteration fails what runs
-                self.engine.release(r.slot)
-                self._share_prefix(r)
-            active = list(self.running.values())
+            while free and self.waiting and self._admit(self.waiting[0], free[0]):
+                free.pop(0)
+                self.waiting.pop(0)
+            active = sorted(self.running.values(), key=lambda r: r.admitted)
         budget = self.prefill_chunk
         for r in active:  # chunked prefill, oldest first
             if budget <= 0:
                 break
-            if r.fed < len(r.prompt):
-                take = min(budget, len(r.prompt) - r.fed)
+            if r.slot is not None and r.fed < len(r.feed):
+                take = min(budget, len(r.feed) - r.fed)
+                if not self._make_room({r.slot: r.fed + take}, r):
+                    continue  # r itself was preempted
                 budget -= take
                 try:
-                    logits = self.engine.append(r.slot, torch.tensor(r.prompt[r.fed:r.fed + take]), read_back=r.fed > 0)
+                    logits = self.engine.append(r.slot, torch.tensor(r.feed[r.fed:r.fed + take]), read_back=r.fed > 0)
                 except Exception as e:  # noqa: BLE001 - fail this request only
                     self._fail(r, "prefill", e)
                     continue
                 r.fed += take
-                if r.fed == len(r.prompt):
+                if r.fed == len(r.feed):
                     self._emit(r, logits[None])
-        decoding = [r for r in active if r.fed == len(r.prompt) and r.generated and r.finish_reason is None]
+        decoding = [r for r in active if r.slot is not None and r.fed == len(r.feed) and r.generated
+                    and r.finish_reason is None]
         if decoding:
             self._decode(decoding)
         if self.metrics is not None:
             self.metrics.observe_batch(len(decoding), self.stats(), self.name)
         return bool(active)
 
-    def _share_prefix(self, r: Request) -> None:
-        """Prefix reuse: when a running request has already prefilled a prefix of r's prompt (a shared
-        system prompt, few-shot examples, a conversation's history) of at least `MIN_SHARED` tokens, its
-        keys and values are copied into r's slot and r's prefill starts after them. The copy is what r
-        would compute itself (causal attention: a prefix's keys depend on the prefix alone)."""
-        best, n = None, 0
-        for other in self.running.values():
-            if other is r:
-                continue
-            m, limit = 0, min(other.fed, len(r.prompt) - 1)  # keep one prompt token to prefill: its logits
-            while m < limit and other.prompt[m] == r.prompt[m]:
-                m += 1
-            if m > n:
-                best, n = other, m
-        if best is None or n < MIN_SHARED:
-            return
-        try:
-            self.engine.copy_prefix(best.slot, r.slot, n)
-        except Exception:  # noqa: BLE001 - r prefills its whole prompt instead
-            logger.exception("could not share a prefix; prefilling the whole prompt")
+    def _admit(self, r: Request, slot: int) -> bool:
+        """Give r `slot`, starting from the cached blocks of its prompt's longest cached prefix, if the
+        cache has blocks for the rest of its prompt (and a few to spare); else leave r waiting."""
+        if r.feed is None:
+            r.feed = r.prompt
+        reused = self.engine.reuse_prefix(slot, r.feed)  # holds the cached blocks (or releases the slot)
+        need = self.engine.blocks_for(slot, len(r.feed) + 1)
+        if need + self.watermark > self.engine.pool.available() and self.running:
+            self.engine.release(slot)  # the cached blocks go back to the cache; r waits for room
+            return False
+        r.slot, r.fed = slot, reused
+        self._admissions += 1
+        r.admitted = self._admissions
+        self.running[slot] = r  # before anything can fail: a failed iteration fails what runs
+        return True
+
+    def _make_room(self, lengths: dict[int, int], keep: Request | None = None) -> bool:
+        """Preempt the most recently admitted requests until the slots in `lengths` that still run can
+        hold those lengths. False when `keep` had to go itself (preempted, or failed when it was the only
+        request and still did not fit)."""
+        def need() -> int:
+            return sum(self.engine.blocks_for(slot, n) for slot, n in lengths.items() if slot in self.running)
+
+        while need() > self.engine.pool.available():
+            with self.lock:
+                victim = max(self.running.values(), key=lambda r: r.admitted)
+                alone = len(self.running) == 1
+            if alone:
+                self._fail(victim, "decode", CacheFull(f"the KV cache ({self.engine.capacity} tokens) cannot hold "
+                                                       "this sequence; start the server with a larger --kv-tokens"))
+            else:
+                self._preempt(victim)
+        return keep is None or keep.slot is not None
+
+    def _preempt(self, r: Request) -> None:
+        """Free r's slot and blocks and put it at the head of the queue, to resume by recomputation:
+        its prompt and the tokens it has generated are prefilled again (from the prefix cache where
+        its blocks are still there), then it goes on generating."""
+        with self.lock:
+            del self.running[r.slot]
             self.engine.release(r.slot)
-            return
-        r.fed = n
-        self.shared_tokens += n
+            r.slot = None
+            r.feed, r.fed = r.prompt + r.generated, 0
+            self.waiting.insert(0, r)
+        self.preempted += 1
+        logger.info("request %s preempted: the KV cache is full", r.id or "?")
 
     def _speculate(self, r: Request) -> bool:
         """One speculative step for r, the only sequence decoding: prompt lookup proposes, one forward
@@ -319,6 +363,8 @@ class Scheduler:
         if not proposal:
             return False
         start = int(self.engine.lengths[r.slot])
+        if not self._make_room({r.slot: start + 1 + len(proposal)}, r):
+            return True
         scored = self.engine.append(r.slot, torch.tensor([r.generated[-1]] + proposal), all_logits=True, read_back=True)
         tokens, kept = accept(scored, proposal, None, p, r.generator)
         self.engine.truncate(r.slot, start + 1 + kept)
@@ -342,6 +388,10 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - fail this request only
                 self._fail(batch[0], "decode", e)
                 return
+        self._make_room({r.slot: int(self.engine.lengths[r.slot]) + 1 for r in batch})
+        batch = [r for r in batch if r.slot is not None]  # the preempted wait
+        if not batch:
+            return
         slots = torch.tensor([r.slot for r in batch])
         tokens = torch.tensor([r.generated[-1] for r in batch])
         try:

@@ -46,9 +46,10 @@ def model_paths(source: str) -> dict[str, str]:
 def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
                 dtype: str | None = None, device: str = "cpu", tp: int = 1, pp: int = 1,
                 replicas: int = 1, kv_dtype: str = "auto", draft: str | None = None,
-                num_speculative: int = 4) -> dict[str, ServedModel]:
+                num_speculative: int = 4, **cache) -> dict[str, ServedModel]:
     """Load every model of `source` with its scheduler: in this process; spread over tp x pp processes
-    (tensor / pipeline parallel, rank 0 here); or as `replicas` worker processes behind this front end."""
+    (tensor / pipeline parallel, rank 0 here); or as `replicas` worker processes behind this front end.
+    cache: the paged KV cache's kv_tokens, block_size, prefix_caching (`Scheduler`)."""
     from slimlm.core.model_io import causal_lm_config, load_model, load_tokenizer, read_config_json, resolve_model_path
 
     paths = model_paths(source)
@@ -64,7 +65,7 @@ def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | No
             tokenizer = load_tokenizer(folder, causal_lm_config(folder, read_config_json(folder)))
             scheduler = ReplicaSet(path, replicas, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
                                    device=device, metrics=metrics, name=name, tp=tp, pp=pp, kv_dtype=kv_dtype,
-                                   draft=draft, num_speculative=num_speculative)
+                                   draft=draft, num_speculative=num_speculative, **cache)
             served[name] = ServedModel(name, None, tokenizer, scheduler)
             continue
         if tp > 1 or pp > 1:
@@ -75,7 +76,7 @@ def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | No
         else:
             model, tokenizer = load_model(path, dtype=dtype, device=device)
         scheduler = Scheduler(model, slots=slots, max_len=max_len, max_queue=max_queue, metrics=metrics, name=name,
-                              kv_dtype=kv_dtype, draft=draft, num_speculative=num_speculative)
+                              kv_dtype=kv_dtype, draft=draft, num_speculative=num_speculative, **cache)
         served[name] = ServedModel(name, model, tokenizer, scheduler)
     return served
 
