@@ -58,7 +58,7 @@ def main() -> None:
             kl_sum += float((a.exp() * (a - b)).sum())
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
             count += len(targets)
-    per_token = {name: e.cache.nbytes() / e.max_len for name, e in (("exact", exact), ("int8", int8))}
+    per_token = {name: e.cache.token_bytes() for name, e in (("exact", exact), ("int8", int8))}
     print(f"model {args.model}: {count} tokens, windows of {args.window}, chunks of {args.chunk}")
     print(f"{'kv cache':<10} {'ppl':>9} {'KL':>10} {'top-1':>8} {'bytes/token':>12}")
     print(f"{'float32':<10} {math.exp(nll['exact'] / count):>9.4f} {0:>10.6f} {100:>7.2f}% {per_token['exact']:>12.0f}")

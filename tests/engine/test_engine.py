@@ -350,3 +350,26 @@ def test_a_full_cache_refuses_whole_steps_and_memory_follows_the_tokens():
     assert torch.equal(engine.tables, tables)
     engine.release(3)
     engine.decode(torch.tensor([0, 1]), torch.tensor([1, 2]))  # two freed blocks: two sequences grow
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_extend_scores_several_tokens_of_several_sequences_in_one_forward(kv_dtype):
+    """Batched speculative verification: rows of different lengths each fed 4 tokens give the logits of
+    feeding them one at a time; truncating back and decoding on gives the solo logits again."""
+    model = model_for("mistral", sliding_window=6)
+    engine = Engine(model, slots=3, max_len=64, block_size=4, kv_dtype=kv_dtype)
+    tol = 2e-3 if kv_dtype == "int8" else 1e-4
+    prompts = [ids(5, seed=1), ids(11, seed=2), ids(8, seed=3)]
+    alone = [Engine(model, slots=1, max_len=64, block_size=64, kv_dtype=kv_dtype) for _ in prompts]
+    for slot, p in enumerate(prompts):
+        engine.prefill(slot, p)
+        alone[slot].prefill(0, p)
+    fed = torch.randint(1, 300, (2, 4), generator=torch.Generator().manual_seed(9))
+    got = engine.extend(torch.tensor([2, 0]), fed)  # (2, 4, V)
+    for row, slot in enumerate([2, 0]):
+        want = [alone[slot].decode(torch.tensor([0]), fed[row, i:i + 1])[0] for i in range(4)]
+        torch.testing.assert_close(got[row], torch.stack(want), rtol=tol, atol=tol)
+    engine.truncate(2, 8 + 1)  # kept 1 of the 4
+    alone[2].truncate(0, 8 + 1)
+    step = engine.decode(torch.tensor([2, 1]), torch.tensor([7, 7]))
+    torch.testing.assert_close(step[0], alone[2].decode(torch.tensor([0]), torch.tensor([7]))[0], rtol=tol, atol=tol)

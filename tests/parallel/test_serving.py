@@ -86,11 +86,17 @@ def test_replicas_serve_and_survive_one_dying(tiny_folder, solo):
 
 
 def test_serve_with_tensor_parallelism(tiny_folder, solo):
-    app, models = build_app(str(tiny_folder("llama")), ServeSettings(), slots=2, max_len=256, tp=2)
+    """TP=2 with prompt-lookup speculation (rollbacks: `truncate` on every rank) and prefix caching in
+    blocks of 4 (the second round starts from the first round's blocks: `reuse_prefix` on every rank)."""
+    app, models = build_app(str(tiny_folder("llama")), ServeSettings(), slots=2, max_len=256, tp=2, draft="ngram",
+                            block_size=4)
     name = next(iter(models))
     try:
         with BackgroundServer(app) as url:
             assert greedy(url, name) == solo
+            assert greedy(url, name) == solo
+        stats = models[name].scheduler.stats()
+        assert stats["shared_prefix_tokens"] > 0 and stats["spec_steps"] > 0
     finally:
         models[name].scheduler.close()
         models[name].model.slimlm_parallel.close()

@@ -258,9 +258,9 @@ def test_copy_prefix_equals_prefilling_the_prefix(model):
         engine.copy_prefix(2, 1, 7)
 
 
-def test_speculation_with_prompt_lookup_when_one_sequence_decodes(model):
-    """`slimlm serve --draft ngram`: a lone decoding sequence takes speculative steps (prompt lookup,
-    verified in one forward); its output equals plain decoding, greedy; counts reach stats (/metrics)."""
+def test_speculation_with_prompt_lookup(model):
+    """`slimlm serve --draft ngram`: decoding sequences take speculative steps (prompt lookup, verified
+    in one forward for the batch); outputs equal plain decoding, greedy; counts reach stats (/metrics)."""
     prompt = [5, 6, 7, 8, 5, 6, 7, 9, 5, 6, 7, 8, 5, 6]
     plain = Scheduler(model, slots=2, max_len=96)
     spec = Scheduler(model, slots=2, max_len=96, draft="ngram", num_speculative=3)
@@ -268,7 +268,7 @@ def test_speculation_with_prompt_lookup_when_one_sequence_decodes(model):
         want = run(plain, Request(prompt, greedy(40)))[0]
         got = run(spec, Request(prompt, greedy(40)))[0]
         stats = spec.stats()
-        together = [Request(p, greedy(12)) for p in (prompt, PROMPTS[1])]  # two decode: plain batched steps
+        together = [Request(p, greedy(12)) for p in (prompt, PROMPTS[1])]  # two verified in one forward
         for r in together:
             spec.submit(r)
         assert [drain(r)[0] for r in together] == [want[:12], run(plain, Request(PROMPTS[1], greedy(12)))[0]]
@@ -280,6 +280,38 @@ def test_speculation_with_prompt_lookup_when_one_sequence_decodes(model):
     assert stats["spec_emitted"] >= stats["spec_steps"]
     with pytest.raises(SlimError, match="draft"):
         Scheduler(model, slots=1, draft="some/folder")
+
+
+def test_a_draft_model_speculates_for_a_batch_and_outputs_do_not_change(model):
+    """`slimlm serve --draft FOLDER`: a draft model proposes for every decoding request (a slot of its
+    own engine per request), one forward verifies the batch. With the model as its own draft every
+    proposal is accepted (the verification scores what the draft computed); with a one-layer draft
+    some are rejected; either way greedy outputs equal plain decoding, and seeded sampling runs."""
+    from slimlm.testing import tiny_model
+
+    prompts = PROMPTS[:4]
+    plain = Scheduler(model, slots=4, max_len=96)
+    try:
+        want = [run(plain, Request(p, greedy(20)))[0] for p in prompts]
+    finally:
+        plain.close()
+    weak = tiny_model("llama", num_hidden_layers=1)
+    for draft, everything in ((model, True), (weak, False)):
+        spec = Scheduler(model, slots=4, max_len=96, draft=draft, num_speculative=3)
+        try:
+            requests = [Request(p, greedy(20)) for p in prompts]
+            for r in requests:
+                spec.submit(r)
+            got = [drain(r)[0] for r in requests]
+            sampled = run(spec, Request(prompts[0], SamplingParams(max_new_tokens=12, temperature=0.9, seed=3)))
+            stats = spec.stats()
+        finally:
+            spec.close()
+        assert got == want and len(sampled[0]) == 12
+        assert stats["spec_steps"] > 0
+        assert (stats["spec_accepted"] == stats["spec_proposed"]) == everything, stats
+    with pytest.raises(SlimError, match="vocabulary"):
+        Scheduler(model, slots=1, draft=tiny_model("llama", vocab_size=400))
 
 
 def test_metrics_report_speculation_and_shared_prefixes():

@@ -184,6 +184,28 @@ class Engine:
                 self._flush()
         return logits
 
+    def extend(self, slots: Tensor, ids: Tensor) -> Tensor:
+        """Feed ids (B, T) after what each of slots (B,) holds, in one forward; returns logits (B, T, V).
+        Speculative decoding verifies B sequences' drafts with it (T = 1 + k: the last token and k draft
+        tokens); `truncate` then drops each one's rejected tokens."""
+        slots = slots.cpu()
+        b, t = ids.shape
+        held = self.lengths[slots]
+        if int(held.max()) + t >= self.max_len:
+            raise SlimError(f"a sequence would reach {int(held.max()) + t} tokens; this engine holds {self.max_len}")
+        self._reserve(dict(zip(slots.tolist(), (held + t).tolist())))
+        for slot in slots[~self.holding[slots]].tolist():
+            self._take_first_free_row(slot)
+        positions = held[:, None] + torch.arange(t)[None]  # (B, T)
+        batch = decoder.Batch(ids.to(self.device), positions.to(self.device),
+                              self.tables[self.row_of[slots]].to(self.device), last_only=False)
+        logits = decoder.forward(self.plan, self.torch_ops, batch)
+        self.lengths[slots] = held + t
+        if self.prefix_caching:
+            self._pending.append(([s for s in slots.tolist() for _ in range(t)], ids.reshape(-1).cpu()))
+            self._flush()
+        return logits
+
     def reuse_prefix(self, slot: int, ids: list[int]) -> int:
         """Prefix caching: start the empty slot `slot` with the cached blocks holding the longest prefix of
         prompt `ids` (whole blocks, at most len(ids) - 1 tokens, so the last one is computed for its

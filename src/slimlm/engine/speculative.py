@@ -83,7 +83,8 @@ class NgramDraft:
             raise SlimError(f"n-gram draft: need 1 <= min_n <= max_n (got {min_n}, {max_n})")
         self.max_n, self.min_n = max_n, min_n
 
-    def propose(self, sequence: list[int], k: int, params: SamplingParams, generator=None) -> tuple[list[int], None]:
+    def propose(self, sequence: list[int], k: int, params: SamplingParams, generator=None,
+                slot: int = 0) -> tuple[list[int], None]:
         for n in range(min(self.max_n, len(sequence) - 1), self.min_n - 1, -1):
             tail = sequence[-n:]
             for start in range(len(sequence) - n - 1, -1, -1):  # latest match first, not the tail itself
@@ -91,45 +92,70 @@ class NgramDraft:
                     return sequence[start + n:start + n + k], None
         return [], None
 
-    def rollback(self, length: int) -> None:
+    def rollback(self, length: int, slot: int = 0) -> None:
         pass
 
 
 class ModelDraft:
     """A small causal LM with the target's vocabulary proposing k tokens on its own engine (greedy for a
-    greedy target, else sampled with the target's settings, its distributions returned)."""
+    greedy target, else sampled with the target's settings, its distributions returned).
 
-    def __init__(self, model: nn.Module, max_len: int) -> None:
+    It keeps one cache slot per sequence it drafts for (`slot`, the server's slot of the request) and
+    remembers the tokens each holds: a proposal feeds only what the sequence added since (after a
+    rollback, or a new request on the slot, from their common prefix on; its own prefix cache serves a
+    prompt it has seen). `propose_batch` drafts for several sequences with batched decode steps."""
+
+    def __init__(self, model: nn.Module, max_len: int, slots: int = 1) -> None:
         from slimlm.engine.engine import Engine
 
         if not Engine.supports(model):
             raise SlimError("the draft model must run on slimlm's engine (a Llama-family model)")
-        self.engine = Engine(model, slots=1, max_len=max_len)
-        self.held = 0  # tokens of the sequence in the draft's cache
+        self.engine = Engine(model, slots=slots, max_len=max_len, prefix_caching=True)
+        self.held: list[list[int]] = [[] for _ in range(slots)]  # the tokens in each slot's cache
 
-    def propose(self, sequence: list[int], k: int, params: SamplingParams, generator=None) -> tuple[list[int], Tensor | None]:
-        if self.held >= len(sequence):  # keep at least the last token to feed
-            self.rollback(len(sequence) - 1)
-        logits = self.engine.append(0, torch.tensor(sequence[self.held:]), read_back=self.held > 0)
-        self.held = len(sequence)
-        tokens, probs = [], []
+    def _catch_up(self, slot: int, sequence: list[int]) -> Tensor:
+        """Logits (V,) after `sequence`, feeding slot `slot` what it does not hold yet."""
+        held, common = self.held[slot], 0
+        limit = min(len(held), len(sequence) - 1)  # the last token is always fed: its logits are needed
+        while common < limit and held[common] == sequence[common]:
+            common += 1
+        if common == 0:
+            common = self.engine.reuse_prefix(slot, sequence)  # releases the slot first
+        else:
+            self.engine.truncate(slot, common)
+        self.held[slot] = list(sequence[:common])
+        logits = self.engine.append(slot, torch.tensor(sequence[common:]), read_back=common > 0)
+        self.held[slot] = list(sequence)
+        return logits
+
+    def propose(self, sequence: list[int], k: int, params: SamplingParams, generator=None,
+                slot: int = 0) -> tuple[list[int], Tensor | None]:
+        tokens, probs = self.propose_batch([sequence], [slot], k, [params], [generator])
+        return tokens[0], probs[0]
+
+    def propose_batch(self, sequences: list[list[int]], slots: list[int], k: int, params: list[SamplingParams],
+                      generators: list) -> tuple[list[list[int]], list[Tensor | None]]:
+        """k tokens for each sequence (on its slot), and the draft's distributions (k, V) where sampled."""
+        logits = torch.stack([self._catch_up(slot, seq) for slot, seq in zip(slots, sequences)])  # (B, V)
+        tokens: list[list[int]] = [[] for _ in slots]
+        probs: list[list[Tensor]] = [[] for _ in slots]
         for i in range(k):
-            row = logits[None]
-            if params.temperature > 0:
-                q = sampling_probs(row, params.temperature, params.top_k, params.top_p)[0]
-                token = int(torch.multinomial(q, 1, generator=generator))
-                probs.append(q)
-            else:
-                token = int(sample_next(row))
-            tokens.append(token)
+            for b, p in enumerate(params):
+                row = logits[b:b + 1]
+                if p.temperature > 0:
+                    q = sampling_probs(row, p.temperature, p.top_k, p.top_p)[0]
+                    tokens[b].append(int(torch.multinomial(q, 1, generator=generators[b])))
+                    probs[b].append(q)
+                else:
+                    tokens[b].append(int(sample_next(row)))
             if i + 1 < k:
-                logits = self.engine.decode(torch.tensor([0]), torch.tensor([token]))[0]
-                self.held += 1
-        return tokens, (torch.stack(probs) if probs else None)
+                logits = self.engine.decode(torch.tensor(slots), torch.tensor([t[-1] for t in tokens]))
+                for b, slot in enumerate(slots):
+                    self.held[slot].append(tokens[b][-1])
+        return tokens, [torch.stack(q) if q else None for q in probs]
 
-    def rollback(self, length: int) -> None:
-        self.held = min(self.held, length)
-        self.engine.truncate(0, self.held)
+    def rollback(self, length: int, slot: int = 0) -> None:
+        pass  # the next proposal compares the sequence with what the slot holds
 
 
 def make_draft(draft, max_len: int):

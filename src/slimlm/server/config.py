@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 from slimlm.core.config import Config, check, field
 from slimlm.server.state import ServeSettings
@@ -26,8 +27,9 @@ class ServeConfig(Config):
     shutdown_grace: float = field(5.0, "seconds running requests may take to finish after SIGTERM/SIGINT before "
                                        "they are failed")
     dtype: str | None = field(None, "float32, bfloat16 or float16 (default: as stored)")
-    draft: str | None = field(None, "speculative decoding when one sequence decodes: 'ngram' (prompt lookup)")
-    num_speculative: int = field(4, "with --draft: tokens proposed per step")
+    draft: str | None = field(None, "speculative decoding while at most 8 sequences decode: 'ngram' (prompt lookup) "
+                                    "or a draft model folder with the model's tokenizer (e.g. from slimlm distill)")
+    num_speculative: int = field(4, "with --draft: tokens proposed per sequence and step")
     kv_dtype: str = field("auto", "KV cache storage: auto (the model's float dtype) or int8 (a float16 scale per "
                                   "token and head: about half of bfloat16, so about twice the sequences fit)")
     kv_tokens: int | None = field(None, "tokens the paged KV cache holds across all sequences (default: slots x "
@@ -61,7 +63,8 @@ class ServeConfig(Config):
                                             "(--shutdown-grace)")
         check(self.device.split(":")[0] in ("cpu", "cuda"), f"device {self.device!r} must be cpu or cuda (--device)")
         check(self.kv_dtype in ("auto", "int8"), f"kv_dtype {self.kv_dtype!r} must be auto or int8 (--kv-dtype)")
-        check(self.draft in (None, "ngram"), f"draft {self.draft!r}: the server supports 'ngram' (prompt lookup) (--draft)")
+        check(self.draft in (None, "ngram", "demo") or Path(self.draft).is_dir(),
+              f"draft {self.draft!r} is neither 'ngram' (prompt lookup) nor a model folder (--draft)")
         check(whole(self.num_speculative) and self.num_speculative >= 1,
               f"num_speculative {self.num_speculative!r} must be at least 1 (--num-speculative)")
         check(self.tp == 1 or self.pp == 1, "--tp and --pp together are not supported yet; choose one")

@@ -45,9 +45,13 @@ from slimlm.core.errors import SlimError
 from slimlm.engine.engine import Engine, engine_for
 from slimlm.engine.kv_cache import DEFAULT_BLOCK_SIZE, CacheFull
 from slimlm.engine.sampling import SamplingParams, sample_next
-from slimlm.engine.speculative import NgramDraft, accept
+from slimlm.engine.speculative import ModelDraft, NgramDraft, accept
 
 logger = logging.getLogger(__name__)
+# Speculate while at most this many sequences decode: a decode step reads every weight once for the
+# whole batch, so at small batches it is memory-bound and verifying k more positions per sequence is
+# nearly free; at large batches the step is compute-bound and rejected drafts cost real work.
+SPEC_MAX_BATCH = 8
 
 
 class QueueFull(Exception):
@@ -102,11 +106,10 @@ class Scheduler:
         """kv_dtype: 'int8' stores the KV cache as int8 with a float16 scale per token and head (`KVCache`).
         kv_tokens, block_size: the paged cache's size in tokens (default: `slots` x `max_len`) and tokens
         per block; prefix_caching: reuse cached blocks of prompt prefixes across requests.
-        draft 'ngram': speculative decoding with prompt lookup (`engine.speculative`) whenever a single
-        sequence decodes (at low load a step is spent on one sequence; in a batch it decodes as usual),
-        proposing `num_speculative` tokens per step."""
-        if draft not in (None, "ngram"):
-            raise SlimError(f"the server's draft {draft!r} is not supported; use 'ngram' (prompt lookup)")
+        draft: speculative decoding (`engine.speculative`) whenever at most `SPEC_MAX_BATCH` sequences
+        decode, proposing `num_speculative` tokens per sequence and step: 'ngram' (prompt lookup), or a
+        draft model (a folder, or a loaded model) with the model's vocabulary, e.g. a `slimlm distill`
+        student; its own engine keeps a slot per request."""
         if not isinstance(num_speculative, int) or isinstance(num_speculative, bool) or num_speculative < 1:
             raise SlimError(f"num_speculative {num_speculative!r} must be at least 1")
         check_settings(slots, max_len, max_queue, prefill_chunk)
@@ -122,7 +125,8 @@ class Scheduler:
         self._admissions = 0
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.slots, self.max_queue, self.prefill_chunk = slots, max_queue, prefill_chunk
-        self.draft, self.num_speculative = (NgramDraft() if draft else None), num_speculative
+        self.num_speculative = num_speculative
+        self.draft = self._load_draft(draft, model) if draft is not None else None
         self.spec = {"steps": 0, "proposed": 0, "accepted": 0, "emitted": 0}  # speculative steps' counts
         self.metrics, self.name = metrics, name
         self.waiting: list[Request] = []
@@ -352,41 +356,97 @@ class Scheduler:
         self.preempted += 1
         logger.info("request %s preempted: the KV cache is full", r.id or "?")
 
-    def _speculate(self, r: Request) -> bool:
-        """One speculative step for r, the only sequence decoding: prompt lookup proposes, one forward
-        verifies, the kept tokens and the target's own are emitted (`engine.speculative.accept`). False
-        when there is nothing to propose (a plain step follows)."""
-        p = r.params
-        budget = min(self.num_speculative, p.max_new_tokens - len(r.generated),
-                     self.max_len - 2 - int(self.engine.lengths[r.slot]))
-        proposal = self.draft.propose(r.prompt + r.generated, budget, p)[0][:budget] if budget > 0 else []
-        if not proposal:
-            return False
-        start = int(self.engine.lengths[r.slot])
-        if not self._make_room({r.slot: start + 1 + len(proposal)}, r):
-            return True
-        scored = self.engine.append(r.slot, torch.tensor([r.generated[-1]] + proposal), all_logits=True, read_back=True)
-        tokens, kept = accept(scored, proposal, None, p, r.generator)
-        self.engine.truncate(r.slot, start + 1 + kept)
-        self.spec["steps"] += 1
-        self.spec["proposed"] += len(proposal)
-        self.spec["accepted"] += kept
-        for i, token in enumerate(tokens):
-            if r.finish_reason is not None:
-                break
-            self.spec["emitted"] += 1
-            self._emit(r, scored[i:i + 1], token)
-        return True
+    def _load_draft(self, draft, model: nn.Module):
+        if isinstance(draft, str) and draft == "ngram":
+            return NgramDraft()
+        from slimlm.core.layers import float_dtype, model_device
 
-    def _decode(self, batch: list[Request]) -> None:
-        """One decode step for `batch`; if it fails, each sequence again alone (only failures fail)."""
-        if (self.draft is not None and len(batch) == 1 and batch[0].constraint is None
-                and not batch[0].params.logprobs):
+        if isinstance(draft, (str, bytes)) or hasattr(draft, "__fspath__"):
+            from slimlm.core.model_io import load_model
+
             try:
-                if self._speculate(batch[0]):
-                    return
+                draft = load_model(draft, dtype=float_dtype(model), device=str(model_device(model)))[0]
+            except SlimError as e:
+                raise SlimError(f"the draft model: {e}") from None
+        if not isinstance(draft, nn.Module):
+            raise SlimError(f"the draft {draft!r} is neither 'ngram' nor a model folder")
+        ours, theirs = model.get_output_embeddings().out_features, draft.get_output_embeddings().out_features
+        if ours != theirs:
+            raise SlimError(f"the draft model's vocabulary ({theirs} tokens) differs from the model's ({ours}); "
+                            "use a draft with the same tokenizer (e.g. one made by slimlm distill)")
+        return ModelDraft(draft, self.max_len + self.num_speculative + 2, self.slots)
+
+    def _speculate(self, batch: list[Request]) -> list[Request]:
+        """One speculative step for the requests of `batch` the draft has tokens for: the draft proposes
+        up to `num_speculative` tokens each, one forward of the model scores every proposal
+        (`Engine.extend`; `append` for an engine without it, one sequence at a time), and each keeps its
+        longest accepted run and one token of the model's own (`engine.speculative.accept`). Returns
+        the requests left for a plain decode step (no proposal, logprobs or structured output asked)."""
+        plain = [r for r in batch if r.constraint is not None or r.params.logprobs]
+        todo = [r for r in batch if r not in plain]
+        budgets = [min(self.num_speculative, r.params.max_new_tokens - len(r.generated),
+                       self.max_len - 2 - int(self.engine.lengths[r.slot])) for r in todo]
+        live = [(r, b) for r, b in zip(todo, budgets) if b > 0]
+        plain += [r for r, b in zip(todo, budgets) if b <= 0]
+        if not live:
+            return batch
+        sequences = [r.prompt + r.generated for r, _ in live]
+        if hasattr(self.draft, "propose_batch"):
+            proposals, dists = self.draft.propose_batch(sequences, [r.slot for r, _ in live], max(b for _, b in live),
+                                                        [r.params for r, _ in live], [r.generator for r, _ in live])
+        else:
+            pairs = [self.draft.propose(seq, b, r.params, r.generator) for seq, (r, b) in zip(sequences, live)]
+            proposals, dists = [p for p, _ in pairs], [q for _, q in pairs]
+        rows = []
+        for (r, budget), proposal, q in zip(live, proposals, dists):
+            if proposal[:budget]:
+                rows.append((r, proposal[:budget], q[:budget] if q is not None else None))
+            else:
+                plain.append(r)
+        extend = hasattr(self.engine, "extend")
+        if not rows or (not extend and len(rows) > 1):
+            return batch
+        width = 1 + max(len(p) for _, p, _ in rows)
+        starts = {r.slot: int(self.engine.lengths[r.slot]) for r, _, _ in rows}
+        self._make_room({slot: n + width for slot, n in starts.items()})
+        rows = [row for row in rows if row[0].slot is not None]  # the preempted wait
+        if not rows:
+            return [r for r in plain if r.slot is not None]
+        fed = [[r.generated[-1]] + p + [p[-1]] * (width - 1 - len(p)) for r, p, _ in rows]  # padded rows
+        if extend:
+            scored = self.engine.extend(torch.tensor([r.slot for r, _, _ in rows]), torch.tensor(fed))  # (B, T, V)
+        else:
+            scored = self.engine.append(rows[0][0].slot, torch.tensor(fed[0]), all_logits=True, read_back=True)[None]
+        for i, (r, proposal, q) in enumerate(rows):
+            try:
+                tokens, kept = accept(scored[i, :len(proposal) + 1], proposal, q, r.params, r.generator)
+                self.engine.truncate(r.slot, starts[r.slot] + 1 + kept)
             except Exception as e:  # noqa: BLE001 - fail this request only
-                self._fail(batch[0], "decode", e)
+                self._fail(r, "decode", e)
+                continue
+            self.spec["steps"] += 1
+            self.spec["proposed"] += len(proposal)
+            self.spec["accepted"] += kept
+            for j, token in enumerate(tokens):
+                if r.finish_reason is not None:
+                    break
+                self.spec["emitted"] += 1
+                self._emit(r, scored[i, j:j + 1], token)
+        return [r for r in plain if r.slot is not None]
+
+    def _decode(self, batch: list[Request], speculate: bool = True) -> None:
+        """One decode step for `batch` (speculative where a draft is set and the batch is small); if it
+        fails, each sequence again alone with plain steps (only failures fail)."""
+        if speculate and self.draft is not None and len(batch) <= SPEC_MAX_BATCH:
+            try:
+                batch = self._speculate(batch)
+            except Exception as e:  # noqa: BLE001 - nothing was emitted: plain steps isolate the failure
+                logger.warning("a speculative step of %d sequences failed (%s); decoding them plainly", len(batch), e)
+                batch = [r for r in batch if r.slot is not None and r.finish_reason is None]
+                for r in batch:
+                    self._decode([r], speculate=False)
+                return
+            if not batch:
                 return
         self._make_room({r.slot: int(self.engine.lengths[r.slot]) + 1 for r in batch})
         batch = [r for r in batch if r.slot is not None]  # the preempted wait
@@ -402,7 +462,7 @@ class Scheduler:
                 return
             logger.warning("a decode step of %d sequences failed (%s); retrying each alone", len(batch), e)
             for r in batch:
-                self._decode([r])
+                self._decode([r], speculate=False)
             return
         picks = [None] * len(batch)
         greedy = [i for i, r in enumerate(batch) if r.params.temperature <= 0 and r.constraint is None]
