@@ -102,5 +102,20 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     draft = spec.NgramDraft(max_n=3)
     assert draft.propose([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 2, SamplingParams())[0] == [7, 8]
     assert draft.propose([1, 2, 3, 4], 2, SamplingParams())[0] == []
-    with pytest.raises(SlimError, match="one sequence"):
-        spec.generate(tiny_model("llama", vocab=320), PROMPT.repeat(2, 1), SamplingParams(), "ngram")
+    with pytest.raises(SlimError, match="one prompt"):
+        spec.generate(tiny_model("llama", vocab=320), PROMPT.repeat(2, 1), SamplingParams(), "ngram",
+                      on_tokens=print)
+
+
+@pytest.mark.parametrize("draft", ["ngram", "small", "oracle"])
+def test_a_batch_of_prompts_is_verified_together_with_plain_greedy_output(target, draft):
+    """Three prompts speculate together (one `Engine.extend` forward per step, the model draft a slot
+    per prompt): each row is its plain greedy output, and the oracle is always accepted."""
+    drafts = {"ngram": "ngram", "small": tiny_model("llama", vocab=320, layers=1, seed=3), "oracle": target}
+    prompts = torch.cat([PROMPT, torch.randint(1, 300, (2, PROMPT.shape[1]), generator=torch.Generator().manual_seed(4))])
+    params = SamplingParams(max_new_tokens=17)
+    want = generate_ids(target, prompts, params, engine=True)
+    got, stats = spec.generate(target, prompts, params, drafts[draft], k=3)
+    assert torch.equal(got, want) and stats.emitted == 3 * 17
+    if draft == "oracle":
+        assert stats.acceptance == 1.0 and stats.target_steps <= 6  # 1 + ceil(16 / 4) steps, prefill aside

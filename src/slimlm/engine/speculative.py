@@ -158,70 +158,91 @@ class ModelDraft:
         pass  # the next proposal compares the sequence with what the slot holds
 
 
-def make_draft(draft, max_len: int):
+def make_draft(draft, max_len: int, slots: int = 1):
     """'ngram' (prompt lookup), a loaded model, a model folder, or anything with `propose` and
-    `rollback` (as `NgramDraft`) -> a draft."""
+    `rollback` (as `NgramDraft`) -> a draft (a model draft with `slots` sequences)."""
     if hasattr(draft, "propose") and hasattr(draft, "rollback"):
         return draft
     if isinstance(draft, nn.Module):
-        return ModelDraft(draft, max_len)
+        return ModelDraft(draft, max_len, slots)
     if draft == "ngram":
         return NgramDraft()
     from slimlm.core.model_io import load_model
 
-    return ModelDraft(load_model(draft)[0], max_len)
+    return ModelDraft(load_model(draft)[0], max_len, slots)
+
+
+def propose_all(draft, sequences: list[list[int]], slots: list[int], budgets: list[int], params: SamplingParams,
+                generator=None) -> list[tuple[list[int], Tensor | None]]:
+    """Each sequence's proposal (at most its budget) and draft distributions: batched where the draft can."""
+    if hasattr(draft, "propose_batch"):
+        tokens, dists = draft.propose_batch(sequences, slots, max(budgets), [params] * len(slots),
+                                            [generator] * len(slots))
+    else:
+        pairs = [draft.propose(seq, n, params, generator, slot=slot) for seq, slot, n in zip(sequences, slots, budgets)]
+        tokens, dists = [t for t, _ in pairs], [q for _, q in pairs]
+    return [(t[:n], q[:len(t[:n])] if q is not None else None) for t, q, n in zip(tokens, dists, budgets)]
 
 
 @torch.no_grad()
 def generate(model: nn.Module, ids: Tensor, params: SamplingParams, draft, k: int = 4,
              on_tokens: Callable[[Tensor], None] | None = None) -> tuple[Tensor, SpecStats]:
-    """Tokens (1, n) continuing the prompt ids (1, T) with speculative decoding, and its statistics.
-    The same tokens as `generate_ids` when greedy; the same distribution when sampling."""
+    """Tokens (B, n) continuing the prompts ids (B, T) with speculative decoding, and its statistics:
+    each step the draft proposes up to k tokens per sequence and one forward scores all of them
+    (`Engine.extend`). The same tokens as `generate_ids` when greedy; the same distribution when
+    sampling. Rows that end early are padded with their last token. on_tokens (one prompt only)
+    receives each token as it is accepted."""
     from slimlm.engine.engine import Engine
 
-    if ids.shape[0] != 1:
-        raise SlimError("speculative decoding runs one sequence at a time; give one prompt")
+    b = ids.shape[0]
     if not isinstance(k, int) or k < 1:
         raise SlimError(f"num_speculative {k!r} must be at least 1")
+    if on_tokens is not None and b > 1:
+        raise SlimError("streaming speculative generation takes one prompt at a time")
     total = ids.shape[1] + params.max_new_tokens + k + 2
-    engine = Engine(model, slots=1, max_len=total)
-    draft = make_draft(draft, total)
+    engine = Engine(model, slots=b, max_len=total)
+    draft = make_draft(draft, total, b)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     stats = SpecStats()
-    prompt = ids[0].tolist()
-    logits = engine.prefill(0, ids[0])
-    out: list[int] = []
+    prompts = [row.tolist() for row in ids]
+    outs: list[list[int]] = [[] for _ in range(b)]
+    live = set(range(b)) if params.max_new_tokens > 0 else set()
 
-    def emit(tokens: list[int]) -> bool:
-        """Append tokens up to a stop token or the limit; True when generation is over."""
+    def emit(row: int, tokens: list[int]) -> None:
+        """Append tokens up to a stop token or the limit; the row stops there."""
         for token in tokens:
-            out.append(token)
+            outs[row].append(token)
             stats.emitted += 1
             if on_tokens:
                 on_tokens(torch.tensor([token]))
-            if token in params.stop_ids or len(out) >= params.max_new_tokens:
-                return True
-        return False
+            if token in params.stop_ids or len(outs[row]) >= params.max_new_tokens:
+                live.discard(row)
+                return
 
-    if params.max_new_tokens < 1 or emit([int(sample_next(logits[None], params.temperature, params.top_k, params.top_p,
-                                                          generator)[0])]):
-        return torch.tensor([out], dtype=torch.long), stats
-    while True:
-        budget = min(k, params.max_new_tokens - len(out))
-        proposal, q = draft.propose(prompt + out, budget, params, generator)
-        proposal = proposal[:budget]
-        start = int(engine.lengths[0])
+    for row in sorted(live):
+        logits = engine.prefill(row, ids[row])
+        emit(row, [int(sample_next(logits[None], params.temperature, params.top_k, params.top_p, generator)[0])])
+    while live:
+        rows = sorted(live)
+        budgets = [min(k, params.max_new_tokens - len(outs[r])) for r in rows]
+        proposals = propose_all(draft, [prompts[r] + outs[r] for r in rows], rows, budgets, params, generator)
+        width = 1 + max(len(p) for p, _ in proposals)
+        starts = [int(engine.lengths[r]) for r in rows]
         stats.target_steps += 1
-        if not proposal:  # nothing to verify: a plain step
-            logits = engine.decode(torch.tensor([0]), torch.tensor([out[-1]]))
-            done = emit([int(sample_next(logits, params.temperature, params.top_k, params.top_p, generator)[0])])
-        else:
-            scored = engine.append(0, torch.tensor([out[-1]] + proposal), all_logits=True, read_back=True)
-            tokens, kept = accept(scored, proposal, q[:len(proposal)] if q is not None else None, params, generator)
+        if width == 1:  # nothing to verify: a plain step
+            logits = engine.decode(torch.tensor(rows), torch.tensor([outs[r][-1] for r in rows]))
+            picks = sample_next(logits, params.temperature, params.top_k, params.top_p, generator).tolist()
+            for r, token in zip(rows, picks):
+                emit(r, [token])
+            continue
+        fed = [[outs[r][-1]] + p + [p[-1] if p else outs[r][-1]] * (width - 1 - len(p)) for r, (p, _) in zip(rows, proposals)]
+        scored = engine.extend(torch.tensor(rows), torch.tensor(fed))  # (B, width, V)
+        for i, (r, (proposal, q)) in enumerate(zip(rows, proposals)):
+            tokens, kept = accept(scored[i, :len(proposal) + 1], proposal, q, params, generator)
             stats.proposed += len(proposal)
             stats.accepted += kept
-            engine.truncate(0, start + 1 + kept)  # the last token and the kept ones stay cached
-            draft.rollback(len(prompt) + len(out) + kept)
-            done = emit(tokens)
-        if done:
-            return torch.tensor([out], dtype=torch.long), stats
+            engine.truncate(r, starts[i] + 1 + kept)  # the last token and the kept ones stay cached
+            draft.rollback(len(prompts[r]) + len(outs[r]) + kept, slot=r)
+            emit(r, tokens)
+    n = max((len(o) for o in outs), default=0)
+    return torch.tensor([o + [o[-1]] * (n - len(o)) if o else [] for o in outs], dtype=torch.long).reshape(b, n), stats
