@@ -125,9 +125,14 @@ void rope_attend_impl(T* q, T* k, const T* v, const T* cs, const T* sn, int r, T
       scores.assign(G * n, 0.f);
       kt.resize(D * n);
       to_float(q + (b * H + h * G) * D, qf.data(), G * D);  // the G query heads sharing kv head h
-      for (int64_t j = 0; j < n; ++j) {  // keys transposed to (D, n) in float: the score loops run along keys
-        const T* kj = kc + at(table, h, first + j);
-        for (int64_t i = 0; i < D; ++i) kt[i * n + j] = f(kj[i]);
+      // keys transposed to (D, n) in float: the score loops run along keys; a block's run at a time
+      for (int64_t j = 0; j < n;) {
+        const int64_t p = first + j, off = p % S, run = std::min(S - off, n - j);
+        const T* kb = kc + ((table[p / S] * Hkv + h) * S + off) * D;
+        float* kd = kt.data() + j;
+        for (int64_t jj = 0; jj < run; ++jj)
+          for (int64_t i = 0; i < D; ++i) kd[i * n + jj] = f(kb[jj * D + i]);
+        j += run;
       }
       for (int64_t g = 0; g < G; ++g) {
         float* sg = scores.data() + g * n;
@@ -152,8 +157,14 @@ void rope_attend_impl(T* q, T* k, const T* v, const T* cs, const T* sn, int r, T
         for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        to_float(vc + at(table, h, first + j), row.data(), D);
+      const T* vj = nullptr;  // value of key j, stepping through a block's run (no division per key)
+      for (int64_t j = 0, left = 0; j < n; ++j, --left, vj += D) {
+        if (left == 0) {
+          const int64_t p = first + j, off = p % S;
+          vj = vc + ((table[p / S] * Hkv + h) * S + off) * D;
+          left = S - off;
+        }
+        to_float(vj, row.data(), D);
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * n + j];
           float* ag = acc.data() + g * D;
