@@ -213,6 +213,29 @@ def test_prompt_prefixes_come_from_the_prefix_cache_and_outputs_do_not_change(mo
     assert (got_a, got_b, got_turn) == (want_a, want_b, want_turn)
 
 
+def test_requests_admitted_together_start_from_the_blocks_the_first_one_prefilled(model):
+    """Four requests with one 40-token system prompt arrive at once: nothing is cached when they are
+    admitted, but each checks the cache again when its prefill starts (oldest first, 16 tokens per
+    iteration), so the later three start from the first one's two blocks; outputs unchanged."""
+    system = [int(t) for t in torch.randint(1, 300, (40,), generator=torch.Generator().manual_seed(1))]
+    prompts = [system + [20 + i, 30 + i] for i in range(4)]
+    alone = Scheduler(model, slots=1, max_len=96, prefix_caching=False)
+    try:
+        want = [run(alone, Request(p, greedy(6)))[0] for p in prompts]
+    finally:
+        alone.close()
+    sched = Scheduler(model, slots=4, max_len=96, prefill_chunk=16)
+    try:
+        busy = sched.call(time.sleep, 0.3)  # the scheduler is busy: all four are admitted in its next iteration
+        requests = [sched.submit(Request(p, greedy(6))) for p in prompts]
+        busy.result()
+        got = [drain(r)[0] for r in requests]
+        assert sched.stats()["shared_prefix_tokens"] == 3 * 32
+    finally:
+        sched.close()
+    assert got == want
+
+
 def test_a_full_kv_cache_preempts_the_newest_requests_and_every_output_is_unchanged(model):
     """64 tokens of cache for six requests of up to 38 tokens each: the newest are preempted (their
     blocks freed, to resume by prefilling prompt + output so far) whenever the running ones need blocks;

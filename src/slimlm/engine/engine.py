@@ -206,14 +206,11 @@ class Engine:
             self._flush()
         return logits
 
-    def reuse_prefix(self, slot: int, ids: list[int]) -> int:
-        """Prefix caching: start the empty slot `slot` with the cached blocks holding the longest prefix of
-        prompt `ids` (whole blocks, at most len(ids) - 1 tokens, so the last one is computed for its
-        logits); returns how many tokens it holds. Their keys and values are what prefilling them would
-        compute (causal attention: a prefix's keys depend on the prefix alone)."""
-        self.release(slot)
+    def cached_prefix(self, ids: list[int]) -> list[tuple[int, bytes]]:
+        """The cached blocks (block, digest) holding the longest prefix of `ids` in whole blocks, at most
+        len(ids) - 1 tokens (nothing is held: see `reuse_prefix`)."""
         if not self.prefix_caching:
-            return 0
+            return []
         parent, found = b"", []
         for i in range((len(ids) - 1) // self.block_size):
             parent = block_digest(parent, ids[i * self.block_size:(i + 1) * self.block_size])
@@ -221,6 +218,19 @@ class Engine:
             if block is None:
                 break
             found.append((block, parent))
+        return found
+
+    def cached_length(self, ids: list[int]) -> int:
+        """How many leading tokens of `ids` `reuse_prefix` would start from now."""
+        return len(self.cached_prefix(ids)) * self.block_size
+
+    def reuse_prefix(self, slot: int, ids: list[int]) -> int:
+        """Prefix caching: start the empty slot `slot` with the cached blocks holding the longest prefix of
+        prompt `ids` (whole blocks, at most len(ids) - 1 tokens, so the last one is computed for its
+        logits); returns how many tokens it holds. Their keys and values are what prefilling them would
+        compute (causal attention: a prefix's keys depend on the prefix alone)."""
+        self.release(slot)
+        found = self.cached_prefix(ids)
         if not found:
             return 0
         n = len(found) * self.block_size

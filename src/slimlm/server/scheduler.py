@@ -78,6 +78,7 @@ class Request:
     feed: list[int] | None = None  # the tokens to prefill: the prompt, or after a preemption prompt + generated
     fed: int = 0  # tokens of `feed` prefilled so far
     admitted: int = 0  # admission order (the most recent is preempted first)
+    computed: bool = False  # whether r's slot holds tokens it prefilled itself (not only cached blocks)
     generated: list[int] = dataclasses.field(default_factory=list)
     last_token_at: float | None = None
     generator: torch.Generator | None = None
@@ -122,6 +123,7 @@ class Scheduler:
         self.model, self.max_len = model, self.engine.max_len
         self.watermark = (self.engine.capacity // self.engine.block_size) // 100  # blocks kept free at admission
         self.preempted = 0  # requests preempted for want of KV blocks
+        self.shared_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self._admissions = 0
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.slots, self.max_queue, self.prefill_chunk = slots, max_queue, prefill_chunk
@@ -186,7 +188,7 @@ class Scheduler:
                     "kv_tokens": int(self.engine.lengths.sum()), "kv_capacity": self.engine.capacity,
                     "kv_blocks_used": pool.used(), "kv_blocks_cached": len(pool.idle),
                     "kv_blocks": len(pool.refs) - 1, "preemptions": self.preempted,
-                    "shared_prefix_tokens": self.engine.cached_tokens,
+                    "shared_prefix_tokens": self.shared_tokens,
                     **{f"spec_{k}": v for k, v in self.spec.items()}}
 
     def shutdown(self, grace: float = 0.0) -> None:
@@ -289,6 +291,11 @@ class Scheduler:
             if budget <= 0:
                 break
             if r.slot is not None and r.fed < len(r.feed):
+                if not r.computed and self.engine.cached_length(r.feed) > r.fed:
+                    # an earlier request prefilled (part of) this prompt since r was admitted: start from it
+                    reused = self.engine.reuse_prefix(r.slot, r.feed)
+                    self.shared_tokens += reused - r.fed
+                    r.fed = reused
                 take = min(budget, len(r.feed) - r.fed)
                 if not self._make_room({r.slot: r.fed + take}, r):
                     continue  # r itself was preempted
@@ -299,6 +306,7 @@ class Scheduler:
                     self._fail(r, "prefill", e)
                     continue
                 r.fed += take
+                r.computed = True
                 if r.fed == len(r.feed):
                     self._emit(r, logits[None])
         decoding = [r for r in active if r.slot is not None and r.fed == len(r.feed) and r.generated
@@ -319,7 +327,8 @@ class Scheduler:
         if need + self.watermark > self.engine.pool.available() and self.running:
             self.engine.release(slot)  # the cached blocks go back to the cache; r waits for room
             return False
-        r.slot, r.fed = slot, reused
+        r.slot, r.fed, r.computed = slot, reused, False
+        self.shared_tokens += reused
         self._admissions += 1
         r.admitted = self._admissions
         self.running[slot] = r  # before anything can fail: a failed iteration fails what runs
@@ -408,10 +417,8 @@ class Scheduler:
             return batch
         width = 1 + max(len(p) for _, p, _ in rows)
         starts = {r.slot: int(self.engine.lengths[r.slot]) for r, _, _ in rows}
-        self._make_room({slot: n + width for slot, n in starts.items()})
-        rows = [row for row in rows if row[0].slot is not None]  # the preempted wait
-        if not rows:
-            return [r for r in plain if r.slot is not None]
+        if sum(self.engine.blocks_for(slot, n + width) for slot, n in starts.items()) > self.engine.pool.available():
+            return batch  # no blocks to spare for drafts: plain steps (which preempt if they must)
         fed = [[r.generated[-1]] + p + [p[-1]] * (width - 1 - len(p)) for r, p, _ in rows]  # padded rows
         if extend:
             scored = self.engine.extend(torch.tensor([r.slot for r, _, _ in rows]), torch.tensor(fed))  # (B, T, V)
