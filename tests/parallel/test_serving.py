@@ -47,17 +47,21 @@ def health(url):
         return e.code, json.loads(e.read())
 
 
-def test_replicas_serve_and_survive_one_dying(tiny_folder, solo):
-    app, models = build_app(str(tiny_folder("llama")), ServeSettings(), slots=2, max_len=256, replicas=2)
+def test_replicas_serve_and_survive_one_dying(tiny_folder):
+    """Two replicas; one is killed while each streams a long answer: that stream ends with an error
+    naming the replica, the other completes, and the survivor serves what both served before. The
+    model has a 4096-token context so the streams (2000 tokens) are surely mid-flight at the kill."""
+    folder = tiny_folder("llama", max_position_embeddings=4096)
+    app, models = build_app(str(folder), ServeSettings(max_tokens_limit=4000), slots=2, max_len=4096, replicas=2)
     name = next(iter(models))
     replicas = models[name].scheduler
     try:
         with BackgroundServer(app) as url:
-            assert greedy(url, name) == solo
+            before = greedy(url, name)
             assert health(url) == (200, {"status": "ok", "models": [name], "replicas": {name: [True, True]}})
             # two long streams, in flight: the least-loaded rule puts one on each replica
             c = client(url)
-            streams = [iter(c.completions.create(model=name, prompt="Once upon", max_tokens=240, temperature=0,
+            streams = [iter(c.completions.create(model=name, prompt="Once upon", max_tokens=2000, temperature=0,
                                                  stream=True)) for _ in range(2)]
             firsts = [next(s).choices[0].text for s in streams]
             assert sorted(len(r.in_flight) for r in replicas.replicas) == [1, 1]
@@ -78,7 +82,7 @@ def test_replicas_serve_and_survive_one_dying(tiny_folder, solo):
             assert sorted(kind for kind, _ in results.values()) == ["error", "ok"]
             assert any("replica 0" in text for kind, text in results.values() if kind == "error")
             assert health(url) == (200, {"status": "degraded", "models": [name], "replicas": {name: [False, True]}})
-            assert greedy(url, name) == solo  # the survivor serves everything
+            assert greedy(url, name) == before  # the survivor serves everything
             metrics = urllib.request.urlopen(url + "/metrics").read().decode()
             assert f'slimlm_replica_up{{model="{name}",replica="0"}} 0.0' in metrics
     finally:

@@ -314,7 +314,7 @@ def test_many_streams_sharing_a_system_prompt_some_leaving_get_their_solo_output
     memory does not grow with the load)."""
     system = [int(t) % 300 + 1 for t in range(7, 7 + 40 * 13, 13)]
     prompts = [system + [10 + i, 20 + i % 5] for i in range(64)]
-    app, sched, metrics = serve(parts, ServeSettings(max_tokens_limit=300), slots=8, draft="ngram", kv_tokens=320)
+    app, sched, metrics = serve(parts, ServeSettings(max_tokens_limit=300), slots=8, draft="ngram", kv_tokens=224)
     try:
         import torch
 

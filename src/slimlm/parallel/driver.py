@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-CREATE, APPEND, DECODE, RELEASE, DROP, STOP, REUSE, TRUNCATE = range(8)
+CREATE, APPEND, DECODE, RELEASE, DROP, STOP, REUSE, TRUNCATE, EXTEND = range(9)
 HEADER = 9  # op, engine id, up to 6 integers, the payload's length
 
 
@@ -108,6 +108,14 @@ class RemoteEngine:
         self.channel.send(DECODE, self.id, (), torch.cat([slots.reshape(-1).cpu(), tokens.reshape(-1).cpu()]))
         return self.local.decode(slots, tokens)
 
+    def extend(self, slots: Tensor, ids: Tensor) -> Tensor:
+        """Several tokens of several sequences in one forward (tensor parallelism: every rank's engine has it)."""
+        if not hasattr(self.local, "extend"):
+            raise AttributeError("extend")
+        b, t = ids.shape
+        self.channel.send(EXTEND, self.id, (b, t), torch.cat([slots.reshape(-1).cpu(), ids.reshape(-1).cpu()]))
+        return self.local.extend(slots, ids)
+
     def reuse_prefix(self, slot: int, ids: list[int]) -> int:
         self.channel.send(REUSE, self.id, (slot,), torch.tensor(ids, dtype=torch.long))
         return self.local.reuse_prefix(slot, ids)
@@ -158,6 +166,9 @@ def _run(op: int, engine_id: int, ints: list[int], payload: Tensor | None, engin
         engines[engine_id].reuse_prefix(ints[0], payload.tolist() if payload is not None else [])
     elif op == TRUNCATE:
         engines[engine_id].truncate(ints[0], ints[1])
+    elif op == EXTEND:
+        b, t = ints[0], ints[1]
+        engines[engine_id].extend(payload[:b], payload[b:].reshape(b, t))
 
 
 def stop(channel: Channel) -> None:

@@ -412,7 +412,7 @@ class Scheduler:
                 rows.append((r, proposal[:budget], q[:budget] if q is not None else None))
             else:
                 plain.append(r)
-        extend = hasattr(self.engine, "extend")
+        extend = hasattr(getattr(self.engine, "local", self.engine), "extend")  # not on pipeline stages
         if not rows or (not extend and len(rows) > 1):
             return batch
         width = 1 + max(len(p) for _, p, _ in rows)
