@@ -32,6 +32,8 @@ import torch
 VARIANTS = {
     "int4 g32 (head int8, default)": (["--bits", "4", "--group-size", "32"], "Q4_0"),
     "int4 g128 (--bits 4, head int8)": (["--bits", "4"], "Q4_0"),
+    # Q4_0's own format: symmetric, a float16 scale per 32 weights, 4.5 bits (asymmetric g32 is 4.75)
+    "int4 g32 sym (head int8)": (["--bits", "4", "--group-size", "32", "--symmetric"], "Q4_0"),
     "int4 g32 head int4": (["--bits", "4", "--group-size", "32", "--include", "*", "--include", "lm_head"], "Q4_0"),
     "int4 g32 head float": (["--bits", "4", "--group-size", "32", "--head", "float"], "Q4_0"),
     "int8 (head int8, default)": (["--bits", "8", "--group-size", "none", "--symmetric"], "Q8_0"),
