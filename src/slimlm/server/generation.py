@@ -71,6 +71,7 @@ class EventStream:
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.held: tuple | None = None  # an event taken by `ready_token` that was not a token
         with _MAILBOXES_LOCK:
             self.mailbox = _MAILBOXES.get(self.loop) or _MAILBOXES.setdefault(self.loop, _Mailbox(self.loop))
 
@@ -78,7 +79,21 @@ class EventStream:
         self.mailbox.put(self.queue, event)
 
     async def get(self) -> tuple:
+        if self.held is not None:
+            event, self.held = self.held, None
+            return event
         return await self.queue.get()
+
+    def ready_token(self) -> tuple | None:
+        """The next event if it has arrived and is a token, else None (without waiting or consuming
+        anything else): a stream that lags behind its tokens sends those that wait in one chunk."""
+        if self.held is not None or self.queue.empty():
+            return None
+        event = self.queue.get_nowait()
+        if event[0] != "token":
+            self.held = event
+            return None
+        return event
 
 
 def start(state: ServerState, served: ServedModel, prompt: list[int], params: SamplingParams, n: int,
@@ -156,9 +171,13 @@ class Detokenizer:
         return self._decode(self.ids[self.prefix:])[len(self.read_text):]
 
 
-async def pieces(tokenizer, r: Request, stop: list[str]) -> AsyncIterator[tuple[str, int | None, object]]:
+async def pieces(tokenizer, r: Request, stop: list[str],
+                 coalesce: bool = False) -> AsyncIterator[tuple[str, int | None, object]]:
     """Yield (text delta, token, logprob) as tokens arrive, then ('', None, finish_reason). Ends at a
-    stop string (cut before it); raises APIError if the request failed, timed out or was shut down."""
+    stop string (cut before it); raises APIError if the request failed, timed out or was shut down.
+    coalesce: a delta takes every token that has already arrived (a stream behind its tokens sends
+    them in one chunk; not with logprobs, which are per token); `token` is then the last of them."""
+    ready = getattr(r.events, "ready_token", None) if coalesce and not r.params.logprobs else None
     text, detok, longest = "", Detokenizer(tokenizer), max((len(s) for s in stop), default=0)
     while True:
         event = await r.events.get()
@@ -176,6 +195,10 @@ async def pieces(tokenizer, r: Request, stop: list[str]) -> AsyncIterator[tuple[
         if token in r.params.stop_ids:
             continue
         delta = detok.add(token)
+        while ready is not None and (event := ready()) is not None:  # tokens already waiting join this delta
+            if event[1] not in r.params.stop_ids:
+                token = event[1]
+                delta += detok.add(token)
         if delta and stop:
             start = max(0, len(text) - longest + 1)  # a stop string may begin in earlier text
             text += delta
@@ -279,7 +302,8 @@ async def stream(reply: Reply, tokenizer, requests: list[Request], stop: list[st
         for i, r in enumerate(requests):
             if reply.kind == "chat":
                 yield reply.event(reply.choice(i, "", None, chunk=True, opening=True))
-            async for delta, token, extra in pieces(tokenizer, r, stop):  # one chunk per token, then the finish
+            # a chunk per token (or per run of tokens that arrived while the stream was busy), then the finish
+            async for delta, token, extra in pieces(tokenizer, r, stop, coalesce=True):
                 if token is None and extra is not None:
                     yield reply.event(reply.choice(i, delta, extra, chunk=True))
                 else:
