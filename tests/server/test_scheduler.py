@@ -268,19 +268,6 @@ def test_a_full_kv_cache_preempts_the_newest_requests_and_every_output_is_unchan
         small.close()
 
 
-def test_copy_prefix_equals_prefilling_the_prefix(model):
-    from slimlm.engine.engine import Engine
-
-    engine, alone = Engine(model, slots=3, max_len=64), Engine(model, slots=1, max_len=64)
-    engine.prefill(2, torch.tensor([1, 2, 3, 4, 5, 6]))
-    engine.prefill(0, torch.tensor([9, 9]))
-    engine.copy_prefix(2, 1, 4)  # slot 1 starts with 1 2 3 4
-    got = engine.append(1, torch.tensor([7, 8]), read_back=True)
-    torch.testing.assert_close(got, alone.prefill(0, torch.tensor([1, 2, 3, 4, 7, 8])), rtol=1e-5, atol=1e-5)
-    with pytest.raises(SlimError, match="cannot share"):
-        engine.copy_prefix(2, 1, 7)
-
-
 def test_speculation_with_prompt_lookup(model):
     """`slimlm serve --draft ngram`: decoding sequences take speculative steps (prompt lookup, verified
     in one forward for the batch); outputs equal plain decoding, greedy; counts reach stats (/metrics)."""

@@ -111,10 +111,6 @@ class Engine:
         """Tokens the cache holds in all (its blocks, the null block aside)."""
         return (self.cache.blocks - 1) * self.block_size
 
-    def free_tokens(self) -> int:
-        """Tokens that fit in the blocks not held by a sequence (free or cached and idle)."""
-        return self.pool.available() * self.block_size
-
     def blocks_for(self, slot: int, length: int) -> int:
         """Blocks slot `slot` must be given to hold `length` tokens."""
         return max(0, -(-length // self.block_size) - len(self.blocks[slot]))
@@ -242,28 +238,6 @@ class Engine:
         self.lengths[slot] = n
         self.cached_tokens += n
         return n
-
-    def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        """Start slot `dst` with the first `n` tokens slot `src` holds: its whole blocks are shared, the
-        rest copied, nothing computed again (a prompt prefix shared by requests, such as a system prompt)."""
-        self._flush()
-        if src == dst or not 0 < n <= int(self.lengths[src]):
-            raise SlimError(f"cannot share {n} tokens of a sequence of {int(self.lengths[src])}")
-        self.release(dst)
-        whole, rest = divmod(n, self.block_size)
-        blocks = self.blocks[src][:whole]
-        if rest:
-            if self.pool.available() == 0:
-                raise CacheFull("the KV cache is full")
-            copy = self.pool.allocate()
-            self.cache.copy(self.blocks[src][whole], copy, rest)
-        for block in blocks:
-            self.pool.hold(block)
-        self.blocks[dst] = blocks + ([copy] if rest else [])
-        self.digests[dst] = self.digests[src][:whole]
-        self.tokens[dst] = self.tokens[src][:n]
-        self._take_first_free_row(dst)
-        self.lengths[dst] = n
 
     def truncate(self, slot: int, length: int) -> None:
         """Keep the first `length` tokens of `slot` and forget the rest (speculative decoding's rejected

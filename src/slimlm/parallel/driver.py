@@ -92,7 +92,7 @@ class RemoteEngine:
     def __getattr__(self, name: str):
         """What the scheduler reads of the cache (capacity, block_size, pool, blocks_for, cached_tokens):
         rank 0's engine holds the same books as every rank's."""
-        if name in ("capacity", "block_size", "pool", "blocks_for", "cached_tokens", "free_tokens", "cached_length"):
+        if name in ("capacity", "block_size", "pool", "blocks_for", "cached_tokens", "cached_length"):
             return getattr(self.local, name)
         raise AttributeError(name)
 

@@ -196,7 +196,7 @@ class StageRunner:
 
     def __getattr__(self, name: str):
         """The cache's books (capacity, block_size, pool, blocks_for, ...): every stage keeps the same."""
-        if name in ("capacity", "block_size", "pool", "blocks_for", "cached_tokens", "free_tokens", "cached_length"):
+        if name in ("capacity", "block_size", "pool", "blocks_for", "cached_tokens", "cached_length"):
             return getattr(self.engine, name)
         raise AttributeError(name)
 
