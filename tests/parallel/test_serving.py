@@ -1,6 +1,7 @@
-"""Serving across processes: `slimlm serve --replicas 2` and `--tp 2` answer the official openai client
-with one process's greedy outputs; a replica that dies fails only its own requests, the other goes on
-serving, and /health says the server is degraded."""
+"""Serving across processes: `slimlm serve` (its engine in a process of its own by default),
+`--replicas 2` and `--tp 2` answer the official openai client with one process's greedy outputs; a
+replica that dies fails only its own requests, the other goes on serving, and /health says the
+server is degraded."""
 
 import json
 import os
@@ -45,6 +46,51 @@ def health(url):
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def metric(url, name):
+    with urllib.request.urlopen(url + "/metrics") as r:
+        text = r.read().decode()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith(name)}
+
+
+def test_the_engine_process_serves_like_this_process_and_reports_its_metrics(tiny_folder, solo):
+    """`slimlm serve`'s default: the engine in a worker process. Same greedy outputs; /metrics carries the
+    engine's decode batch sizes, KV blocks and speculation counts; a prompt the KV cache cannot hold is a
+    400 at submission, as in process."""
+    from slimlm.server.config import ServeConfig
+
+    assert ServeConfig().engine_process and ServeConfig().scheduler_settings()["engine_process"]
+    app, models = build_app(str(tiny_folder("llama")), ServeSettings(), slots=2, max_len=256, engine_process=True,
+                            kv_tokens=64, draft="ngram")
+    name = next(iter(models))
+    try:
+        with BackgroundServer(app) as url:
+            assert greedy(url, name) == solo
+            assert health(url)[1]["replicas"] == {name: [True]}
+            with pytest.raises(openai.BadRequestError, match="KV cache holds 64 tokens"):
+                client(url).completions.create(model=name, prompt="a " * 40, max_tokens=40)
+            time.sleep(1.2)  # two stats reports
+            assert metric(url, "slimlm_decode_batch_size_count")[f'slimlm_decode_batch_size_count{{model="{name}"}}'] > 0
+            blocks = metric(url, "slimlm_kv_cache_blocks")
+            assert sum(blocks.values()) == 64 // 16 and blocks[f'slimlm_kv_cache_blocks{{model="{name}",state="used"}}'] == 0
+            assert metric(url, "slimlm_spec_proposed_tokens")[f'slimlm_spec_proposed_tokens{{model="{name}"}}'] > 0
+    finally:
+        models[name].scheduler.close()
+
+
+def test_an_engine_process_that_cannot_load_is_a_one_line_error(tmp_path, tiny_folder):
+    import shutil
+
+    from slimlm.core.errors import SlimError
+
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_folder("llama"), folder)
+    for f in folder.glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    with pytest.raises(SlimError, match="engine process of model broken could not start") as e:
+        build_app(str(folder), ServeSettings(), slots=2, max_len=256, engine_process=True)
+    assert "\n" not in str(e.value)
 
 
 def test_replicas_serve_and_survive_one_dying(tiny_folder):

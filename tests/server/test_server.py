@@ -60,6 +60,30 @@ def test_completions_chat_streaming_and_models(server):
     assert [x.text for x in two.choices] == [x.text for x in again.choices]  # seeded sampling is reproducible
 
 
+def test_stream_options_include_usage_ends_the_stream_with_the_usage(server):
+    """With stream_options.include_usage the last chunk has no choices and the usage, the same as the
+    whole reply's (completions with n=2 and chat); without it no chunk carries a usage; stream_options
+    without stream is a 400."""
+    url, models = server
+    c, name = client(url), next(iter(models))
+    whole = c.completions.create(model=name, prompt="Once upon a time", max_tokens=12, temperature=0, n=2)
+    chunks = list(c.completions.create(model=name, prompt="Once upon a time", max_tokens=12, temperature=0, n=2,
+                                       stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert whole.usage.completion_tokens == 24 and all(ch.usage is None for ch in chunks[:-1])
+    text = "".join(ch.choices[0].text for ch in chunks[:-1] if ch.choices[0].index == 0)
+    assert text == whole.choices[0].text
+    plain = list(c.completions.create(model=name, prompt="Once upon a time", max_tokens=12, temperature=0, stream=True))
+    assert all(ch.usage is None and ch.choices for ch in plain)
+    messages = [{"role": "user", "content": "count: one, two"}]
+    chat = c.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0)
+    streamed = list(c.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert streamed[-1].choices == [] and streamed[-1].usage == chat.usage
+    status, body, _ = post(url, "/v1/completions", {"model": name, "prompt": "x", "stream_options": {"include_usage": True}})
+    assert status == 400 and "stream" in body["error"]["message"]
+
+
 def test_stop_strings_cut_the_text(server):
     """The reply ends right before the first stop string (of several), with finish_reason 'stop', in
     plain and streamed replies; the uncut greedy text is the reference."""

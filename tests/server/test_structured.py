@@ -30,11 +30,19 @@ def valid(value) -> bool:
             and all(isinstance(t, str) and len(t) <= 8 for t in value["tags"]) and value["kind"] in ("cat", "dog"))
 
 
-@pytest.fixture(scope="module")
-def client():
-    model, tok = slimlm.load("demo")
+@pytest.fixture(scope="module", params=["in process", "engine process"])
+def client(request):
+    """The demo model served with its scheduler in this process, and in an engine process of its own
+    (`slimlm serve`'s default), which builds each request's grammar state again from the grammar."""
     metrics = Metrics()
-    sched = Scheduler(model, slots=4, max_len=512, metrics=metrics, name="m")
+    if request.param == "engine process":
+        from slimlm.server.replicas import ReplicaSet
+
+        model, tok = None, slimlm.load("demo")[1]
+        sched = ReplicaSet("demo", 1, slots=4, max_len=512, metrics=metrics, name="m", threads=1)
+    else:
+        model, tok = slimlm.load("demo")
+        sched = Scheduler(model, slots=4, max_len=512, metrics=metrics, name="m")
     app = create_app({"m": ServedModel("m", model, tok, sched)}, ServeSettings(), metrics)
     with BackgroundServer(app) as url:
         yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)

@@ -33,6 +33,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "--concurrency, continuous batching vs one request at a time")
     p.add_argument("--concurrency", type=int_list, default=(1, 4, 16, 64), help="with --serve: concurrent clients")
     p.add_argument("--slots", type=int, default=16, help="with --serve: sequences batched together")
+    p.add_argument("--no-engine-process", action="store_true",
+                   help="with --serve: run the engine in the server's process (`slimlm serve --no-engine-process`)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--json", action="store_true")
 
@@ -99,7 +101,8 @@ def _serve_load(args: argparse.Namespace, model, tokenizer, settings: dict) -> i
     every = torch.get_num_threads()
     serving_threads(args.threads, args.device)  # the server as `slimlm serve` runs it
     try:
-        rows = compare_batching(model, tokenizer, list(args.concurrency), args.slots)
+        rows = compare_batching(model, tokenizer, list(args.concurrency), args.slots,
+                                source=None if args.no_engine_process else args.model, device=args.device)
     finally:
         torch.set_num_threads(every)  # the engine's own figures with every thread
     batches = sorted({min(c, args.slots) for c in args.concurrency} | {1})

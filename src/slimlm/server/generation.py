@@ -171,12 +171,13 @@ class Detokenizer:
         return self._decode(self.ids[self.prefix:])[len(self.read_text):]
 
 
-async def pieces(tokenizer, r: Request, stop: list[str],
-                 coalesce: bool = False) -> AsyncIterator[tuple[str, int | None, object]]:
+async def pieces(tokenizer, r: Request, stop: list[str], coalesce: bool = False,
+                 tally: list[int] | None = None) -> AsyncIterator[tuple[str, int | None, object]]:
     """Yield (text delta, token, logprob) as tokens arrive, then ('', None, finish_reason). Ends at a
     stop string (cut before it); raises APIError if the request failed, timed out or was shut down.
     coalesce: a delta takes every token that has already arrived (a stream behind its tokens sends
-    them in one chunk; not with logprobs, which are per token); `token` is then the last of them."""
+    them in one chunk; not with logprobs, which are per token); `token` is then the last of them.
+    tally: [count], incremented for every token consumed (the usage's completion tokens)."""
     ready = getattr(r.events, "ready_token", None) if coalesce and not r.params.logprobs else None
     text, detok, longest = "", Detokenizer(tokenizer), max((len(s) for s in stop), default=0)
     while True:
@@ -199,6 +200,8 @@ async def pieces(tokenizer, r: Request, stop: list[str],
             if event[1] not in r.params.stop_ids:
                 token = event[1]
                 delta += detok.add(token)
+        if tally is not None:
+            tally[0] = len(detok.ids)
         if delta and stop:
             start = max(0, len(text) - longest + 1)  # a stop string may begin in earlier text
             text += delta
@@ -277,10 +280,16 @@ class Reply:
 
     def event(self, choice) -> str:
         """A server-sent event carrying one chunk."""
-        if self.kind == "completion":
-            chunk = CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice])
-            return f"data: {chunk.model_dump_json(exclude={'usage'})}\n\n"
-        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+        cls = CompletionResponse if self.kind == "completion" else ChatCompletionChunk
+        chunk = cls(id=self.id, created=self.created, model=self.model, choices=[choice])
+        return f"data: {chunk.model_dump_json(exclude={'usage'})}\n\n"
+
+    def usage_event(self, prompt_tokens: int, completion_tokens: int) -> str:
+        """The last chunk of a stream asked for its usage (`stream_options.include_usage`): no choices."""
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                      total_tokens=prompt_tokens + completion_tokens)
+        cls = CompletionResponse if self.kind == "completion" else ChatCompletionChunk
+        chunk = cls(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
         return f"data: {chunk.model_dump_json()}\n\n"
 
     def text_event(self, index: int, text: str) -> str:
@@ -295,19 +304,26 @@ class Reply:
         return head + json.dumps(text, ensure_ascii=False) + tail
 
 
-async def stream(reply: Reply, tokenizer, requests: list[Request], stop: list[str]) -> AsyncIterator[str]:
-    """Server-sent events of every choice in turn, then [DONE]; a failure ends the stream with an
-    error event ({"error": {...}}, which OpenAI's clients raise as an APIError) and [DONE]."""
+async def stream(reply: Reply, tokenizer, requests: list[Request], stop: list[str],
+                 usage: bool = False) -> AsyncIterator[str]:
+    """Server-sent events of every choice in turn, (usage: a chunk with the usage,) then [DONE]; a failure
+    ends the stream with an error event ({"error": {...}}, which OpenAI's clients raise as an APIError)
+    and [DONE]."""
     try:
+        completion_tokens = 0
         for i, r in enumerate(requests):
             if reply.kind == "chat":
                 yield reply.event(reply.choice(i, "", None, chunk=True, opening=True))
             # a chunk per token (or per run of tokens that arrived while the stream was busy), then the finish
-            async for delta, token, extra in pieces(tokenizer, r, stop, coalesce=True):
+            tally = [0]
+            async for delta, token, extra in pieces(tokenizer, r, stop, coalesce=True, tally=tally):
                 if token is None and extra is not None:
                     yield reply.event(reply.choice(i, delta, extra, chunk=True))
                 else:
                     yield reply.text_event(i, delta)
+            completion_tokens += tally[0]
+        if usage:
+            yield reply.usage_event(len(requests[0].prompt) if requests else 0, completion_tokens)
         yield "data: [DONE]\n\n"
     except APIError as e:
         yield f"data: {e.body().model_dump_json()}\n\n"

@@ -93,9 +93,7 @@ async def constraint(served: ServedModel, body: GenerationRequest):
         grammar = grammar_for(body.response_format)
         if grammar is None:
             return None
-        if served.model is None:
-            raise SlimError("response_format is not supported with --replicas yet; serve one replica")
-        vocab = served.model.get_input_embeddings().num_embeddings
+        vocab = served.scheduler.vocab_size
         return await asyncio.to_thread(constraint_factory, grammar, served.tokenizer, vocab)
     except SlimError as e:
         raise APIError(400, str(e), param="response_format") from None
@@ -153,7 +151,7 @@ async def complete_one(http: HTTPRequest, state: ServerState, served: ServedMode
                               len(prompt), 0)
     requests = generation.start(state, served, prompt, params, body.n, reply.id, await constraint(served, body))
     if body.stream:
-        return _event_stream(state, http, reply, tok, requests, body.stop)
+        return _event_stream(state, http, reply, tok, requests, body)
     choices = await generation.collect_all(state, http, tok, requests, body.stop)
     out = []
     for i, c in enumerate(choices):
@@ -185,17 +183,19 @@ async def chat(http: HTTPRequest):
     reply = generation.Reply("chat", served.name)
     requests = generation.start(state, served, prompt, params, body.n, reply.id, await constraint(served, body))
     if body.stream:
-        return _event_stream(state, http, reply, served.tokenizer, requests, body.stop)
+        return _event_stream(state, http, reply, served.tokenizer, requests, body)
     choices = await generation.collect_all(state, http, served.tokenizer, requests, body.stop)
     return reply.response([reply.choice(i, c.text, c.finish) for i, c in enumerate(choices)], len(prompt),
                           sum(len(c.tokens) for c in choices))
 
 
-def _event_stream(state: ServerState, http: HTTPRequest, reply, tokenizer, requests, stop):
+def _event_stream(state: ServerState, http: HTTPRequest, reply, tokenizer, requests, body):
     from fastapi.responses import StreamingResponse
 
     generation.watch(state, http, requests)
-    return StreamingResponse(generation.stream(reply, tokenizer, requests, stop), media_type="text/event-stream",
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    return StreamingResponse(generation.stream(reply, tokenizer, requests, body.stop, usage),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
 

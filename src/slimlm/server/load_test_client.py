@@ -17,17 +17,22 @@ LENGTHS = [32, 64, 48, 96]  # max_tokens mix
 
 
 def stream_one(url: str, prompt: str, max_tokens: int) -> tuple[float, list[float], int]:
-    """(time to first token, gaps between tokens, tokens) of one streaming completion."""
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+    """(time to first token, gaps between text chunks, tokens) of one streaming completion. A chunk may
+    carry several tokens (the server sends those that waited in one), so the tokens are counted from
+    the usage chunk the stream ends with (`stream_options.include_usage`), not from the chunks."""
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
     req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
-    stamps = []
+    stamps, tokens = [], 0
     with urllib.request.urlopen(req, timeout=600) as r:
-        for line in r:  # a token's chunk says finish_reason null; parsing every chunk's JSON cost the server CPU
+        for line in r:  # a text chunk says finish_reason null; parsing every chunk's JSON cost the server CPU
             if line.startswith(b"data: {") and b'"finish_reason":null' in line:
                 stamps.append(time.perf_counter())
+            elif line.startswith(b'data: {') and b'"usage":{' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return (stamps[0] - t0 if stamps else float("nan")), gaps, len(stamps)
+    return (stamps[0] - t0 if stamps else float("nan")), gaps, tokens
 
 
 def pct(values: list[float], q: float) -> float:
@@ -74,18 +79,24 @@ def run_load_apart(url: str, concurrency: int, requests: int) -> dict:
 
 
 def compare_batching(model, tokenizer, levels: list[int], slots: int = 16, requests: int = 0,
-                     on_row=None) -> list[dict]:
+                     on_row=None, source: str | None = None, device: str = "cpu") -> list[dict]:
     """The same load on continuous batching (`slots`) and one request at a time (1 slot): one row per
-    (server, concurrency)."""
+    (server, concurrency). source: the model's folder (or 'demo'), whose engine then runs in a process
+    of its own as `slimlm serve` runs it; else `model`'s runs in this process."""
     from slimlm.server.app import ServedModel, ServeSettings, create_app
     from slimlm.server.metrics import Metrics
+    from slimlm.server.replicas import ReplicaSet
     from slimlm.server.scheduler import Scheduler
     from slimlm.server.server import BackgroundServer
 
     rows = []
     for label, n in ((f"continuous, {slots} slots", slots), ("one at a time", 1)):
         metrics = Metrics()
-        scheduler = Scheduler(model, slots=n, max_len=256, max_queue=1024, metrics=metrics, name="m")
+        if source is not None:
+            scheduler = ReplicaSet(source, 1, slots=n, max_len=256, max_queue=1024, metrics=metrics, name="m",
+                                   device=device)
+        else:
+            scheduler = Scheduler(model, slots=n, max_len=256, max_queue=1024, metrics=metrics, name="m")
         app = create_app({"m": ServedModel("m", model, tokenizer, scheduler)}, ServeSettings(), metrics)
         try:
             with BackgroundServer(app) as url:

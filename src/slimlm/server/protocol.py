@@ -15,6 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: bool = Field(False, description="send a last chunk with the usage (and no choices) before [DONE]")
+
+
 class GenerationRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
@@ -28,6 +34,7 @@ class GenerationRequest(BaseModel):
     n: int = Field(1, ge=1, le=8, description="choices to generate")
     stop: str | list[str] = Field([], description="a string or up to 4 strings that end the text (not included)")
     stream: bool = False
+    stream_options: StreamOptions | None = Field(None, description='with stream: {"include_usage": true} adds a usage chunk')
     response_format: dict[str, Any] | None = Field(
         None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
                           '{"name": ..., "schema": {...}}}: the output is then JSON (valid against the schema)')
@@ -44,6 +51,12 @@ class GenerationRequest(BaseModel):
         if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4):
             raise ValueError("must be a string or a list of up to 4 strings")
         return [s for s in stop if s]  # an empty stop string would end every text at once
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "GenerationRequest":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
 
     @property
     def new_tokens(self) -> int:
@@ -167,6 +180,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
+    usage: Usage | None = None  # only in the last chunk, with stream_options.include_usage
 
 
 class ErrorBody(BaseModel):

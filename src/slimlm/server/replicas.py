@@ -78,16 +78,26 @@ class ReplicaSet:
             process.start()
             child.close()
             self.replicas.append(Replica(i, process, parent))
-        ready = [r.conn.recv() for r in self.replicas]  # ("ready", vocab, max_len) or ("failed", message)
+        # ("ready", vocab, max_len, KV cache tokens) or ("failed", message)
+        ready = [self._first_message(r) for r in self.replicas]
         failed = [m[1] for m in ready if m[0] != "ready"]
         if failed:
             self.close()
-            raise SlimError(f"a replica could not start: {failed[0]}")
-        self.vocab_size, self.max_len = ready[0][1], ready[0][2]
+            what = "the engine process" if count == 1 else "a replica"
+            raise SlimError(f"{what} of model {name} could not start: {failed[0]}")
+        self.vocab_size, self.max_len, self.capacity = ready[0][1], ready[0][2], ready[0][3]
         self.slots = slots * count
         for replica in self.replicas:
             threading.Thread(target=self._read, args=(replica,), daemon=True, name=f"replica-{replica.index}-reader").start()
         threading.Thread(target=self._route_cancels, daemon=True, name="replica-cancels").start()
+
+    @staticmethod
+    def _first_message(replica: Replica) -> tuple:
+        try:
+            return replica.conn.recv()
+        except (EOFError, OSError):  # it died before a word (killed, out of memory)
+            replica.process.join(timeout=5)
+            return ("failed", f"its process exited with code {replica.process.exitcode}")
 
     # --- the scheduler API ------------------------------------------------------------------------
     def check_prompt(self, prompt: list[int], max_new_tokens: int) -> None:
@@ -100,6 +110,10 @@ class ReplicaSet:
         if len(prompt) + max_new_tokens >= self.max_len:
             raise SlimError(f"this model's context is {self.max_len - 1} tokens; the prompt has {len(prompt)} and "
                             f"max_tokens is {max_new_tokens}: shorten the prompt or lower max_tokens")
+        if len(prompt) + max_new_tokens > self.capacity:
+            raise SlimError(f"the KV cache holds {self.capacity} tokens in all; the prompt has {len(prompt)} "
+                            f"and max_tokens is {max_new_tokens}: lower max_tokens or start the server with a "
+                            "larger --kv-tokens")
 
     def _least_loaded(self) -> Replica:
         live = [r for r in self.replicas if r.alive]
@@ -120,8 +134,10 @@ class ReplicaSet:
             request.wake = self.wake
         age = time.monotonic() - request.submitted
         timeout = None if request.timeout is None else max(request.timeout - age, 0.0)
+        grammar = request.constraint.grammar if request.constraint is not None else None  # built again there
         try:
-            replica.send(("submit", rid, request.prompt, dataclasses.asdict(request.params), timeout, request.id))
+            replica.send(("submit", rid, request.prompt, dataclasses.asdict(request.params), timeout, request.id,
+                          grammar))
         except (OSError, ValueError):
             self._lost(replica)
         return request
@@ -144,9 +160,12 @@ class ReplicaSet:
         return future
 
     def stats(self) -> dict[str, int]:
+        """The schedulers' stats (`Scheduler.stats`) summed over the live replicas."""
         with self.lock:
             live = [r for r in self.replicas if r.alive]
-            total = {key: sum(r.stats[key] for r in live) for key in ("waiting", "running", "kv_tokens", "kv_capacity")}
+            keys = {key for r in live for key in r.stats}
+            total = {key: sum(r.stats.get(key, 0) for r in live) for key in keys | {"waiting", "running", "kv_tokens",
+                                                                                    "kv_capacity"}}
             for r in self.replicas:
                 self._observe_replica(r)
         return total
@@ -186,6 +205,9 @@ class ReplicaSet:
                 self._deliver(replica, message[1], message[2])
             elif kind == "stats":
                 replica.stats = message[1]
+                if self.metrics is not None:
+                    for size in message[2]:  # the decode batches since the last report
+                        self.metrics.batch.labels(self.name).observe(size)
             elif kind == "scored":
                 future = self.calls.pop(message[1], None)
                 if future is not None:
@@ -256,6 +278,31 @@ class ReplicaSet:
             self.metrics.observe_replica(self.name, replica.index, replica.alive, len(replica.in_flight))
 
 
+class _BatchSizes:
+    """A replica scheduler's metrics: it keeps the decode batch sizes for the next stats report (the front
+    end's metrics see tokens and finishes as they arrive)."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.lock = threading.Lock()
+
+    def observe_batch(self, decoded: int | None, stats: dict, model: str) -> None:
+        if decoded:
+            with self.lock:
+                self.sizes.append(decoded)
+
+    def observe_token(self, *args) -> None:
+        pass
+
+    def observe_finish(self, *args) -> None:
+        pass
+
+    def take(self) -> list[int]:
+        with self.lock:
+            sizes, self.sizes = self.sizes, []
+        return sizes
+
+
 class _Events:
     """A replica's request events, sent to the front end."""
 
@@ -289,21 +336,28 @@ def serve_replica(conn, path: str, settings: dict, threads: int) -> None:
     from slimlm.server.scoring import score_prompt
 
     torch.set_num_threads(threads)
+    import transformers
+
+    # the front end prints what matters; a progress bar here would also leave tqdm's process lock behind
+    # (a leaked-semaphore warning at exit: this process leaves by os._exit)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
         if settings.get("tp", 1) * settings.get("pp", 1) > 1:  # this replica is rank 0 of a group of its own
             from slimlm.parallel.group import ParallelConfig
             from slimlm.parallel.launch import open_model
 
-            model, _ = open_model(path, ParallelConfig(tp=settings["tp"], pp=settings["pp"]), settings["dtype"],
-                                  settings["device"])
+            model, tokenizer = open_model(path, ParallelConfig(tp=settings["tp"], pp=settings["pp"]),
+                                          settings["dtype"], settings["device"])
         else:
-            model, _ = load_model(path, dtype=settings["dtype"], device=settings["device"])
-        scheduler = Scheduler(model, slots=settings["slots"], max_len=settings["max_len"],
+            model, tokenizer = load_model(path, dtype=settings["dtype"], device=settings["device"])
+        batches = _BatchSizes()
+        scheduler = Scheduler(model, slots=settings["slots"], max_len=settings["max_len"], metrics=batches,
                               max_queue=settings["max_queue"], name=settings["name"], kv_dtype=settings["kv_dtype"],
                               draft=settings["draft"], num_speculative=settings["num_speculative"],
                               **settings.get("cache", {}))
     except Exception as e:  # noqa: BLE001 - reported to the front end, which refuses to start
-        conn.send(("failed", f"{type(e).__name__}: {e}".splitlines()[0]))
+        conn.send(("failed", (str(e) if isinstance(e, SlimError) else f"{type(e).__name__}: {e}").splitlines()[0]))
         return
     lock = threading.Lock()
 
@@ -312,13 +366,13 @@ def serve_replica(conn, path: str, settings: dict, threads: int) -> None:
             conn.send(message)
 
     requests: dict[int, Request] = {}
-    send(("ready", scheduler.vocab_size, scheduler.max_len))
+    send(("ready", scheduler.vocab_size, scheduler.max_len, scheduler.engine.capacity))
     stop = threading.Event()
 
     def report() -> None:
         while not stop.wait(STATS_EVERY):
             try:
-                send(("stats", scheduler.stats()))
+                send(("stats", scheduler.stats(), batches.take()))
             except (OSError, ValueError):
                 return
 
@@ -332,11 +386,15 @@ def serve_replica(conn, path: str, settings: dict, threads: int) -> None:
                 return
             kind = message[0]
             if kind == "submit":
-                _, rid, prompt, params, timeout, request_id = message
+                _, rid, prompt, params, timeout, request_id, grammar = message
                 r = Request(prompt=prompt, params=SamplingParams(**params), timeout=timeout, id=request_id,
                             events=_Events(send, rid, lambda rid: requests.pop(rid, None)))
                 requests[rid] = r
                 try:
+                    if grammar is not None:  # structured output: checked by the front end, built again here
+                        from slimlm.server.structured import constraint_factory
+
+                        r.constraint = constraint_factory(grammar, tokenizer, scheduler.vocab_size)()
                     scheduler.submit(r)
                 except (SlimError, QueueFull, ShuttingDown) as e:
                     r.events.put(("done", "error", f"{type(e).__name__}: {e}"))

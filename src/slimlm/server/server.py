@@ -46,9 +46,10 @@ def model_paths(source: str) -> dict[str, str]:
 def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
                 dtype: str | None = None, device: str = "cpu", tp: int = 1, pp: int = 1,
                 replicas: int = 1, kv_dtype: str = "auto", draft: str | None = None,
-                num_speculative: int = 4, **cache) -> dict[str, ServedModel]:
+                num_speculative: int = 4, engine_process: bool = False, **cache) -> dict[str, ServedModel]:
     """Load every model of `source` with its scheduler: in this process; spread over tp x pp processes
-    (tensor / pipeline parallel, rank 0 here); or as `replicas` worker processes behind this front end.
+    (tensor / pipeline parallel, rank 0 here); or in worker processes behind this front end, `replicas`
+    of them (engine_process: one, even for replicas=1; `slimlm serve`'s default).
     cache: the paged KV cache's kv_tokens, block_size, prefix_caching (`Scheduler`)."""
     from slimlm.core.model_io import causal_lm_config, load_model, load_tokenizer, read_config_json, resolve_model_path
 
@@ -57,7 +58,7 @@ def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | No
         raise SlimError("--tp/--pp serve one model per server; start one server per model folder")
     served = {}
     for name, path in paths.items():
-        if replicas > 1:
+        if replicas > 1 or engine_process:
             from slimlm.server.replicas import ReplicaSet
 
             folder = resolve_model_path(path)

@@ -57,8 +57,8 @@ def grammar_for(response_format: dict) -> str | None:
 class Constraint:
     """One request's grammar state: `mask(logits)` keeps the allowed tokens, `advance(token)` consumes."""
 
-    def __init__(self, matcher, vocab: int) -> None:
-        self.matcher, self.vocab = matcher, vocab
+    def __init__(self, matcher, vocab: int, grammar: str = "") -> None:
+        self.matcher, self.vocab, self.grammar = matcher, vocab, grammar  # grammar: for an engine process
         self.bitmask = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
@@ -96,6 +96,6 @@ def constraint_factory(grammar: str, tokenizer, vocab: int):
         raise SlimError(f"response_format: the JSON schema cannot be used: {error.splitlines()[0]}")
 
     def make() -> Constraint:
-        return Constraint(ll.LLMatcher(lltok, grammar, log_level=0), vocab)
+        return Constraint(ll.LLMatcher(lltok, grammar, log_level=0), vocab, grammar)
 
     return make
