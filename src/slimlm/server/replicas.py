@@ -1,6 +1,7 @@
 """Replicas (data parallelism for serving): N worker processes, each with its own copy of the model,
 engine and scheduler, behind one OpenAI-compatible front end that routes each request to the
-least-loaded live replica.
+least-loaded live replica. With N = 1 this is `slimlm serve`'s engine process: the scheduler and the
+HTTP front end then never wait for one interpreter lock.
 
 `ReplicaSet` offers the scheduler's API to the handlers (submit, call, stats, shutdown, close), so the
 front end is the same app. Each replica is a process started with multiprocessing's spawn, talking to
