@@ -373,3 +373,63 @@ def test_extend_scores_several_tokens_of_several_sequences_in_one_forward(kv_dty
     alone[2].truncate(0, 8 + 1)
     step = engine.decode(torch.tensor([2, 1]), torch.tensor([7, 7]))
     torch.testing.assert_close(step[0], alone[2].decode(torch.tensor([0]), torch.tensor([7]))[0], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_steps_of_prefills_and_decodes_give_each_sequence_its_own_logits(dtype):
+    """`Engine.step`: new prompts (or the part not in the prefix cache) ride along the decode step as
+    rows of their own, several per sequence; every sequence's last-row logits equal the sequence run
+    alone on the contiguous layout, prompts spanning blocks of 4 and sharing cached prefixes."""
+    model = model_for("mistral", sliding_window=6).to(dtype)
+    engine = Engine(model, slots=5, max_len=40, block_size=4, prefix_caching=True)
+    assert engine.can_mix
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    gen = torch.Generator().manual_seed(1)
+    history, alone, earlier, mixed = {}, {}, [], 0
+    for _ in range(50):
+        feeds = {}
+        free = [s for s in range(5) if s not in history]
+        for slot in free[:int(torch.randint(0, 3, (), generator=gen))]:  # up to two new prompts this step
+            prompt = torch.randint(1, 300, (int(torch.randint(2, 9, (), generator=gen)),), generator=gen).tolist()
+            if earlier and torch.rand((), generator=gen) < 0.5:
+                source = earlier[int(torch.randint(len(earlier), (), generator=gen))]
+                prompt = (source[:int(torch.randint(1, len(source) + 1, (), generator=gen))] + prompt)[:30]
+            n = engine.reuse_prefix(slot, prompt)
+            history[slot], feeds[slot] = prompt, prompt[n:]
+            earlier.append(prompt)
+            alone[slot] = Engine(model, slots=1, max_len=40, fused_step=False, block_size=40)
+        for slot in [s for s in history if s not in feeds]:
+            if len(history[slot]) >= 38 or torch.rand((), generator=gen) < 0.08:
+                engine.release(slot)
+                del history[slot]
+            elif torch.rand((), generator=gen) < 0.7:
+                feeds[slot] = [int(torch.randint(1, 300, (), generator=gen))]
+        if not feeds:
+            continue
+        slots = list(feeds)
+        mixed += any(len(f) > 1 for f in feeds.values()) and any(len(f) == 1 for f in feeds.values())
+        got = engine.step(slots, [feeds[s] for s in slots])
+        for i, slot in enumerate(slots):
+            if len(alone[slot].tokens[0]) == 0 and int(alone[slot].lengths[0]) == 0:
+                want = alone[slot].prefill(0, torch.tensor(history[slot]))
+            else:
+                history[slot] += feeds[slot]
+                want = alone[slot].decode(torch.tensor([0]), torch.tensor(feeds[slot]))[0]
+            torch.testing.assert_close(got[i].float(), want.float(), rtol=tol, atol=tol)
+        assert sorted(int(engine.row_of[s]) for s in history) == list(range(len(history)))
+    assert mixed >= 5
+    for slot in list(history):
+        engine.release(slot)
+    assert engine.pool.available() == engine.cache.blocks - 1 and not any(engine.pool.refs)
+
+
+def test_a_mixed_step_refuses_what_it_cannot_run():
+    model = model_for("llama")
+    engine = Engine(model, slots=2, max_len=16, block_size=4)
+    with pytest.raises(SlimError, match="distinct slots"):
+        engine.step([0, 0], [[1], [2]])
+    with pytest.raises(SlimError, match="holds 16"):
+        engine.step([0], [list(range(1, 17))])
+    assert not Engine(model, slots=2, max_len=16, fused_step=False).can_mix
+    with pytest.raises(SlimError, match="fused CPU step"):
+        Engine(model, slots=2, max_len=16, fused_step=False).step([0], [[1]])

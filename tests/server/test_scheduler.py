@@ -334,3 +334,41 @@ def test_metrics_report_speculation_and_shared_prefixes():
     text = m.render()
     assert 'slimlm_spec_acceptance_rate{model="m"} 0.75' in text and 'slimlm_spec_tokens_per_step{model="m"} 3.25' in text
     assert 'slimlm_shared_prefix_tokens{model="m"} 40.0' in text
+
+
+def test_prefills_ride_along_decode_steps_and_outputs_do_not_change(model):
+    """New requests arriving while others decode are prefilled in the decode step's forward (`Engine.step`,
+    mixed steps); greedy and seeded sampled outputs equal each request's output alone. When a mixed step
+    fails, its parts run again apart and nothing changes either."""
+    prompts = [[int(t) for t in torch.randint(1, 300, (n,), generator=torch.Generator().manual_seed(n))]
+               for n in (3, 9, 5, 12, 4, 7, 70)]  # the last: longer than a mixed chunk, prefilled apart
+    params = [greedy(20) if i % 2 else SamplingParams(max_new_tokens=20, temperature=0.9, seed=i)
+              for i in range(len(prompts))]
+    alone = Scheduler(model, slots=1, max_len=128, prefix_caching=False)
+    try:
+        want = [run(alone, Request(p, q))[0] for p, q in zip(prompts, params)]
+    finally:
+        alone.close()
+    for failing in (False, True):
+        sched = Scheduler(model, slots=4, max_len=128)
+        assert sched.engine.can_mix
+        step, calls = sched.engine.step, []
+
+        def counting_step(slots, feeds):
+            calls.append([len(f) for f in feeds])
+            if failing and len(calls) % 2:
+                raise RuntimeError("boom")
+            return step(slots, feeds)
+
+        sched.engine.step = counting_step
+        try:
+            requests = [Request(p, q) for p, q in zip(prompts, params)]
+            for r in requests:
+                sched.submit(r)
+                time.sleep(0.01)  # arrivals while the others decode
+            got = [drain(r)[0] for r in requests]
+        finally:
+            sched.close()
+        assert got == want
+        assert any(max(c) > 1 and min(c) == 1 for c in calls)  # prefill rows and decode rows in one step
+        assert all(max(c) <= 64 for c in calls)

@@ -234,7 +234,9 @@ class Batch:
     """Tokens ids (B, T) at positions (B, T) of the sequences whose KV-cache block tables are `tables`
     (B, max_blocks), all on the model's device. last_only: logits of each row's last token only; fresh:
     one prompt from position 0 that may attend to its own keys directly; hidden: the tokens' hidden
-    states (B, T, C) from the previous pipeline stage (instead of embedding ids)."""
+    states (B, T, C) from the previous pipeline stage (instead of embedding ids); pick: the rows
+    whose logits are wanted (a mixed step on the fused ops, `Engine.step`: rows are tokens, several of
+    one sequence, and only each sequence's last row gets logits)."""
 
     ids: Tensor
     positions: Tensor
@@ -242,6 +244,7 @@ class Batch:
     last_only: bool = True
     fresh: bool = False
     hidden: Tensor | None = None
+    pick: Tensor | None = None
 
 
 class Ops(Protocol):

@@ -180,6 +180,46 @@ class Engine:
                 self._flush()
         return logits
 
+    @property
+    def can_mix(self) -> bool:
+        """Whether `step` can run: the fused CPU step holds the whole model (embedding to head)."""
+        return self.fused is not None and not self.static_steps and self.plan.embed is not None \
+            and self.plan.head is not None
+
+    def step(self, slots: list[int], feeds: list[list[int]]) -> Tensor:
+        """One forward for several sequences, each fed its own tokens after what it holds: one for a
+        sequence that decodes, a chunk of its prompt for one that prefills (the mixed batches of vLLM:
+        a new request's short prefill rides along the decode step as a few more rows instead of taking
+        a forward of its own). Returns the logits of each sequence's last token (B, V). Rows are tokens
+        on the fused step (its kernel writes every row's key and value before any row attends, so a
+        sequence's rows see each other causally); `can_mix` says whether it can run. Raises
+        `CacheFull` (changing nothing) when the tokens need more blocks than are left."""
+        if not self.can_mix:
+            raise SlimError(f"mixed steps run on the fused CPU step, not here ({self.decode_ops})")
+        counts = [len(f) for f in feeds]
+        if not slots or len(slots) != len(feeds) or min(counts) < 1 or len(set(slots)) != len(slots):
+            raise SlimError("a mixed step takes distinct slots, each with at least one token")
+        index = torch.tensor(slots)
+        held, n = self.lengths[index], torch.tensor(counts)
+        if int((held + n).max()) >= self.max_len:
+            raise SlimError(f"a sequence would reach {int((held + n).max())} tokens; this engine holds {self.max_len}")
+        self.cache.check_room(int((held + n).max()))
+        self._reserve(dict(zip(slots, (held + n).tolist())))
+        for slot in slots:
+            self._take_first_free_row(slot)
+        owner = torch.repeat_interleave(torch.arange(len(slots)), n)  # row -> its sequence
+        positions = torch.cat([torch.arange(h, h + k) for h, k in zip(held.tolist(), counts)])
+        ids = torch.tensor([t for f in feeds for t in f])
+        batch = decoder.Batch(ids[:, None].to(self.device), positions[:, None].to(self.device),
+                              self.tables[self.row_of[index]][owner].to(self.device), pick=n.cumsum(0) - 1)
+        logits = decoder.forward(self.plan, self.fused, batch)
+        self.lengths[index] = held + n
+        if self.prefix_caching:
+            self._pending.append(([slots[i] for i in owner.tolist()], ids))
+            if max(counts) > 1 or len(self._pending) >= 64:
+                self._flush()
+        return logits
+
     def extend(self, slots: Tensor, ids: Tensor) -> Tensor:
         """Feed ids (B, T) after what each of slots (B,) holds, in one forward; returns logits (B, T, V).
         Speculative decoding verifies B sequences' drafts with it (T = 1 + k: the last token and k draft

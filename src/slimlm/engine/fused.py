@@ -123,4 +123,7 @@ class FusedOps:
         return h.add_(delta)[:, None]  # (B, 1, C)
 
     def logits(self, plan: DecoderPlan, h: Tensor, delta: Tensor, ctx) -> Tensor:
+        pick = ctx[2].pick
+        if pick is not None:  # a mixed step: only each sequence's last row goes through the head
+            h, delta = h.index_select(0, pick), delta.index_select(0, pick)
         return plan.head(self.kernels.add_rms_norm(h, delta, plan.norm.weight, self.eps[plan.norm]))  # (B, V)

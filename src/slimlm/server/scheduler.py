@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 # whole batch, so at small batches it is memory-bound and verifying k more positions per sequence is
 # nearly free; at large batches the step is compute-bound and rejected drafts cost real work.
 SPEC_MAX_BATCH = 8
+MIX_MAX_PREFILL = 64  # prefill chunks up to this many tokens join the decode step (`Engine.step`); longer: apart
 
 
 class QueueFull(Exception):
@@ -287,6 +288,11 @@ class Scheduler:
                 self.waiting.pop(0)
             active = sorted(self.running.values(), key=lambda r: r.admitted)
         budget = self.prefill_chunk
+        decoding = [r for r in active if r.slot is not None and r.fed == len(r.feed) and r.generated
+                    and r.finish_reason is None]
+        # short prefill chunks ride along the decode step (`Engine.step`) unless the decode step speculates
+        mix = getattr(self.engine, "can_mix", False) and not (self.draft is not None and len(decoding) <= SPEC_MAX_BATCH)
+        deferred: list[tuple[Request, int]] = []  # (request, tokens) prefilled in the mixed step
         for r in active:  # chunked prefill, oldest first
             if budget <= 0:
                 break
@@ -300,22 +306,68 @@ class Scheduler:
                 if not self._make_room({r.slot: r.fed + take}, r):
                     continue  # r itself was preempted
                 budget -= take
-                try:
-                    logits = self.engine.append(r.slot, torch.tensor(r.feed[r.fed:r.fed + take]), read_back=r.fed > 0)
-                except Exception as e:  # noqa: BLE001 - fail this request only
-                    self._fail(r, "prefill", e)
-                    continue
-                r.fed += take
-                r.computed = True
-                if r.fed == len(r.feed):
-                    self._emit(r, logits[None])
-        decoding = [r for r in active if r.slot is not None and r.fed == len(r.feed) and r.generated
-                    and r.finish_reason is None]
-        if decoding:
-            self._decode(decoding)
+                if mix and take <= MIX_MAX_PREFILL:
+                    deferred.append((r, take))
+                else:
+                    self._prefill(r, take)
+        if mix:
+            self._mixed([r for r in decoding if r.slot is not None and r.finish_reason is None], deferred)
+        else:  # those whose prefill ended above decode at once too
+            decoding = [r for r in active if r.slot is not None and r.fed == len(r.feed) and r.generated
+                        and r.finish_reason is None]
+            if decoding:
+                self._decode(decoding)
         if self.metrics is not None:
             self.metrics.observe_batch(len(decoding), self.stats(), self.name)
         return bool(active)
+
+    def _prefill(self, r: Request, take: int) -> None:
+        """Feed the next `take` tokens of r's prompt in a forward of its own; its first token when done."""
+        try:
+            logits = self.engine.append(r.slot, torch.tensor(r.feed[r.fed:r.fed + take]), read_back=r.fed > 0)
+        except Exception as e:  # noqa: BLE001 - fail this request only
+            self._fail(r, "prefill", e)
+            return
+        r.fed += take
+        r.computed = True
+        if r.fed == len(r.feed):
+            self._emit(r, logits[None])
+
+    def _mixed(self, decoding: list[Request], deferred: list[tuple[Request, int]]) -> None:
+        """One forward for the decoding requests' next tokens and the deferred prefill chunks (`Engine.step`):
+        on a small model a separate prefill forward cost as much as a decode step of 16 sequences. If it
+        fails, each part runs again apart (only failures fail)."""
+        if not decoding and not deferred:
+            return
+        lengths = {r.slot: int(self.engine.lengths[r.slot]) + 1 for r in decoding}
+        lengths.update({r.slot: r.fed + take for r, take in deferred})
+        self._make_room(lengths)
+        decoding = [r for r in decoding if r.slot is not None]  # the preempted wait
+        deferred = [(r, take) for r, take in deferred if r.slot is not None]
+        if not deferred:
+            if decoding:
+                self._decode(decoding, speculate=False)
+            return
+        rows = decoding + [r for r, _ in deferred]
+        feeds = [[r.generated[-1]] for r in decoding] + [r.feed[r.fed:r.fed + take] for r, take in deferred]
+        try:
+            logits = self.engine.step([r.slot for r in rows], feeds)  # (B, V)
+        except Exception as e:  # noqa: BLE001 - nothing was emitted: run the parts apart to isolate it
+            logger.warning("a mixed step of %d sequences failed (%s); running them apart", len(rows), e)
+            for r, take in deferred:
+                if r.slot is not None:
+                    self._prefill(r, take)
+            decoding = [r for r in decoding if r.slot is not None and r.finish_reason is None]
+            if decoding:
+                self._decode(decoding, speculate=False)
+            return
+        for r, take in deferred:
+            r.fed += take
+            r.computed = True
+        self._emit_step(decoding, logits[:len(decoding)])
+        for i, (r, _) in enumerate(deferred, start=len(decoding)):
+            if r.fed == len(r.feed):
+                self._emit(r, logits[i:i + 1])
 
     def _admit(self, r: Request, slot: int) -> bool:
         """Give r `slot`, starting from the cached blocks of its prompt's longest cached prefix, if the
@@ -470,6 +522,12 @@ class Scheduler:
             logger.warning("a decode step of %d sequences failed (%s); retrying each alone", len(batch), e)
             for r in batch:
                 self._decode([r], speculate=False)
+            return
+        self._emit_step(batch, logits)
+
+    def _emit_step(self, batch: list[Request], logits: torch.Tensor) -> None:
+        """Each request of a decode step its token from its row of logits (B, V)."""
+        if not batch:
             return
         picks = [None] * len(batch)
         greedy = [i for i, r in enumerate(batch) if r.params.temperature <= 0 and r.constraint is None]

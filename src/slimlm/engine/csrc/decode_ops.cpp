@@ -9,7 +9,8 @@
 //       q (B, H*D), k/v (B, Hkv*D): rotate the first R dims of q and k (half-split, as Llama), write
 //       k, v into the paged cache kc/vc (blocks, Hkv, block_size, D) at position pos[b] of the sequence
 //       whose block table is tables[b] (position p: block tables[b][p / block_size], offset p % block_size),
-//       then attend (q and k are rotated in place):
+//       every row's before any row attends (so rows may be several tokens of one sequence, at their
+//       positions), then attend (q and k are rotated in place):
 //       each query head sees keys j <= pos[b] (and j > pos[b] - window), float32 softmax.
 //       Returns (B, H*D).
 #include <torch/extension.h>
@@ -107,18 +108,25 @@ void rope_attend_impl(T* q, T* k, const T* v, const T* cs, const T* sn, int r, T
   const int64_t G = H / Hkv;
   // offset of position p's vector of kv head h in the cache of the sequence with block table t
   auto at = [&](const int64_t* t, int64_t h, int64_t p) { return ((t[p / S] * Hkv + h) * S + p % S) * D; };
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t a, int64_t e) {
-    std::vector<float> scores, kt, acc(G * D), qf(G * D), row(D);
-    for (int64_t task = a; task < e; ++task) {
-      const int64_t b = task / Hkv, h = task % Hkv;
+  // every row's key (rotated) and value go into the cache first: rows of one sequence (a prefill chunk
+  // in a mixed step) then see each other's keys whichever thread attends for them. A few KB per step:
+  // not worth a parallel region.
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h) {
       const int64_t* table = tables + b * nt;
-      // this task owns kv head h of row b and its G query heads: rotate them, write k and v to the cache
       T* kh = k + (b * Hkv + h) * D;
       rope(kh, cs + b * r, sn + b * r, r);
       T* kdst = kc + at(table, h, pos[b]);
       T* vdst = vc + at(table, h, pos[b]);
       const T* vh = v + (b * Hkv + h) * D;
       for (int64_t i = 0; i < D; ++i) { kdst[i] = kh[i]; vdst[i] = vh[i]; }
+    }
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t a, int64_t e) {
+    std::vector<float> scores, kt, acc(G * D), qf(G * D), row(D);
+    for (int64_t task = a; task < e; ++task) {
+      const int64_t b = task / Hkv, h = task % Hkv;
+      const int64_t* table = tables + b * nt;
+      // this task owns kv head h of row b and its G query heads: rotate them and attend
       for (int64_t g = 0; g < G; ++g) rope(q + (b * H + h * G + g) * D, cs + b * r, sn + b * r, r);
       const int64_t last = pos[b], first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
       const int64_t n = last - first + 1;
