@@ -41,9 +41,13 @@ class Metrics:
         self.replica_up.labels(model, str(replica)).set(1 if alive else 0)
         self.replica_requests.labels(model, str(replica)).set(in_flight)
 
-    def observe_batch(self, decoded: int | None, stats: dict[str, int], model: str = "model") -> None:
+    def observe_batch(self, decoded: int | None, stats: dict[str, int] | None, model: str = "model") -> None:
+        """A decode step's batch size (decoded), and (stats) the scheduler's gauges, which /metrics
+        refreshes before it renders (so the scheduler's steps need not)."""
         if decoded:
             self.batch.labels(model).observe(decoded)
+        if stats is None:
+            return
         self.queue.labels(model).set(stats["waiting"])
         self.running.labels(model).set(stats["running"])
         self.kv_used.labels(model).set(stats["kv_tokens"])

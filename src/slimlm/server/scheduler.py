@@ -138,6 +138,7 @@ class Scheduler:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.deadline: float | None = None  # set by shutdown: running requests must finish by then
+        self.after_iteration: Callable[[], None] | None = None  # e.g. an engine process sends the step's events
         self.thread = threading.Thread(target=self._loop, name=f"slimlm-scheduler-{name}", daemon=True)
         self.thread.start()
 
@@ -216,6 +217,8 @@ class Scheduler:
                 logger.exception("a scheduler iteration failed; failing the requests in flight")
                 self._fail_everything("generation failed: internal error in the scheduler")
                 busy = False
+            if self.after_iteration is not None:
+                self.after_iteration()
             if not busy:
                 self.wake.wait(0.05)  # nothing to do: sleep until work arrives (timeouts still checked)
 
@@ -318,7 +321,7 @@ class Scheduler:
             if decoding:
                 self._decode(decoding)
         if self.metrics is not None:
-            self.metrics.observe_batch(len(decoding), self.stats(), self.name)
+            self.metrics.observe_batch(len(decoding), None, self.name)
         return bool(active)
 
     def _prefill(self, r: Request, take: int) -> None:
