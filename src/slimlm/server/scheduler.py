@@ -104,10 +104,11 @@ class Scheduler:
     def __init__(self, model: nn.Module, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
                  prefill_chunk: int = 256, metrics: Any = None, name: str = "model", kv_dtype: str = "auto",
                  draft: str | None = None, num_speculative: int = 4, kv_tokens: int | None = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True) -> None:
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True, mixed_steps: bool = True) -> None:
         """kv_dtype: 'int8' stores the KV cache as int8 with a float16 scale per token and head (`KVCache`).
         kv_tokens, block_size: the paged cache's size in tokens (default: `slots` x `max_len`) and tokens
-        per block; prefix_caching: reuse cached blocks of prompt prefixes across requests.
+        per block; prefix_caching: reuse cached blocks of prompt prefixes across requests; mixed_steps:
+        prefill chunks of up to `MIX_MAX_PREFILL` tokens in the decode step's forward where the engine can.
         draft: speculative decoding (`engine.speculative`) whenever at most `SPEC_MAX_BATCH` sequences
         decode, proposing `num_speculative` tokens per sequence and step: 'ngram' (prompt lookup), or a
         draft model (a folder, or a loaded model) with the model's vocabulary, e.g. a `slimlm distill`
@@ -132,6 +133,7 @@ class Scheduler:
         self.draft = self._load_draft(draft, model) if draft is not None else None
         self.spec = {"steps": 0, "proposed": 0, "accepted": 0, "emitted": 0}  # speculative steps' counts
         self.metrics, self.name = metrics, name
+        self.mixed_steps = mixed_steps
         self.waiting: list[Request] = []
         self.running: dict[int, Request] = {}
         self.calls: list[tuple[Callable, tuple, concurrent.futures.Future]] = []
@@ -294,7 +296,8 @@ class Scheduler:
         decoding = [r for r in active if r.slot is not None and r.fed == len(r.feed) and r.generated
                     and r.finish_reason is None]
         # short prefill chunks ride along the decode step (`Engine.step`) unless the decode step speculates
-        mix = getattr(self.engine, "can_mix", False) and not (self.draft is not None and len(decoding) <= SPEC_MAX_BATCH)
+        mix = self.mixed_steps and getattr(self.engine, "can_mix", False) and not (
+            self.draft is not None and len(decoding) <= SPEC_MAX_BATCH)
         deferred: list[tuple[Request, int]] = []  # (request, tokens) prefilled in the mixed step
         for r in active:  # chunked prefill, oldest first
             if budget <= 0:

@@ -50,7 +50,7 @@ def load_models(source: str, metrics: Metrics, slots: int = 8, max_len: int | No
     """Load every model of `source` with its scheduler: in this process; spread over tp x pp processes
     (tensor / pipeline parallel, rank 0 here); or in worker processes behind this front end, `replicas`
     of them (engine_process: one, even for replicas=1; `slimlm serve`'s default).
-    cache: the paged KV cache's kv_tokens, block_size, prefix_caching (`Scheduler`)."""
+    cache: the paged KV cache's kv_tokens, block_size, prefix_caching, and mixed_steps (`Scheduler`)."""
     from slimlm.core.model_io import causal_lm_config, load_model, load_tokenizer, read_config_json, resolve_model_path
 
     paths = model_paths(source)
