@@ -344,6 +344,7 @@ def test_prefills_ride_along_decode_steps_and_outputs_do_not_change(model):
                for n in (3, 9, 5, 12, 4, 7, 70)]  # the last: longer than a mixed chunk, prefilled apart
     params = [greedy(20) if i % 2 else SamplingParams(max_new_tokens=20, temperature=0.9, seed=i)
               for i in range(len(prompts))]
+    params[0] = greedy(100)  # still decoding when the others arrive
     alone = Scheduler(model, slots=1, max_len=128, prefix_caching=False)
     try:
         want = [run(alone, Request(p, q))[0] for p, q in zip(prompts, params)]
@@ -363,9 +364,12 @@ def test_prefills_ride_along_decode_steps_and_outputs_do_not_change(model):
         sched.engine.step = counting_step
         try:
             requests = [Request(p, q) for p, q in zip(prompts, params)]
-            for r in requests:
+            sched.submit(requests[0])
+            deadline = time.monotonic() + 30
+            while not requests[0].generated and time.monotonic() < deadline:
+                time.sleep(0.001)
+            for r in requests[1:]:  # arrivals while the first decodes
                 sched.submit(r)
-                time.sleep(0.01)  # arrivals while the others decode
             got = [drain(r)[0] for r in requests]
         finally:
             sched.close()
