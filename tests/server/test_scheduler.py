@@ -345,7 +345,7 @@ def test_prefills_ride_along_decode_steps_and_outputs_do_not_change(model):
     params = [greedy(20) if i % 2 else SamplingParams(max_new_tokens=20, temperature=0.9, seed=i)
               for i in range(len(prompts))]
     params[0] = greedy(100)  # still decoding when the others arrive
-    alone = Scheduler(model, slots=1, max_len=128, prefix_caching=False)
+    alone = Scheduler(model, slots=1, max_len=128, prefix_caching=False, mixed_steps=False)  # prefills of their own
     try:
         want = [run(alone, Request(p, q))[0] for p, q in zip(prompts, params)]
     finally:
@@ -376,3 +376,28 @@ def test_prefills_ride_along_decode_steps_and_outputs_do_not_change(model):
         assert got == want
         assert any(max(c) > 1 and min(c) == 1 for c in calls)  # prefill rows and decode rows in one step
         assert all(max(c) <= 64 for c in calls)
+
+
+def test_prompts_admitted_together_share_their_prefix_with_mixed_steps(model):
+    """Four requests with one 40-token system prompt arrive together while another decodes: the first's
+    prompt rides along the decode step, the others wait an iteration and start from its cached blocks
+    (rather than each computing and holding its own copy)."""
+    system = [int(t) for t in torch.randint(1, 300, (40,), generator=torch.Generator().manual_seed(3))]
+    sched = Scheduler(model, slots=6, max_len=128, block_size=16)
+    try:
+        first = Request([5, 6, 7], greedy(100))
+        sched.submit(first)
+        deadline = time.monotonic() + 30
+        while not first.generated and time.monotonic() < deadline:
+            time.sleep(0.001)
+        requests = [Request(system + [50 + i], greedy(8)) for i in range(4)]
+        for r in requests:
+            sched.submit(r)
+        for r in requests:
+            drain(r)
+        shared = sched.stats()["shared_prefix_tokens"]
+        first.cancel()
+        drain(first)
+    finally:
+        sched.close()
+    assert shared >= 3 * 32  # two full blocks of the system prompt, for each of the three later requests

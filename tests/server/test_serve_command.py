@@ -102,3 +102,31 @@ def test_the_serve_verb_checks_its_settings_before_loading():
                            ({"timeout": -1}, "timeout"), ({"api_key": "caf\u00e9"}, "ASCII")):
         with pytest.raises(SlimError, match=text):
             slimlm.serve("no/such/folder", **settings)  # refused before the (missing) model is looked for
+
+
+def test_ctrl_c_to_the_process_group_lets_running_requests_finish(tiny_folder):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it; systemd sends SIGTERM the same
+    way) reaches the engine process too: it leaves the shutdown to the front end, so a running stream
+    finishes within the grace instead of failing, and the server exits 130."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "slimlm", "serve", str(tiny_folder("llama")), "--port", str(port),
+                             "--slots", "1", "--max-len", "256", "--shutdown-grace", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    try:
+        assert proc.stdout.readline().decode().startswith("serving")
+        body = json.dumps({"prompt": "Once", "max_tokens": 250, "stream": True}).encode()  # running (a waiting one fails)
+        stream = urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body), timeout=60)
+        assert stream.readline().startswith(b"data: {")
+        os.killpg(proc.pid, signal.SIGINT)
+        events = [line[6:].strip() for line in stream if line.startswith(b"data: ")]
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert events[-1] == b"[DONE]", events[-3:]
+    last = json.loads(events[-2])
+    assert "error" not in last and last["choices"][0]["finish_reason"] in ("length", "stop"), last
+    assert proc.returncode == 130, proc.stderr.read().decode()[-2000:]

@@ -84,6 +84,23 @@ def test_stream_options_include_usage_ends_the_stream_with_the_usage(server):
     assert status == 400 and "stream" in body["error"]["message"]
 
 
+def test_usage_counts_the_same_tokens_streamed_or_not_when_a_stop_string_cuts(server):
+    """The tokens up to the one that completes the stop string, whether the stream sent them one per chunk
+    or several (tokens that waited) or the reply came whole."""
+    url, models = server
+    c, name = client(url), next(iter(models))
+    text = c.completions.create(model=name, prompt="one, two", max_tokens=30, temperature=0).choices[0].text
+    stop = text[10:13]
+    whole = c.completions.create(model=name, prompt="one, two", max_tokens=30, temperature=0, stop=[stop])
+    assert whole.choices[0].finish_reason == "stop" and 0 < whole.usage.completion_tokens < 30
+    for _ in range(3):
+        chunks = list(c.completions.create(model=name, prompt="one, two", max_tokens=30, temperature=0, stop=[stop],
+                                           stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage == whole.usage
+        assert "".join(ch.choices[0].text for ch in chunks[:-1]) == whole.choices[0].text, (
+            [ch.choices[0].text for ch in chunks[:-1]], repr(text), repr(stop))
+
+
 def test_stop_strings_cut_the_text(server):
     """The reply ends right before the first stop string (of several), with finish_reason 'stop', in
     plain and streamed replies; the uncut greedy text is the reference."""

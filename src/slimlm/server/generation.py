@@ -171,15 +171,33 @@ class Detokenizer:
         return self._decode(self.ids[self.prefix:])[len(self.read_text):]
 
 
+def _held_back(text: str, stop: list[str]) -> int:
+    """How many characters at the end of `text` could be the beginning of a stop string (so must not go
+    out yet: if the string completes, the text ends before it)."""
+    for k in range(min(max(len(s) for s in stop) - 1, len(text)), 0, -1):
+        tail = text[-k:]
+        if any(len(s) > k and s.startswith(tail) for s in stop):
+            return k
+    return 0
+
+
 async def pieces(tokenizer, r: Request, stop: list[str], coalesce: bool = False,
                  tally: list[int] | None = None) -> AsyncIterator[tuple[str, int | None, object]]:
     """Yield (text delta, token, logprob) as tokens arrive, then ('', None, finish_reason). Ends at a
-    stop string (cut before it); raises APIError if the request failed, timed out or was shut down.
+    stop string (cut before it; text that could be the beginning of one is held back until it is not,
+    as vLLM does, so streamed and whole replies end at the same place); raises APIError if the request
+    failed, timed out or was shut down.
     coalesce: a delta takes every token that has already arrived (a stream behind its tokens sends
     them in one chunk; not with logprobs, which are per token); `token` is then the last of them.
-    tally: [count], incremented for every token consumed (the usage's completion tokens)."""
+    tally: [count], incremented for every token consumed, up to the one that completes a stop string
+    (the usage's completion tokens, the same streamed or not)."""
     ready = getattr(r.events, "ready_token", None) if coalesce and not r.params.logprobs else None
-    text, detok, longest = "", Detokenizer(tokenizer), max((len(s) for s in stop), default=0)
+    detok, longest = Detokenizer(tokenizer), max((len(s) for s in stop), default=0)
+    text, sent = "", 0  # with stop strings: the text so far, and how much of it has gone out
+
+    def find(begin: int) -> int:
+        return min((at for at in (text.find(s, begin) for s in stop) if at >= 0), default=-1)
+
     while True:
         event = await r.events.get()
         if event[0] == "done":
@@ -188,6 +206,16 @@ async def pieces(tokenizer, r: Request, stop: list[str], coalesce: bool = False,
                 status, kind = FAILURES[reason]
                 raise APIError(status, message or reason, kind=kind, code=reason)
             rest = detok.rest()  # a held-back character that never completed
+            if stop:
+                begin = max(0, len(text) - longest + 1)
+                text += rest
+                hit = find(begin)
+                if hit >= 0:
+                    if hit > sent:
+                        yield text[sent:hit], None, None
+                    yield "", None, "stop"
+                    return
+                rest = text[sent:]
             if rest:
                 yield rest, None, None
             yield "", None, "length" if reason == "length" else "stop"
@@ -195,24 +223,33 @@ async def pieces(tokenizer, r: Request, stop: list[str], coalesce: bool = False,
         _, token, logprob = event
         if token in r.params.stop_ids:
             continue
-        delta = detok.add(token)
-        while ready is not None and (event := ready()) is not None:  # tokens already waiting join this delta
-            if event[1] not in r.params.stop_ids:
-                token = event[1]
-                delta += detok.add(token)
-        if tally is not None:
-            tally[0] = len(detok.ids)
-        if delta and stop:
-            start = max(0, len(text) - longest + 1)  # a stop string may begin in earlier text
-            text += delta
-            hit = min((at for at in (text.find(s, start) for s in stop) if at >= 0), default=-1)
-            if hit >= 0:
-                r.cancel()
-                emitted = len(text) - len(delta)
-                if hit > emitted:
-                    yield text[emitted:hit], token, logprob
-                yield "", None, "stop"
-                return
+        delta = ""
+        while True:  # this token, then (coalescing) every token already waiting, one at a time
+            piece = detok.add(token)
+            if tally is not None:
+                tally[0] += 1
+            if stop:
+                if piece:
+                    begin = max(0, len(text) - longest + 1)  # a stop string may begin in earlier text
+                    text += piece
+                    hit = find(begin)
+                    if hit >= 0:  # the text ends before it; the tokens after this one are not counted
+                        r.cancel()
+                        if hit > sent:
+                            yield text[sent:hit], token, logprob
+                        yield "", None, "stop"
+                        return
+            else:
+                delta += piece
+            waiting = ready() if ready is not None else None
+            while waiting is not None and waiting[1] in r.params.stop_ids:
+                waiting = ready()
+            if waiting is None:
+                break
+            token = waiting[1]
+        if stop:
+            delta = text[sent:len(text) - _held_back(text, stop)]
+            sent += len(delta)
         yield delta, token, logprob
 
 
@@ -222,11 +259,12 @@ class Choice:
     tokens: list[int]
     logprobs: list
     finish: str
+    count: int = 0  # completion tokens (`pieces`' tally)
 
 
 async def collect(tokenizer, r: Request, stop: list[str]) -> Choice:
-    out = Choice("", [], [], "length")
-    async for delta, token, extra in pieces(tokenizer, r, stop):
+    out, tally = Choice("", [], [], "length"), [0]
+    async for delta, token, extra in pieces(tokenizer, r, stop, tally=tally):
         if token is None and extra is not None:
             out.finish = extra
         else:
@@ -234,6 +272,7 @@ async def collect(tokenizer, r: Request, stop: list[str]) -> Choice:
         if token is not None:
             out.tokens.append(token)
             out.logprobs.append(extra)
+    out.count = tally[0]
     return out
 
 

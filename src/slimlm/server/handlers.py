@@ -160,7 +160,7 @@ async def complete_one(http: HTTPRequest, state: ServerState, served: ServedMode
             logprobs = logprobs_block(tok, (prompt if body.echo else []) + c.tokens,
                                       (scores if body.echo else []) + c.logprobs)
         out.append(reply.choice(first + i, head + c.text, c.finish, logprobs))
-    return reply.response(out, len(prompt), sum(len(c.tokens) for c in choices))
+    return reply.response(out, len(prompt), sum(c.count for c in choices))
 
 
 async def chat(http: HTTPRequest):
@@ -186,7 +186,7 @@ async def chat(http: HTTPRequest):
         return _event_stream(state, http, reply, served.tokenizer, requests, body)
     choices = await generation.collect_all(state, http, served.tokenizer, requests, body.stop)
     return reply.response([reply.choice(i, c.text, c.finish) for i, c in enumerate(choices)], len(prompt),
-                          sum(len(c.tokens) for c in choices))
+                          sum(c.count for c in choices))
 
 
 def _event_stream(state: ServerState, http: HTTPRequest, reply, tokenizer, requests, body):

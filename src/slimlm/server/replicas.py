@@ -190,11 +190,19 @@ class ReplicaSet:
         for replica in self.replicas:
             replica.process.join(timeout=grace + 10)
             if replica.process.is_alive():
-                replica.process.terminate()
+                replica.process.kill()  # it ignores SIGTERM (see `replica_main`)
 
     # --- the front end's threads ------------------------------------------------------------------
     def _read(self, replica: Replica) -> None:
-        """Events from one replica, until its pipe closes (it exited, or died)."""
+        """Events from one replica, until its pipe closes (it exited, or died). Should handling a message
+        fail (a bug), the replica counts as lost: its requests fail rather than wait forever."""
+        try:
+            self._read_messages(replica)
+        except Exception:  # noqa: BLE001
+            logger.exception("reading replica %d of model %s failed", replica.index, self.name)
+            self._lost(replica)
+
+    def _read_messages(self, replica: Replica) -> None:
         while True:
             try:
                 message = replica.conn.recv()
@@ -209,7 +217,7 @@ class ReplicaSet:
                 replica.stats = message[1]
                 if self.metrics is not None:
                     for size in message[2]:  # the decode batches since the last report
-                        self.metrics.batch.labels(self.name).observe(size)
+                        self.metrics.observe_batch(size, None, self.name)
             elif kind == "scored":
                 future = self.calls.pop(message[1], None)
                 if future is not None:
@@ -251,7 +259,8 @@ class ReplicaSet:
             replica.in_flight.clear()
         replica.process.join(timeout=1)
         code = replica.process.exitcode
-        message = f"replica {replica.index} of model {self.name} stopped (exit code {code}); its requests failed"
+        who = "the engine process" if len(self.replicas) == 1 else f"replica {replica.index}"
+        message = f"{who} of model {self.name} stopped (exit code {code}); its requests failed"
         if self.deadline is None:
             logger.error(message)
         for _, request in stranded:
@@ -327,22 +336,32 @@ class _Outbox:
 
 
 class _Events:
-    """A replica's request's events, bound for the front end through the outbox."""
+    """A replica's request's events, bound for the front end through the outbox; its first token goes
+    at once (not after the rest of the step: time to first token)."""
 
     def __init__(self, outbox: _Outbox, rid: int, finished) -> None:
-        self.outbox, self.rid, self.finished = outbox, rid, finished
+        self.outbox, self.rid, self.finished, self.started = outbox, rid, finished, False
 
     def put(self, event: tuple) -> None:
         self.outbox.put(self.rid, event)
         if event[0] == "done":
             self.finished(self.rid)
+        elif not self.started:
+            self.started = True
+            self.outbox.flush()
 
 
 def replica_main(conn, path: str, settings: dict, threads: int) -> None:
     """One replica process: serve, then leave without running C++ destructors of the threads still
-    parked in torch's pools (which abort a process that exits with them joinable)."""
+    parked in torch's pools (which abort a process that exits with them joinable). Ctrl-C and a
+    service manager's SIGTERM reach every process of the group: this one leaves it to the front end,
+    which finishes or fails the requests within the grace and then says "shutdown" (or its pipe
+    closes, if it died)."""
     import os
+    import signal
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         serve_replica(conn, path, settings, threads)
     finally:
@@ -412,17 +431,22 @@ def serve_replica(conn, path: str, settings: dict, threads: int) -> None:
             kind = message[0]
             if kind == "submit":
                 _, rid, prompt, params, timeout, request_id, grammar = message
-                r = Request(prompt=prompt, params=SamplingParams(**params), timeout=timeout, id=request_id,
-                            events=_Events(outbox, rid, lambda rid: requests.pop(rid, None)))
-                requests[rid] = r
                 try:
+                    r = Request(prompt=prompt, params=SamplingParams(**params), timeout=timeout, id=request_id,
+                                events=_Events(outbox, rid, lambda rid: requests.pop(rid, None)))
+                    requests[rid] = r
                     if grammar is not None:  # structured output: checked by the front end, built again here
                         from slimlm.server.structured import constraint_factory
 
                         r.constraint = constraint_factory(grammar, tokenizer, scheduler.vocab_size)()
                     scheduler.submit(r)
                 except (SlimError, QueueFull, ShuttingDown) as e:
-                    r.events.put(("done", "error", f"{type(e).__name__}: {e}"))
+                    requests.pop(rid, None)
+                    outbox.put(rid, ("done", "error", f"{type(e).__name__}: {e}"))
+                except Exception as e:  # noqa: BLE001 - this request fails, the engine goes on serving
+                    logger.exception("request %s could not start", request_id or "?")
+                    requests.pop(rid, None)
+                    outbox.put(rid, ("done", "error", f"the request could not start: {type(e).__name__}: {e}"))
             elif kind == "cancel":
                 r = requests.get(message[1])
                 if r is not None:

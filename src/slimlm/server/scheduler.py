@@ -299,6 +299,8 @@ class Scheduler:
         mix = self.mixed_steps and getattr(self.engine, "can_mix", False) and not (
             self.draft is not None and len(decoding) <= SPEC_MAX_BATCH)
         deferred: list[tuple[Request, int]] = []  # (request, tokens) prefilled in the mixed step
+        heads: set[int] = set()  # the deferred prompts up to their next full block (see below)
+        bs = self.engine.block_size if mix else 0
         for r in active:  # chunked prefill, oldest first
             if budget <= 0:
                 break
@@ -308,12 +310,17 @@ class Scheduler:
                     reused = self.engine.reuse_prefix(r.slot, r.feed)
                     self.shared_tokens += reused - r.fed
                     r.fed = reused
+                head = hash(tuple(r.feed[:r.fed + bs])) if mix and len(r.feed) - r.fed > bs else None
+                if head is not None and not r.computed and head in heads:
+                    continue  # a prompt deferred above starts the same way: next iteration, r reuses its blocks
                 take = min(budget, len(r.feed) - r.fed)
                 if not self._make_room({r.slot: r.fed + take}, r):
                     continue  # r itself was preempted
                 budget -= take
                 if mix and take <= MIX_MAX_PREFILL:
                     deferred.append((r, take))
+                    if head is not None:
+                        heads.add(head)
                 else:
                     self._prefill(r, take)
         if mix:
