@@ -300,7 +300,7 @@ class Scheduler:
             self.draft is not None and len(decoding) <= SPEC_MAX_BATCH)
         deferred: list[tuple[Request, int]] = []  # (request, tokens) prefilled in the mixed step
         heads: set[int] = set()  # the deferred prompts up to their next full block (see below)
-        bs = self.engine.block_size if mix else 0
+        bs = self.engine.block_size if mix and self.engine.prefix_caching else 0
         for r in active:  # chunked prefill, oldest first
             if budget <= 0:
                 break
@@ -310,7 +310,7 @@ class Scheduler:
                     reused = self.engine.reuse_prefix(r.slot, r.feed)
                     self.shared_tokens += reused - r.fed
                     r.fed = reused
-                head = hash(tuple(r.feed[:r.fed + bs])) if mix and len(r.feed) - r.fed > bs else None
+                head = hash(tuple(r.feed[:r.fed + bs])) if bs and len(r.feed) - r.fed > bs else None
                 if head is not None and not r.computed and head in heads:
                     continue  # a prompt deferred above starts the same way: next iteration, r reuses its blocks
                 take = min(budget, len(r.feed) - r.fed)
