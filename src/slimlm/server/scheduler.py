@@ -324,14 +324,15 @@ class Scheduler:
                 else:
                     self._prefill(r, take)
         if mix:
-            self._mixed([r for r in decoding if r.slot is not None and r.finish_reason is None], deferred)
+            decoded = self._mixed([r for r in decoding if r.slot is not None and r.finish_reason is None], deferred)
         else:  # those whose prefill ended above decode at once too
             decoding = [r for r in active if r.slot is not None and r.fed == len(r.feed) and r.generated
                         and r.finish_reason is None]
             if decoding:
                 self._decode(decoding)
+            decoded = len(decoding)
         if self.metrics is not None:
-            self.metrics.observe_batch(len(decoding), None, self.name)
+            self.metrics.observe_batch(decoded, None, self.name)
         return bool(active)
 
     def _prefill(self, r: Request, take: int) -> None:
@@ -346,12 +347,12 @@ class Scheduler:
         if r.fed == len(r.feed):
             self._emit(r, logits[None])
 
-    def _mixed(self, decoding: list[Request], deferred: list[tuple[Request, int]]) -> None:
+    def _mixed(self, decoding: list[Request], deferred: list[tuple[Request, int]]) -> int:
         """One forward for the decoding requests' next tokens and the deferred prefill chunks (`Engine.step`):
         on a small model a separate prefill forward cost as much as a decode step of 16 sequences. If it
-        fails, each part runs again apart (only failures fail)."""
+        fails, each part runs again apart (only failures fail). Returns how many requests it decoded."""
         if not decoding and not deferred:
-            return
+            return 0
         lengths = {r.slot: int(self.engine.lengths[r.slot]) + 1 for r in decoding}
         lengths.update({r.slot: r.fed + take for r, take in deferred})
         self._make_room(lengths)
@@ -360,7 +361,7 @@ class Scheduler:
         if not deferred:
             if decoding:
                 self._decode(decoding, speculate=False)
-            return
+            return len(decoding)
         rows = decoding + [r for r, _ in deferred]
         feeds = [[r.generated[-1]] for r in decoding] + [r.feed[r.fed:r.fed + take] for r, take in deferred]
         try:
@@ -373,7 +374,7 @@ class Scheduler:
             decoding = [r for r in decoding if r.slot is not None and r.finish_reason is None]
             if decoding:
                 self._decode(decoding, speculate=False)
-            return
+            return len(decoding)
         for r, take in deferred:
             r.fed += take
             r.computed = True
@@ -381,6 +382,7 @@ class Scheduler:
         for i, (r, _) in enumerate(deferred, start=len(decoding)):
             if r.fed == len(r.feed):
                 self._emit(r, logits[i:i + 1])
+        return len(decoding)
 
     def _admit(self, r: Request, slot: int) -> bool:
         """Give r `slot`, starting from the cached blocks of its prompt's longest cached prefix, if the
