@@ -285,6 +285,11 @@ async def collect_all(state: ServerState, http, tokenizer, requests: list[Reques
         cancel_unfinished(requests)
 
 
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
 @dataclasses.dataclass
 class Reply:
     """The identity of one answer and the builder of its choices, responses and stream chunks."""
@@ -312,10 +317,9 @@ class Reply:
         return ChatChunkChoice(index=index, delta=delta, finish_reason=finish)
 
     def response(self, choices: list, prompt_tokens: int, completion_tokens: int):
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=prompt_tokens + completion_tokens)
         cls = CompletionResponse if self.kind == "completion" else ChatCompletionResponse
-        return cls(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        return cls(id=self.id, created=self.created, model=self.model, choices=choices,
+                   usage=_usage(prompt_tokens, completion_tokens))
 
     def event(self, choice) -> str:
         """A server-sent event carrying one chunk."""
@@ -325,10 +329,9 @@ class Reply:
 
     def usage_event(self, prompt_tokens: int, completion_tokens: int) -> str:
         """The last chunk of a stream asked for its usage (`stream_options.include_usage`): no choices."""
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=prompt_tokens + completion_tokens)
         cls = CompletionResponse if self.kind == "completion" else ChatCompletionChunk
-        chunk = cls(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
+        chunk = cls(id=self.id, created=self.created, model=self.model, choices=[],
+                    usage=_usage(prompt_tokens, completion_tokens))
         return f"data: {chunk.model_dump_json()}\n\n"
 
     def text_event(self, index: int, text: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from slimlm.core.errors import SlimError
 from slimlm.engine.sampling import SamplingParams
-from slimlm.server.scheduler import QueueFull, Request, ShuttingDown
+from slimlm.server.scheduler import QueueFull, Request, ShuttingDown, check_prompt
 
 logger = logging.getLogger(__name__)
 STATS_EVERY = 0.5  # seconds between a replica's reports of its queue and KV cache
@@ -102,19 +102,7 @@ class ReplicaSet:
 
     # --- the scheduler API ------------------------------------------------------------------------
     def check_prompt(self, prompt: list[int], max_new_tokens: int) -> None:
-        if len(prompt) == 0:
-            raise SlimError("the prompt is empty")
-        bad = next((t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size),
-                   None)
-        if bad is not None:
-            raise SlimError(f"token id {bad!r} is outside the vocabulary (0..{self.vocab_size - 1})")
-        if len(prompt) + max_new_tokens >= self.max_len:
-            raise SlimError(f"this model's context is {self.max_len - 1} tokens; the prompt has {len(prompt)} and "
-                            f"max_tokens is {max_new_tokens}: shorten the prompt or lower max_tokens")
-        if len(prompt) + max_new_tokens > self.capacity:
-            raise SlimError(f"the KV cache holds {self.capacity} tokens in all; the prompt has {len(prompt)} "
-                            f"and max_tokens is {max_new_tokens}: lower max_tokens or start the server with a "
-                            "larger --kv-tokens")
+        check_prompt(prompt, max_new_tokens, self.vocab_size, self.max_len, self.capacity)
 
     def _least_loaded(self) -> Replica:
         live = [r for r in self.replicas if r.alive]

@@ -91,6 +91,22 @@ class Request:
             self.wake.set()
 
 
+def check_prompt(prompt: list[int], max_new_tokens: int, vocab_size: int, max_len: int, capacity: int) -> None:
+    """Raise SlimError unless `prompt` is token ids of the vocabulary and fits with max_new_tokens in a
+    sequence (max_len) and in the whole KV cache (capacity tokens)."""
+    if len(prompt) == 0:
+        raise SlimError("the prompt is empty")
+    bad = next((t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise SlimError(f"token id {bad!r} is outside the vocabulary (0..{vocab_size - 1})")
+    if len(prompt) + max_new_tokens >= max_len:
+        raise SlimError(f"this model's context is {max_len - 1} tokens; the prompt has {len(prompt)} and "
+                        f"max_tokens is {max_new_tokens}: shorten the prompt or lower max_tokens")
+    if len(prompt) + max_new_tokens > capacity:
+        raise SlimError(f"the KV cache holds {capacity} tokens in all; the prompt has {len(prompt)} and max_tokens "
+                        f"is {max_new_tokens}: lower max_tokens or start the server with a larger --kv-tokens")
+
+
 def check_settings(slots: int, max_len: int | None, max_queue: int, prefill_chunk: int = 256) -> None:
     """Raise SlimError for settings a scheduler cannot work with (no slots, no queue, ...)."""
     for name, value in (("slots", slots), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
@@ -146,20 +162,7 @@ class Scheduler:
 
     # --- called from request handlers -------------------------------------------------------------
     def check_prompt(self, prompt: list[int], max_new_tokens: int) -> None:
-        """Raise SlimError unless `prompt` is token ids of the vocabulary and fits with max_new_tokens."""
-        if len(prompt) == 0:
-            raise SlimError("the prompt is empty")
-        bad = next((t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size),
-                   None)
-        if bad is not None:
-            raise SlimError(f"token id {bad!r} is outside the vocabulary (0..{self.vocab_size - 1})")
-        if len(prompt) + max_new_tokens >= self.max_len:
-            raise SlimError(f"this model's context is {self.max_len - 1} tokens; the prompt has {len(prompt)} and "
-                            f"max_tokens is {max_new_tokens}: shorten the prompt or lower max_tokens")
-        if len(prompt) + max_new_tokens > self.engine.capacity:
-            raise SlimError(f"the KV cache holds {self.engine.capacity} tokens in all; the prompt has {len(prompt)} "
-                            f"and max_tokens is {max_new_tokens}: lower max_tokens or start the server with a "
-                            "larger --kv-tokens")
+        check_prompt(prompt, max_new_tokens, self.vocab_size, self.max_len, self.engine.capacity)
 
     def submit(self, request: Request) -> Request:
         self.check_prompt(request.prompt, request.params.max_new_tokens)
