@@ -248,7 +248,9 @@ def test_a_failure_mid_stream_ends_it_with_an_error_event_and_done(parts):
     try:
         with BackgroundServer(app) as url:
             events = stream_events(url, {"prompt": "Once", "max_tokens": 50, "temperature": 0})
-            assert events[-1] == "[DONE]" and len(events) > 3
+            assert events[-1] == "[DONE]" and len(events) >= 3
+            # the tokens before the failure went out first (in one chunk or several: tokens that waited coalesce)
+            assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-2])
             error = json.loads(events[-2])["error"]
             assert error["type"] == "server_error" and "device lost" in error["message"]
             assert post(url, {"prompt": "Once", "max_tokens": 3})[0] == 200  # and it keeps serving
