@@ -5,7 +5,8 @@ safetensors slimlm loaded before, in one process, alternating.
 
 The folder is loaded three times: through the old path (safetensors' memory map), with
 SLIMLM_HUGEPAGES=0 (the same plain reads into ordinary memory) and as `slimlm.load` does by default
-(memory advised MADV_HUGEPAGE). Each round decodes `--tokens` tokens after a 128-token prompt on each
+(memory advised MADV_HUGEPAGE). The engine would move the first two into huge pages (`move_to_hugepages`,
+as it does for a model quantized in memory), so theirs are built with SLIMLM_HUGEPAGES=0. Each round decodes `--tokens` tokens after a 128-token prompt on each
 engine in turn (the order flips every round); medians and per-round ratios.
 """
 
@@ -45,15 +46,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    models = {}
+    models, engines = {}, {}
     reader = model_io.read_safetensors
-    model_io.read_safetensors = mapped_state
-    models["mmap"] = slimlm.load(args.folder)[0]
-    model_io.read_safetensors = reader
-    for label, flag in (("ordinary", "0"), ("huge pages", "1")):
+    for label, flag in (("mmap", "0"), ("ordinary", "0"), ("huge pages", "1")):
         os.environ["SLIMLM_HUGEPAGES"] = flag
+        model_io.read_safetensors = mapped_state if label == "mmap" else reader
         models[label] = slimlm.load(args.folder)[0]
-    engines = {k: Engine(m, slots=1, max_len=128 + args.tokens + 8) for k, m in models.items()}
+        engines[label] = Engine(models[label], slots=1, max_len=128 + args.tokens + 8)  # the same flag: no move
+    model_io.read_safetensors = reader
     vocab = next(iter(models.values())).config.vocab_size
     prompt = torch.randint(0, vocab, (128,), generator=torch.Generator().manual_seed(0))
 

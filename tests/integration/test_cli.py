@@ -241,3 +241,8 @@ def test_generate_with_a_draft_prints_the_same_text_and_the_acceptance(tiny_fold
     assert "100% of" in err
     code, _, err = run_cli(capsys, "generate", folder, prompt, "--draft", "ngram", "--num-speculative", 0)
     assert code == 2 and "--num-speculative 0 must be at least 1" in err
+
+
+def test_bench_table_titles_the_settings_it_ran_with(tiny_folder, capsys):
+    code, out, _ = run_cli(capsys, "bench", tiny_folder("llama"), "--new-tokens", 4, "--batch-sizes", "1", "--repeats", 1)
+    assert code == 0 and "(128 prompt, 4 new tokens" in " ".join(out.split())  # the default prompt, not "None"

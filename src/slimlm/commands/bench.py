@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
                  for k in [f"decode b{b} tok/s"]}
         rows.append({"runtime": "engine / transformers", "TTFT ms": f"{baseline.ttft_ms / result.ttft_ms:.2f}x",
                      "prefill tok/s": f"{result.prefill_tps / baseline.prefill_tps:.2f}x", **ratio})
-    print_table(rows, title=f"slimlm bench: {args.model} ({args.prompt_tokens} prompt, {args.new_tokens} new tokens, "
+    used = result.settings  # the settings in effect (a flag left out is None in args)
+    print_table(rows, title=f"slimlm bench: {args.model} ({used['prompt_tokens']} prompt, {used['new_tokens']} new tokens, "
                             f"memory bandwidth {result.bandwidth_gbps:.0f} GB/s)")
     return 0
 

@@ -8,7 +8,10 @@ setting of /sys/kernel/mm/transparent_hugepage/enabled); torch's own allocator d
 them (unless THP_MEM_ALLOC_ENABLE is set before its first allocation, which rounds every large
 buffer up to 2 MiB). `hugepage_empty` maps one buffer per tensor, so nothing is rounded up beyond
 4 KiB and each tensor is freed on its own; elsewhere, for small tensors, or with SLIMLM_HUGEPAGES=0,
-it is `torch.empty`. Loading puts every weight there; so do the kernels' repacked copies.
+it is `torch.empty`. Loading puts every weight there; so do the kernels' repacked copies. A model made
+or changed in memory (quantized, pruned, built by the caller) has its weights in torch's allocator:
+`move_to_hugepages` copies them over, one tensor at a time, when the engine takes the model (an
+int4 1.1B model quantized in process decoded 1.09x faster after it, alternating, 2 threads).
 
 Freed memory between calibration blocks:
 
@@ -26,8 +29,10 @@ import functools
 import mmap
 import os
 import sys
+import weakref
 
 HUGE_PAGE = 2 << 20
+_MAPPED: dict[int, int] = {}  # start address -> bytes of each live mapping made by `hugepage_empty`
 
 
 @functools.cache
@@ -75,7 +80,61 @@ def hugepage_empty(shape, dtype):
 
     with warnings.catch_warnings():  # frombuffer warns about non-writable buffers; this one is writable
         warnings.simplefilter("ignore")
-        return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)
+        out = torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)
+    start = out.data_ptr()
+    _MAPPED[start] = nbytes
+    weakref.finalize(buffer, _MAPPED.pop, start, None)  # the storage holds the buffer: freed together
+    return out
+
+
+def hugepage_zeros(shape, dtype):
+    """`hugepage_empty`, zeroed (a fresh mapping already reads as zeros, and its pages are only
+    committed when written: a large KV cache costs memory as it fills)."""
+    out = hugepage_empty(shape, dtype)
+    return out if in_hugepages(out) else out.zero_()
+
+
+def in_hugepages(t) -> bool:
+    """Whether t's storage is a mapping made by `hugepage_empty`."""
+    return t.device.type == "cpu" and t.untyped_storage().data_ptr() in _MAPPED
+
+
+def move_to_hugepages(module) -> int:
+    """Copy each CPU parameter and buffer of `module` that fills at least a huge page, and is not in
+    one of `hugepage_empty`'s mappings yet, into one; values, dtypes and ties (a tensor held by two
+    modules, a parameter shared by two) stay as they were. Tensors that are views into a larger
+    storage, or of a tensor subclass, are left alone. Returns the bytes moved (0 where huge pages are
+    off). The old memory is freed when nothing else holds it, and handed back to the OS."""
+    import torch
+
+    if not hugepages_available():
+        return 0
+    moved: dict[int, object] = {}  # old storage address -> its copy
+    total = 0
+    with torch.no_grad():
+        for sub in module.modules():
+            for table in (sub._parameters, sub._buffers):
+                for name, t in table.items():
+                    data = t.data if isinstance(t, torch.nn.Parameter) else t
+                    if (type(data) is not torch.Tensor or data.device.type != "cpu" or data.nbytes < HUGE_PAGE
+                            or in_hugepages(data) or not data.is_contiguous() or data.storage_offset()
+                            or data.untyped_storage().nbytes() != data.nbytes):
+                        continue
+                    key = data.untyped_storage().data_ptr()
+                    if key not in moved:
+                        copy = hugepage_empty(data.shape, data.dtype)
+                        if not in_hugepages(copy):  # the OS refused the mapping: leave everything as it is
+                            return total
+                        moved[key] = copy.copy_(data)
+                        total += data.nbytes
+                    if isinstance(t, torch.nn.Parameter):
+                        t.data = moved[key]
+                    else:
+                        table[name] = moved[key]
+    if total:
+        moved.clear()
+        release_freed_memory()
+    return total
 
 
 def available_bytes() -> int | None:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from slimlm.core.errors import SlimError
 from slimlm.core.layers import float_dtype, model_device
+from slimlm.core.memory import move_to_hugepages
 from slimlm.engine import decoder, graphs
 from slimlm.engine.fused import FusedOps
 from slimlm.engine.kv_cache import DEFAULT_BLOCK_SIZE, BlockPool, CacheFull, KVCache, block_digest
@@ -85,6 +86,8 @@ class Engine:
         self.row_of = torch.arange(slots)  # slot -> row; slots holding tokens are in rows 0..n-1
         self.slot_of = torch.arange(slots)  # row -> slot
         self.holding = torch.zeros(slots, dtype=torch.bool)  # slots that own a row (from their first token)
+        if self.device.type == "cpu":  # a step reads every weight: from huge pages (`core/memory.py`)
+            move_to_hugepages(model)
         self.plan = decoder.build_plan(model, spec, first, last)
         if reduce is not None:
             self.plan.reduce = reduce

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from slimlm.core.errors import SlimError
-from slimlm.core.memory import check_fits
+from slimlm.core.memory import check_fits, hugepage_zeros
 
 DEFAULT_BLOCK_SIZE = 16  # tokens per block, as vLLM's default
 
@@ -128,8 +128,12 @@ class KVCache:
         per_token = 2 * n_layers * kv_heads * (head_dim * store.itemsize + (2 if quantized else 0))
         check_fits(per_token * blocks * block_size, f"a KV cache of {(blocks - 1) * block_size} tokens",
                    "hold fewer tokens (--kv-tokens, --slots) or shorter sequences (--max-len)", torch.device(device))
-        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
+        def zeros():  # on the host in huge pages, as the weights (`core/memory.py`): steps read it all
+            cpu = torch.device(device).type == "cpu"
+            return hugepage_zeros(shape, store) if cpu else torch.zeros(shape, dtype=store, device=device)
+
+        self.k = [zeros() for _ in range(n_layers)]
+        self.v = [zeros() for _ in range(n_layers)]
         if quantized:
             scale_shape = (blocks, kv_heads, block_size, 1)
             self.k_scale = [torch.zeros(scale_shape, dtype=torch.float16, device=device) for _ in range(n_layers)]
