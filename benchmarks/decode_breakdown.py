@@ -21,17 +21,7 @@ from torch import nn
 import slimlm
 from slimlm.eval.speed import _Runner, decode_bytes_per_step, measure_bandwidth
 
-from engine_speed import VARIANTS, build  # noqa: E402  (benchmarks/ is the script's folder)
-
-
-def apply_variant(model: nn.Module, name: str) -> None:
-    for method, settings in VARIANTS[name]:
-        if method == "kernel":
-            for module in model.modules():
-                if hasattr(module, "set_kernel_") and hasattr(module, "scheme"):
-                    module.set_kernel_(settings)
-        else:
-            slimlm.quantize(model, method, **settings)
+from engine_speed import VARIANTS, apply_variant, build  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def linear_layers(model: nn.Module) -> list[nn.Module]:

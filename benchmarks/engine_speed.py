@@ -16,6 +16,7 @@ import statistics
 import time
 
 import torch
+from torch import nn
 
 import slimlm
 from slimlm.eval.speed import _Runner, _sync, decode_bytes_per_step, measure_bandwidth
@@ -34,6 +35,21 @@ VARIANTS = {
     "int8 a8": [("cast", {"dtype": "bfloat16"}), ("rtn", {"bits": 8, "group_size": None, "symmetric": True}),
                 ("kernel", "cpu_int8_a8")],
 }
+
+
+def apply_variant(model: nn.Module, name: str) -> None:
+    """The variant's casts and quantization; a named kernel is forced on the layers it can run (an
+    int4 kernel leaves the int8 head to its own)."""
+    from slimlm.quant.kernels import KERNELS
+
+    for method, settings in VARIANTS[name]:
+        if method != "kernel":
+            slimlm.quantize(model, method, **settings)
+            continue
+        for module in model.modules():
+            if hasattr(module, "set_kernel_") and hasattr(module, "scheme") and \
+                    KERNELS.get(settings).supports(module, torch.device("cpu")):
+                module.set_kernel_(settings)
 
 
 @torch.no_grad()
@@ -97,13 +113,7 @@ def main() -> None:
     max_len = args.prompt_tokens + args.new_tokens + 1
     for name in args.variants.split(","):
         model = build(args.layers, args.device)
-        for method, settings in VARIANTS[name]:
-            if method == "kernel":  # opt-in kernels (int8 activations) are forced per layer
-                for module in model.modules():
-                    if hasattr(module, "set_kernel_") and hasattr(module, "scheme"):
-                        module.set_kernel_(settings)
-            else:
-                slimlm.quantize(model, method, **settings)
+        apply_variant(model, name)
         step_bytes = decode_bytes_per_step(model)
         gen = torch.Generator().manual_seed(0)
         for batch in batches:
