@@ -271,6 +271,13 @@ def test_bench_serve_prints_the_load_table(tiny_folder, capsys):
     # each level against the engine's own decode at its batch (clients, at most the slots; 1 alone)
     assert all(r["engine_tok_s"] > 0 and r["served_share"] == r["tok_s"] / r["engine_tok_s"] for r in rows)
     assert rows[1]["engine_tok_s"] != rows[0]["engine_tok_s"] and rows[3]["engine_tok_s"] == rows[0]["engine_tok_s"]
+    # and against the engine alone on the threads the server computes on (all cores but one), where fewer
+    for r in rows:
+        assert r["server_compute_threads"] == max(1, r["engine_threads"] - 1)
+        if r["server_compute_threads"] < r["engine_threads"]:
+            assert r["served_share_server_threads"] == r["tok_s"] / r["engine_tok_s_server_threads"] > 0
+        else:
+            assert "engine_tok_s_server_threads" not in r
 
 
 def test_a_batch_of_prompts_answers_each_as_alone(server):

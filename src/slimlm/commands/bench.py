@@ -101,25 +101,45 @@ def _serve_load(args: argparse.Namespace, model, tokenizer, settings: dict) -> i
 
     every = torch.get_num_threads()
     serving_threads(args.threads, args.device)  # the server as `slimlm serve` runs it
+    computing = torch.get_num_threads()  # the engine's compute threads while serving
+    batches = sorted({min(c, args.slots) for c in args.concurrency} | {1})
+
+    def engine_tps() -> dict[int, float]:
+        return bench(model, **{**settings, "batch_sizes": tuple(batches), "prompt_tokens": 8,
+                               "new_tokens": max(LENGTHS)}).decode_tps
+
     try:
         rows = compare_batching(model, tokenizer, list(args.concurrency), args.slots,
                                 source=None if args.no_engine_process else args.model, device=args.device)
+        # the engine alone with the threads the server computes on (the rest of the cores serve HTTP)
+        alone = engine_tps() if computing != every else None
     finally:
         torch.set_num_threads(every)  # the engine's own figures with every thread
-    batches = sorted({min(c, args.slots) for c in args.concurrency} | {1})
-    engine = bench(model, **{**settings, "batch_sizes": tuple(batches), "prompt_tokens": 8,
-                             "new_tokens": max(LENGTHS)}).decode_tps
+    engine = engine_tps()
     for r in rows:
         batch = min(r["clients"], args.slots if r["server"].startswith("continuous") else 1)
         r["engine_tok_s"] = engine[batch]
         r["served_share"] = r["tok_s"] / engine[batch]
+        r["engine_threads"], r["server_compute_threads"] = every, computing
+        if alone is not None:
+            r["engine_tok_s_server_threads"] = alone[batch]
+            r["served_share_server_threads"] = r["tok_s"] / alone[batch]
     if args.json:
         print_json(rows)
         return 0
+
+    def same_threads(r: dict) -> dict:
+        if alone is None:
+            return {}
+        return {f"engine, {computing} thr": f"{r['engine_tok_s_server_threads']:.1f}",
+                f"served / engine, {computing} thr": f"{100 * r['served_share_server_threads']:.0f}%"}
+
     print_table([{"server": r["server"], "clients": str(r["clients"]), "tok/s": f"{r['tok_s']:.1f}",
-                  "engine tok/s": f"{r['engine_tok_s']:.1f}", "served / engine": f"{100 * r['served_share']:.0f}%",
+                  f"engine, {every} thr": f"{r['engine_tok_s']:.1f}", "served / engine": f"{100 * r['served_share']:.0f}%",
+                  **same_threads(r),
                   "TTFT p50 ms": f"{1e3 * r['ttft_p50']:.0f}", "TTFT p99 ms": f"{1e3 * r['ttft_p99']:.0f}",
                   "ITL p50 ms": f"{1e3 * r['itl_p50']:.1f}", "ITL p99 ms": f"{1e3 * r['itl_p99']:.1f}"} for r in rows],
                 title=f"{args.model} on {args.device}: streaming load on loopback against the engine's own "
-                      "decode at the same batch")
+                      f"decode at the same batch, on {every} threads" +
+                      (f" and on the {computing} the server computes on" if alone is not None else ""))
     return 0
