@@ -3,10 +3,12 @@ safetensors slimlm loaded before, in one process, alternating.
 
     python benchmarks/hugepages.py FOLDER [--rounds 12 --tokens 32]
 
-The folder is loaded three times: through the old path (safetensors' memory map), with
+The folder is loaded four times: through the old path (safetensors' memory map), with
 SLIMLM_HUGEPAGES=0 (the same plain reads into ordinary memory) and as `slimlm.load` does by default
 (memory advised MADV_HUGEPAGE). The engine would move the first two into huge pages (`move_to_hugepages`,
-as it does for a model quantized in memory), so theirs are built with SLIMLM_HUGEPAGES=0. Each round decodes `--tokens` tokens after a 128-token prompt on each
+as it does for a model quantized in memory), so theirs are built with SLIMLM_HUGEPAGES=0; a fourth copy,
+"moved", is loaded into ordinary memory and handed to the engine with huge pages on, as a model made in
+memory is (the Python API). Each round decodes `--tokens` tokens after a 128-token prompt on each
 engine in turn (the order flips every round); medians and per-round ratios.
 """
 
@@ -48,11 +50,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     models, engines = {}, {}
     reader = model_io.read_safetensors
-    for label, flag in (("mmap", "0"), ("ordinary", "0"), ("huge pages", "1")):
+    for label, flag in (("mmap", "0"), ("ordinary", "0"), ("huge pages", "1"), ("moved", "0")):
         os.environ["SLIMLM_HUGEPAGES"] = flag
         model_io.read_safetensors = mapped_state if label == "mmap" else reader
         models[label] = slimlm.load(args.folder)[0]
-        engines[label] = Engine(models[label], slots=1, max_len=128 + args.tokens + 8)  # the same flag: no move
+        if label == "moved":  # loaded into ordinary memory, as a model made in memory is; the engine moves it
+            os.environ["SLIMLM_HUGEPAGES"] = "1"
+        engines[label] = Engine(models[label], slots=1, max_len=128 + args.tokens + 8)  # the others: no move
     model_io.read_safetensors = reader
     vocab = next(iter(models.values())).config.vocab_size
     prompt = torch.randint(0, vocab, (128,), generator=torch.Generator().manual_seed(0))
@@ -72,7 +76,7 @@ def main() -> None:
             res[k].append(tok_s(engines[k], args.tokens))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in res.items()), flush=True)
     print("median tok/s: " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in res.items()))
-    for a, b in (("mmap", "huge pages"), ("ordinary", "huge pages")):
+    for a, b in (("mmap", "huge pages"), ("ordinary", "huge pages"), ("ordinary", "moved")):
         ratios = [y / x for x, y in zip(res[a], res[b])]
         print(f"{b} / {a}: median {statistics.median(ratios):.3f} (rounds {min(ratios):.2f}-{max(ratios):.2f})")
 
