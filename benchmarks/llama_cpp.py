@@ -36,7 +36,8 @@ VARIANTS = {
     "int4 g32 sym (head int8)": (["--bits", "4", "--group-size", "32", "--symmetric"], "Q4_0"),
     "int4 g32 head int4": (["--bits", "4", "--group-size", "32", "--include", "*", "--include", "lm_head"], "Q4_0"),
     "int4 g32 head float": (["--bits", "4", "--group-size", "32", "--head", "float"], "Q4_0"),
-    "int8 (head int8, default)": (["--bits", "8", "--group-size", "none", "--symmetric"], "Q8_0"),
+    "int8 asym (--bits 8, per-channel, head int8)": (["--bits", "8"], "Q8_0"),
+    "int8 sym (per-channel, head int8)": (["--bits", "8", "--group-size", "none", "--symmetric"], "Q8_0"),
 }
 
 

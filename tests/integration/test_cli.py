@@ -63,7 +63,7 @@ def test_compress_on_a_user_model_keeps_variants(tiny_folder, tmp_path, capsys):
     [
         (["inspect", "/no/such/model"], "does not exist"),
         (["quantize", "demo", "-o", "{tmp}/o", "--bits", "5"], "bits=5 is not supported"),
-        (["quantize", "demo", "-o", "{tmp}/o", "--group-size", "0"], "group size 0"),
+        (["quantize", "demo", "-o", "{tmp}/o", "--group-size", "48"], "group size 48"),
         (["quantize", "demo", "-o", "{tmp}/o", "-m", "magic"], "unknown quantization method 'magic'"),
         (["quantize", "demo", "-o", "{tmp}/o", "--include", "*.nothing.*"], "matches no linear layer"),
         (["quantize", "demo", "-o", "{tmp}/exists"], "already exists"),
@@ -112,7 +112,7 @@ def test_quantize_dry_run_shows_per_layer_schemes_and_writes_nothing(tiny_folder
     (plan,) = json.loads(out)
     assert code == 0 and not (tmp_path / "q").exists()
     assert plan["step"]["method"] == "gptq" and plan["step"]["damp"] == 0.01  # every default resolved
-    assert plan["layers"]["model.layers.1.self_attn.q_proj"] == "int8 g128 asym"
+    assert plan["layers"]["model.layers.1.self_attn.q_proj"] == "int8 per-channel asym"  # the group picked again for 8 bits
     assert plan["layers"]["model.layers.1.mlp.up_proj"] == "int4 g128 asym"
     assert not any(name.startswith("model.layers.0.") for name in plan["layers"])
 

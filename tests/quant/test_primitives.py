@@ -74,12 +74,27 @@ def test_all_zero_group_survives():
 
 @pytest.mark.parametrize(
     "settings, needle",
-    [({"bits": 5}, "bits=5"), ({"bits": 5.5}, "bits=5.5"), ({"group_size": 0}, "group size 0"),
+    [({"bits": 5}, "bits=5"), ({"bits": 5.5}, "bits=5.5"), ({"group_size": -1}, "group size -1"),
      ({"group_size": 48}, "group size 48"), ({"scale_dtype": "int8"}, "scale dtype")],
 )
 def test_impossible_schemes_are_rejected(settings, needle):
     with pytest.raises(SlimError, match=needle):
         QuantScheme(**settings)
+
+
+def test_the_default_group_size_follows_the_bits_and_is_picked_again_when_an_override_changes_them():
+    from slimlm.quant.rtn import RTNConfig
+
+    assert QuantScheme(bits=8).group_size is None and QuantScheme(bits=8, format="fp8", symmetric=True).group_size is None
+    assert QuantScheme(bits=4).group_size == 128 == QuantScheme(bits=2).group_size
+    assert QuantScheme(bits=8, group_size=32).group_size == 32  # given: kept
+    config = RTNConfig(bits=8, overrides={"*.mlp.*": {"bits": 4}, "*.o_proj": {"group_size": 64}})
+    assert config.scheme_for("model.layers.0.mlp.up_proj").label() == "int4 g128 asym"
+    assert config.scheme_for("model.layers.0.self_attn.o_proj").label() == "int8 g64 asym"
+    assert config.scheme_for("model.layers.0.self_attn.q_proj").label() == "int8 per-channel asym"
+    given = RTNConfig(bits=8, group_size=None, overrides={"*.mlp.*": {"bits": 4}})
+    assert given.scheme_for("model.layers.0.mlp.up_proj").label() == "int4 per-channel asym"  # as the user set it
+    assert RTNConfig.from_dict(config.to_dict()).group_size is None  # saved resolved
 
 
 def test_unknown_setting_lists_valid_ones():

@@ -50,8 +50,7 @@ class RTNConfig(TargetFields, QuantScheme):
             self._base_scheme(value)  # validates the combination now, not halfway through quantizing
 
     def _base_scheme(self, changes: dict[str, Any] | None = None) -> QuantScheme:
-        values = {name: getattr(self, name) for name in QuantScheme.field_names()}
-        return QuantScheme(**{**values, **(changes or {})})
+        return QuantScheme(**self.field_values(changes))
 
     @property
     def scheme(self) -> QuantScheme:
